@@ -1,0 +1,183 @@
+"""Perturbations of selected weights, in place, with bit-exact restore. One function per perturbation in
+`PERTURBATIONS`; each maps the K stored values of one tensor to their perturbed values.
+
+`perturbed(params, selection, name, cfg, seed)` is the only way the experiment touches weights: it saves
+just the K original elements, writes the perturbed ones, and writes the originals back in a `finally`, so
+the model is bit-identical afterwards even if evaluation raises (never a deep copy; O(K) time and memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError, PerturbConfig
+
+
+@dataclass
+class PerturbationSpec:
+    name: str
+    fn: Callable[[torch.Tensor, PerturbConfig, torch.Generator], torch.Tensor]
+    stochastic: bool  # uses the generator: its result depends on the seed
+    doc: str = ""
+
+
+PERTURBATIONS: dict[str, PerturbationSpec] = {}
+
+
+def register_perturbation(name: str, *, stochastic: bool = False):
+    def deco(fn):
+        PERTURBATIONS[name] = PerturbationSpec(name, fn, stochastic, (fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+@register_perturbation("zero")
+def zero(w: torch.Tensor, cfg: PerturbConfig, gen: torch.Generator) -> torch.Tensor:
+    """w <- 0. Pruning the selected weights: the super-weight experiment's core intervention."""
+    return torch.zeros_like(w)
+
+
+@register_perturbation("sign_flip")
+def sign_flip(w: torch.Tensor, cfg: PerturbConfig, gen: torch.Generator) -> torch.Tensor:
+    """w <- -scale * w (scale = perturb.scale, 1.0 flips the sign and keeps the magnitude)."""
+    _require_float(w, "sign_flip")
+    return (-cfg.scale * w.float()).to(w.dtype)
+
+
+@register_perturbation("gauss_noise", stochastic=True)
+def gauss_noise(w: torch.Tensor, cfg: PerturbConfig, gen: torch.Generator) -> torch.Tensor:
+    """w <- w + scale * |w| * eps (relative=True) or w + scale * eps (relative=False), eps ~ N(0, 1), seeded."""
+    _require_float(w, "gauss_noise")
+    eps = torch.randn(w.numel(), generator=gen, dtype=torch.float32).to(w.device)
+    x = w.float()
+    std = cfg.scale * x.abs() if cfg.relative else torch.full_like(x, cfg.scale)
+    return (x + std * eps).to(w.dtype)
+
+
+def _require_float(w: torch.Tensor, name: str) -> None:
+    if not w.is_floating_point():
+        raise ConfigError(
+            f"perturbation '{name}' needs floating-point weights, got {str(w.dtype).replace('torch.', '')} "
+            "storage (quantized); valid for quantized weights: zero, bit_flip"
+        )
+
+
+# --- bit flips: XOR on the integer view of the storage (the hardware fault model) -------------------
+
+INT_VIEW = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.int8: torch.int8,
+    torch.uint8: torch.uint8,
+}
+EXPONENT_MSB = {torch.float32: 30, torch.float64: 62, torch.float16: 14, torch.bfloat16: 14}
+BIT_NAMES = ("random", "exponent_msb", "sign")
+
+
+def parse_bits(spec: str, dtype: torch.dtype | None) -> int | None:
+    """Bit position for a spec (None = a uniformly random bit per weight). dtype None: syntax check only.
+
+    'sign' = the top bit; 'exponent_msb' = bit 30 (fp32), 14 (fp16/bf16); or an integer position.
+    """
+    spec = str(spec).strip()
+    if spec not in BIT_NAMES:
+        try:
+            pos = int(spec)
+        except ValueError:
+            raise ConfigError(f"unknown perturb.bits '{spec}'; valid choices: {', '.join(BIT_NAMES)} or a bit position") from None
+    else:
+        pos = None
+    if dtype is None:
+        if pos is not None and pos < 0:
+            raise ConfigError(f"perturb.bits={pos} is negative; valid: 0..(bits of the dtype - 1)")
+        return pos
+    if dtype not in INT_VIEW:
+        raise ConfigError(f"bit_flip does not support {dtype}; valid: {', '.join(str(d) for d in INT_VIEW)}")
+    width = torch.tensor([], dtype=dtype).element_size() * 8
+    if spec == "sign":
+        return width - 1
+    if spec == "exponent_msb":
+        if dtype not in EXPONENT_MSB:
+            raise ConfigError(f"perturb.bits=exponent_msb has no meaning for {dtype} storage; valid: random, sign, 0..{width - 1}")
+        return EXPONENT_MSB[dtype]
+    if pos is not None and not (0 <= pos < width):
+        raise ConfigError(f"perturb.bits={pos} is outside {str(dtype).replace('torch.', '')} (valid: 0..{width - 1})")
+    return pos
+
+
+def xor_bits(w: torch.Tensor, bit: torch.Tensor) -> torch.Tensor:
+    """Flip bit position `bit[i]` of element i (bit < 0: leave it). Works on the raw integer storage."""
+    iv_dtype = INT_VIEW[w.dtype]
+    width = w.element_size() * 8
+    bit = bit.to(torch.int64)
+    mask = torch.where(bit >= 0, torch.ones_like(bit) << bit.clamp(min=0), torch.zeros_like(bit))
+    if iv_dtype != torch.uint8:  # two's complement: 1 << (width-1) does not fit the signed view
+        mask = torch.where(mask >= (1 << (width - 1)), mask - (1 << width), mask)
+    iv = w.contiguous().view(iv_dtype)
+    return (iv ^ mask.to(iv_dtype).to(w.device)).view(w.dtype)
+
+
+@register_perturbation("bit_flip", stochastic=True)
+def bit_flip(w: torch.Tensor, cfg: PerturbConfig, gen: torch.Generator) -> torch.Tensor:
+    """Each selected weight flips one bit with probability `prob`: w_int <- w_int XOR (1 << b), on the integer
+    view of its storage (fp32 -> int32, fp16/bf16 -> int16, int8). b = `bits` (random: uniform per weight)."""
+    pos = parse_bits(cfg.bits, w.dtype)
+    width = w.element_size() * 8
+    n = w.numel()
+    flip = torch.rand(n, generator=gen) < cfg.prob
+    bits = torch.randint(0, width, (n,), generator=gen) if pos is None else torch.full((n,), pos, dtype=torch.int64)
+    bits = torch.where(flip, bits, torch.full_like(bits, -1))
+    return xor_bits(w, bits)
+
+
+# --- apply / restore ----------------------------------------------------------------------------------
+
+
+def _flat(p: torch.Tensor) -> torch.Tensor:
+    data = p.data
+    if not data.is_contiguous():
+        raise ConfigError("cannot perturb a non-contiguous parameter in place")
+    return data.view(-1)
+
+
+@contextlib.contextmanager
+def perturbed(params: dict[str, torch.Tensor], selection: dict[str, torch.Tensor], name: str,
+              cfg: PerturbConfig, seed: int = 0) -> Iterator[dict]:
+    """Apply perturbation `name` to the selected flat indices; restore the exact bits on exit.
+
+    Yields a dict with `n` (weights selected), `changed` (weights whose bits changed) and `nonfinite`
+    (weights that became NaN/Inf, e.g. an exponent bit flip).
+    """
+    if name not in PERTURBATIONS:
+        raise ConfigError(f"unknown perturbation '{name}'; valid choices: {', '.join(PERTURBATIONS)}")
+    fn = PERTURBATIONS[name].fn
+    gen = torch.Generator().manual_seed(int(seed) * 7919 + 1)
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    info = {"n": 0, "changed": 0, "nonfinite": 0}
+    try:
+        with torch.no_grad():
+            for pname in sorted(selection):
+                flat = _flat(params[pname])
+                idx = selection[pname].to(flat.device)
+                orig = flat[idx].clone()
+                saved.append((flat, idx, orig))
+                new = fn(orig, cfg, gen)
+                flat[idx] = new
+                info["n"] += idx.numel()
+                if new.dtype in INT_VIEW:
+                    iv = INT_VIEW[new.dtype]
+                    info["changed"] += int((new.view(iv) != orig.view(iv)).sum())
+                if new.is_floating_point():
+                    info["nonfinite"] += int((~torch.isfinite(new)).sum())
+        yield info
+    finally:
+        with torch.no_grad():
+            for flat, idx, orig in reversed(saved):
+                flat[idx] = orig

@@ -1,0 +1,56 @@
+"""Shared fixtures. Tiny random models build in milliseconds; the real shipped model (SmolLM2-135M) is
+converted once into a cache that persists between test runs (.cache/ at the repo root, git-ignored)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("SUPERWEIGHT_CACHE", str(ROOT / ".cache"))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def make_tiny_llama(vocab_size: int = 64, hidden: int = 16, layers: int = 2, seed: int = 0, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=256, tie_word_embeddings=kw.pop("tie_word_embeddings", True),
+                      attn_implementation=kw.pop("attn_implementation", "eager"), **kw)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """(model, tokenizer, device) of the real shipped SmolLM2-135M on CPU, loaded once per session."""
+    from superweight.config import ModelConfig
+    from superweight.models import load_model
+
+    return load_model(ModelConfig(device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A local HF model dir: a tiny random Llama with the real SmolLM2 tokenizer (fast CLI end-to-end)."""
+    from transformers import AutoTokenizer
+
+    from superweight.models import _embedded_dir
+
+    tok = AutoTokenizer.from_pretrained(_embedded_dir("smollm2-135m", None))
+    d = tmp_path_factory.mktemp("tiny-llama")
+    model = make_tiny_llama(vocab_size=len(tok), hidden=32, layers=2, seed=1)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

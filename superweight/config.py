@@ -220,13 +220,12 @@ def parse_pairs(argv: list[str]) -> tuple[list[tuple[str, list[str]]], str | Non
         if "=" in body:
             key, raw = body.split("=", 1)
             values_raw = [raw]
-            i += 1
         else:
             key, values_raw = body, []
+        i += 1
+        while i < len(argv) and not _looks_like_key(argv[i]):  # `--seeds 0 1 2`, `seeds=0 1 2`
+            values_raw.append(argv[i])
             i += 1
-            while i < len(argv) and not _looks_like_key(argv[i]):
-                values_raw.append(argv[i])
-                i += 1
         if key in ("config", "config_path"):
             if len(values_raw) != 1:
                 raise ConfigError("option 'config' takes one YAML file path")
@@ -252,9 +251,8 @@ def _flatten_yaml(d: dict, prefix="") -> list[tuple[str, Any]]:
     out = []
     for k, v in d.items():
         key = f"{prefix}{k}"
-        ck = ALIASES.get(key, key)
-        if isinstance(v, dict) and ck not in FIELDS:
-            out.extend(_flatten_yaml(v, f"{ck}."))
+        if isinstance(v, dict):  # a section (perturb: {names: ..., scale: ...}); aliases apply to leaves only
+            out.extend(_flatten_yaml(v, f"{key}."))
         else:
             out.append((key, v))
     return out

@@ -30,7 +30,7 @@ from .evaluate import TASKS, evaluate_lm
 from .io import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_jsonl
 from .metrics import METRICS, ScoreContext, compute_scores
 from .models import cache_root, eligible_parameters, layer_of, load_model, model_context, model_info, module_type
-from .perturb import PERTURBATIONS, parse_bits, perturbed
+from .perturb import PERTURBATIONS, check_storage, parse_bits, perturbed
 from .rank import Ranking, jaccard, rank, ranking_rows
 
 RESULT_COLUMNS = [
@@ -78,6 +78,7 @@ class Experiment:
         kmax = max(cfg.select.topk)
         if "global" in cfg.select.modes and kmax > n_eligible:
             raise ConfigError(f"topk={kmax} is larger than the {n_eligible} eligible weights; valid: 1..{n_eligible}")
+        check_storage(cfg.perturb.names, {p.dtype for p in self.params.values()})
         if "bit_flip" in cfg.perturb.names:
             for dt in {p.dtype for p in self.params.values()}:
                 parse_bits(cfg.perturb.bits, dt)
@@ -141,7 +142,9 @@ class Experiment:
         dev = torch.device("cpu") if self.cfg.score.offload else self.device
         cached = self.cache.get(key, dev)
         if cached is not None and set(cached) == set(self.params):
-            return cached
+            # safetensors returns keys sorted by name; rankings (random_k draws, tie-breaks) depend on the
+            # parameter order, so restore the model's order: a cache hit gives the same rows as a miss.
+            return {n: cached[n] for n in self.params}
         t = time.perf_counter()
         ids = self.windows.calib(seed)
         bs = self.cfg.score.batch_size

@@ -23,17 +23,30 @@ class PerturbationSpec:
     fn: Callable[[torch.Tensor, PerturbConfig, torch.Generator], torch.Tensor]
     stochastic: bool  # uses the generator: its result depends on the seed
     doc: str = ""
+    float_only: bool = False  # arithmetic on the value: meaningless on integer (quantized) storage
 
 
 PERTURBATIONS: dict[str, PerturbationSpec] = {}
 
 
-def register_perturbation(name: str, *, stochastic: bool = False):
+def register_perturbation(name: str, *, stochastic: bool = False, float_only: bool = False):
     def deco(fn):
-        PERTURBATIONS[name] = PerturbationSpec(name, fn, stochastic, (fn.__doc__ or "").strip())
+        PERTURBATIONS[name] = PerturbationSpec(name, fn, stochastic, (fn.__doc__ or "").strip(), float_only)
         return fn
 
     return deco
+
+
+def check_storage(names: list[str], dtypes) -> None:
+    """Raise ConfigError before a run starts if a perturbation cannot act on some parameter storage dtype
+    (sign_flip / gauss_noise on int8 quantized weights; bit_flip on a dtype without an integer view)."""
+    for name in names:
+        spec = PERTURBATIONS[name]
+        for dt in set(dtypes):
+            if spec.float_only and not dt.is_floating_point:
+                _require_float(torch.empty(0, dtype=dt), name)
+            if name == "bit_flip" and dt not in INT_VIEW:
+                raise ConfigError(f"bit_flip does not support {dt} storage; valid: {', '.join(str(d) for d in INT_VIEW)}")
 
 
 @register_perturbation("zero")
@@ -42,19 +55,28 @@ def zero(w: torch.Tensor, cfg: PerturbConfig, gen: torch.Generator) -> torch.Ten
     return torch.zeros_like(w)
 
 
-@register_perturbation("sign_flip")
+def _compute_dtype(w: torch.Tensor) -> torch.dtype:
+    """Arithmetic in fp32 for fp32/fp16/bf16 (one rounding back to storage), fp64 for fp64."""
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+@register_perturbation("sign_flip", float_only=True)
 def sign_flip(w: torch.Tensor, cfg: PerturbConfig, gen: torch.Generator) -> torch.Tensor:
-    """w <- -scale * w (scale = perturb.scale, 1.0 flips the sign and keeps the magnitude)."""
+    """w <- -scale * w (scale = perturb.scale, 1.0 flips the sign and keeps the magnitude exactly)."""
     _require_float(w, "sign_flip")
-    return (-cfg.scale * w.float()).to(w.dtype)
+    return (-cfg.scale * w.to(_compute_dtype(w))).to(w.dtype)
 
 
-@register_perturbation("gauss_noise", stochastic=True)
+@register_perturbation("gauss_noise", stochastic=True, float_only=True)
 def gauss_noise(w: torch.Tensor, cfg: PerturbConfig, gen: torch.Generator) -> torch.Tensor:
-    """w <- w + scale * |w| * eps (relative=True) or w + scale * eps (relative=False), eps ~ N(0, 1), seeded."""
+    """w <- w + scale * |w| * eps (relative=True) or w + scale * eps (relative=False), eps ~ N(0, 1).
+
+    eps = torch.randn(K, generator=gen, dtype=float32) on the CPU (seeded, device independent), one draw per
+    selected weight in flat-index order; computed in fp32 (fp64 for fp64 weights) and rounded once."""
     _require_float(w, "gauss_noise")
-    eps = torch.randn(w.numel(), generator=gen, dtype=torch.float32).to(w.device)
-    x = w.float()
+    cdt = _compute_dtype(w)
+    eps = torch.randn(w.numel(), generator=gen, dtype=torch.float32).to(device=w.device, dtype=cdt)
+    x = w.to(cdt)
     std = cfg.scale * x.abs() if cfg.relative else torch.full_like(x, cfg.scale)
     return (x + std * eps).to(w.dtype)
 
@@ -112,22 +134,37 @@ def parse_bits(spec: str, dtype: torch.dtype | None) -> int | None:
     return pos
 
 
+def bit_masks(dtype: torch.dtype) -> torch.Tensor:
+    """Table of XOR masks in the integer view of `dtype`: entry b = 1 << b for b < width, entry width = 0
+    (no flip). Signed views hold the top bit as its two's-complement value -2^(width-1) (1 << 15 does not
+    fit int16, 1 << 7 does not fit int8), so the XOR acts on exactly that one bit."""
+    iv_dtype = INT_VIEW[dtype]
+    width = torch.tensor([], dtype=dtype).element_size() * 8
+    signed = iv_dtype != torch.uint8
+    vals = [(1 << b) - ((1 << width) if signed and b == width - 1 else 0) for b in range(width)]
+    return torch.tensor(vals + [0], dtype=iv_dtype)
+
+
 def xor_bits(w: torch.Tensor, bit: torch.Tensor) -> torch.Tensor:
-    """Flip bit position `bit[i]` of element i (bit < 0: leave it). Works on the raw integer storage."""
+    """Flip bit position `bit[i]` of element i (bit < 0: leave it): w_int ^ (1 << bit) on the raw storage."""
     iv_dtype = INT_VIEW[w.dtype]
     width = w.element_size() * 8
-    bit = bit.to(torch.int64)
-    mask = torch.where(bit >= 0, torch.ones_like(bit) << bit.clamp(min=0), torch.zeros_like(bit))
-    if iv_dtype != torch.uint8:  # two's complement: 1 << (width-1) does not fit the signed view
-        mask = torch.where(mask >= (1 << (width - 1)), mask - (1 << width), mask)
+    bit = bit.to(torch.int64).cpu()
+    if bool((bit >= width).any()):
+        raise ConfigError(f"bit position {int(bit.max())} is outside {str(w.dtype).replace('torch.', '')} (valid: 0..{width - 1})")
+    mask = bit_masks(w.dtype)[torch.where(bit >= 0, bit, torch.full_like(bit, width))]
     iv = w.contiguous().view(iv_dtype)
-    return (iv ^ mask.to(iv_dtype).to(w.device)).view(w.dtype)
+    return (iv ^ mask.to(iv.device)).view(w.dtype)
 
 
 @register_perturbation("bit_flip", stochastic=True)
 def bit_flip(w: torch.Tensor, cfg: PerturbConfig, gen: torch.Generator) -> torch.Tensor:
     """Each selected weight flips one bit with probability `prob`: w_int <- w_int XOR (1 << b), on the integer
-    view of its storage (fp32 -> int32, fp16/bf16 -> int16, int8). b = `bits` (random: uniform per weight)."""
+    view of its storage (fp32 -> int32, fp16/bf16 -> int16, fp64 -> int64, int8 -> int8, uint8 -> uint8;
+    bitsandbytes int8 weights are flipped in their stored int8, the hardware-fault model).
+    b = `bits`: a fixed position, 'sign' (top bit), 'exponent_msb' (30 fp32, 14 fp16/bf16, 62 fp64) or
+    'random' (uniform over 0..width-1, drawn per weight). Draws: u = rand(K) then b = randint(width, K) from the
+    seeded CPU generator; weight i flips iff u_i < prob, so the number flipped is Binomial(K, prob)."""
     pos = parse_bits(cfg.bits, w.dtype)
     width = w.element_size() * 8
     n = w.numel()

@@ -75,11 +75,23 @@ def _stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _key(score: torch.Tensor, selection: str) -> torch.Tensor:
-    """Ranking key, larger = selected first. NaN scores are never selected first."""
-    x = score.detach().reshape(-1).float()
+    """Ranking key, larger = selected first: s for top_k, -s for bottom_k; NaN ranks last (like -inf for
+    top_k, +inf for bottom_k). fp64 and integer scores keep fp64 precision, others compare in fp32."""
+    x = score.detach().reshape(-1)
+    x = x.double() if x.dtype == torch.float64 or not x.is_floating_point() else x.float()
     if selection == "bottom_k":
         x = -x
-    return torch.nan_to_num(x, nan=float("-inf"))
+    return torch.nan_to_num(x, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+
+
+def _gather(scores: dict[str, torch.Tensor], names: list[str], pid: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """The original scores (NaN kept) of the selected entries, as float32 on the CPU: O(K)."""
+    out = torch.empty(pid.numel(), dtype=torch.float32)
+    for p in torch.unique(pid).tolist():
+        m = pid == p
+        s = scores[names[p]].detach().reshape(-1)
+        out[m] = s[flat[m].to(s.device)].float().cpu()
+    return out
 
 
 def _unique_in_order(x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +123,10 @@ def _gen(seed: int, salt: str) -> torch.Generator:
 
 
 def rank_global(scores: dict[str, torch.Tensor], k: int, selection: str, seed: int = 0) -> Ranking:
+    """K over all eligible weights. top_k / bottom_k: the first K of all (param, index) entries sorted by
+    key desc (s, or -s for bottom_k; NaN last), then parameter order, then flat index; computed as a
+    stable per-tensor top-K merged into a running K buffer. random_k: K uniform draws without replacement
+    over the concatenated index space, in draw order (seeded)."""
     names = list(scores)
     shapes = [tuple(scores[n].shape) for n in names]
     sizes = torch.tensor([scores[n].numel() for n in names], dtype=torch.int64)
@@ -122,28 +138,25 @@ def rank_global(scores: dict[str, torch.Tensor], k: int, selection: str, seed: i
         starts = torch.cumsum(sizes, 0) - sizes
         pid = torch.searchsorted(torch.cumsum(sizes, 0), pos, right=True)
         flat = pos - starts[pid]
-        sc = torch.empty(k)
-        for p in torch.unique(pid).tolist():
-            m = pid == p
-            s = scores[names[p]].reshape(-1)
-            sc[m] = s[flat[m].to(s.device)].float().cpu()
-        return Ranking(names, shapes, pid, flat, sc, torch.arange(k), "global", selection)
-    best_v = torch.empty(0)
+        return Ranking(names, shapes, pid, flat, _gather(scores, names, pid, flat), torch.arange(k), "global", selection)
+    best_v = torch.empty(0, dtype=torch.float64)
     best_p = torch.empty(0, dtype=torch.int64)
     best_i = torch.empty(0, dtype=torch.int64)
     for pid, n in enumerate(names):
         v, i = _stable_topk(_key(scores[n], selection), min(k, scores[n].numel()))
         # [earlier params, this one] then a stable sort by value: ties keep (param, index) order
-        v = torch.cat([best_v, v.cpu()])
+        v = torch.cat([best_v, v.cpu().double()])
         p = torch.cat([best_p, torch.full((i.numel(),), pid, dtype=torch.int64)])
         i = torch.cat([best_i, i.cpu()])
         order = torch.sort(v, descending=True, stable=True).indices[:k]
         best_v, best_p, best_i = v[order], p[order], i[order]
-    sc = -best_v if selection == "bottom_k" else best_v
+    sc = _gather(scores, names, best_p, best_i)
     return Ranking(names, shapes, best_p, best_i, sc, torch.arange(best_p.numel()), "global", selection)
 
 
 def rank_per_layer(scores: dict[str, torch.Tensor], k: int, selection: str, seed: int = 0) -> Ranking:
+    """K per parameter tensor, ordered within the tensor by (key desc, flat index); random_k draws K
+    uniformly without replacement per tensor (an independent seeded stream per tensor name)."""
     names = list(scores)
     shapes = [tuple(scores[n].shape) for n in names]
     smallest = min(scores[n].numel() for n in names)
@@ -155,9 +168,8 @@ def rank_per_layer(scores: dict[str, torch.Tensor], k: int, selection: str, seed
             i = sample_without_replacement(scores[n].numel(), k, _gen(seed, f"random_k/{n}"))
             v = scores[n].reshape(-1)[i.to(scores[n].device)].float().cpu()
         else:
-            v, i = _stable_topk(_key(scores[n], selection), k)
-            v, i = v.cpu(), i.cpu()
-            v = -v if selection == "bottom_k" else v
+            i = _stable_topk(_key(scores[n], selection), k)[1].cpu()
+            v = scores[n].detach().reshape(-1)[i.to(scores[n].device)].float().cpu()
         P.append(torch.full((i.numel(),), pid, dtype=torch.int64))
         I.append(i)
         S.append(v)
@@ -166,7 +178,9 @@ def rank_per_layer(scores: dict[str, torch.Tensor], k: int, selection: str, seed
 
 
 def rank_per_row(scores: dict[str, torch.Tensor], k: int, selection: str, seed: int = 0) -> Ranking:
-    """K per output row (Wanda compares weights within a row of each Linear)."""
+    """K per output row (Wanda compares weights within a row of each Linear): a weight's group is
+    row = flat // cols of its tensor viewed as [shape[0], -1]; within a row by (key desc, column);
+    random_k ranks each row by an i.i.d. uniform key, i.e. a uniform random permutation per row."""
     names = list(scores)
     shapes = [tuple(scores[n].shape) for n in names]
     P, I, S, R = [], [], [], []
@@ -179,9 +193,7 @@ def rank_per_row(scores: dict[str, torch.Tensor], k: int, selection: str, seed: 
         if selection == "random_k":
             keys = torch.rand(rows, cols, generator=_gen(seed, f"random_k/{n}"))
         else:
-            keys = x.float().cpu()
-            keys = -keys if selection == "bottom_k" else keys
-            keys = torch.nan_to_num(keys, nan=float("-inf"))
+            keys = _key(x, selection).reshape(rows, cols).cpu()
         order = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :k]
         flat = (torch.arange(rows).unsqueeze(1) * cols + order).reshape(-1)
         P.append(torch.full((flat.numel(),), pid, dtype=torch.int64))
@@ -200,6 +212,8 @@ RANKERS: dict[str, Callable[..., Ranking]] = {
 
 def rank(scores: dict[str, torch.Tensor], k: int, mode: str = "global", selection: str = "top_k", seed: int = 0) -> Ranking:
     """Rank for the largest K of the grid; `.take(k)` gives every smaller K."""
+    if int(k) < 1:
+        raise ConfigError(f"K={k} must be >= 1; valid: 1..number of eligible weights")
     if mode not in RANKERS:
         raise ConfigError(f"unknown mode '{mode}'; valid choices: {', '.join(RANKERS)}")
     if selection not in SELECTIONS:

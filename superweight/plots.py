@@ -1,0 +1,364 @@
+"""Plotly figures of an experiment (never imported by the science core).
+
+Three kinds of figure, each built from the files a run writes to its out_dir (so they can be rebuilt
+from any set of finished runs, local or downloaded from W&B):
+
+* **Δ vs K** (`delta_vs_k`): for each metric a panel, for each selection (Top-K / Random-K / Bottom-K)
+  a line of the mean over seeds of Δ = value(perturbed) − value(baseline) against K on a log axis, with
+  error bars = sample standard deviation over seeds (n−1 denominator; none for a single seed).
+  Values: ΔPPL, ΔNLL, Δaccuracy and the PPL ratio PPL_perturbed / PPL_baseline (log y axis). Rows whose
+  evaluation is non-finite (e.g. a bit flip that produced Inf/NaN weights) are left out of the mean and
+  counted in the title.
+* **Layer-wise sensitivity** (`layer_histograms`): from `sensitivity_scores.safetensors`. The score
+  mass of layer l is  M_l = Σ_{tensors t in layer l} Σ_i s_{t,i}  (the stored `param_sum` of every
+  tensor), shown as the share M_l / Σ_l M_l so metrics with different units are comparable, averaged
+  over seeds; the same grouped by module type (q_proj, ..., down_proj). A second row shows where the
+  N highest-scoring weights sit: the share of the global top-N (N = min(1000, stored)) per layer/module.
+* **Rank stability** (`stability_heatmaps`): Jaccard J(A,B) = |A∩B| / |A∪B| of Top-K sets, seed × seed
+  for each metric and metric × metric averaged over seeds, at one K (default: the largest K).
+
+`save_figures` writes each figure as HTML (plotly.js stored once per directory, so the HTML works
+offline), Plotly JSON (read back by tracking for interactive W&B charts) and, through kaleido and a
+headless Chrome/Chromium, PNG and SVG. Static export needs a Chrome: on Debian `apt-get install
+chromium`; set BROWSER_PATH to use another one. Without one, PNG/SVG are skipped with a warning and
+HTML/JSON are still written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+FORMATS = ("html", "json", "png", "svg")
+SELECTION_COLORS = {"top_k": "#d62728", "random_k": "#7f7f7f", "bottom_k": "#1f77b4"}
+SELECTION_LABELS = {"top_k": "Top-K", "random_k": "Random-K", "bottom_k": "Bottom-K"}
+VALUES = {
+    "delta_ppl": ("ΔPPL", False),
+    "delta_nll": ("ΔNLL (nats/token)", False),
+    "delta_acc": ("Δ token accuracy", False),
+    "ppl_ratio": ("PPL / baseline PPL", True),
+}
+TEMPLATE = "plotly_white"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Δ vs K
+# ---------------------------------------------------------------------------------------------------
+def aggregate_over_seeds(df: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Mean, sample std (ddof=1, 0 for one seed) and count over seeds of `value` for each
+    (perturbation, mode, metric, selection, k); non-finite values are dropped and counted."""
+    keys = ["perturbation", "mode", "metric", "selection", "k"]
+    d = df[keys + ["seed", value]].copy()
+    d[value] = pd.to_numeric(d[value], errors="coerce")
+    finite = np.isfinite(d[value].to_numpy(dtype=float))
+    d["_nonfinite"] = ~finite
+    d.loc[~finite, value] = np.nan
+    g = d.groupby(keys, sort=True)
+    out = g[value].agg(["mean", "count"]).reset_index()
+    out["std"] = g[value].std(ddof=1).fillna(0.0).to_numpy()
+    out["nonfinite"] = g["_nonfinite"].sum().to_numpy()
+    return out
+
+
+def delta_vs_k(df: pd.DataFrame, value: str = "delta_ppl", perturbation: str | None = None,
+               mode: str | None = None, title_suffix: str = "") -> go.Figure:
+    """One panel per metric; one line per selection; x = K (log), y = mean over seeds ± std."""
+    if value not in VALUES:
+        raise ValueError(f"unknown value '{value}'; valid: {', '.join(VALUES)}")
+    label, logy = VALUES[value]
+    d = df
+    perturbation = perturbation or str(d["perturbation"].iloc[0])
+    mode = mode or str(d["mode"].iloc[0])
+    d = d[(d["perturbation"] == perturbation) & (d["mode"] == mode)]
+    agg = aggregate_over_seeds(d, value)
+    metrics = list(dict.fromkeys(d["metric"]))
+    fig = make_subplots(rows=1, cols=max(1, len(metrics)), subplot_titles=metrics, shared_yaxes=True,
+                        horizontal_spacing=0.04)
+    shown = set()
+    for j, metric in enumerate(metrics, start=1):
+        for sel in [s for s in SELECTION_COLORS if s in set(agg["selection"])] + \
+                   sorted(set(agg["selection"]) - set(SELECTION_COLORS)):
+            a = agg[(agg["metric"] == metric) & (agg["selection"] == sel)].sort_values("k")
+            if a.empty:
+                continue
+            fig.add_trace(go.Scatter(
+                x=a["k"], y=a["mean"], mode="lines+markers", name=SELECTION_LABELS.get(sel, sel),
+                legendgroup=sel, showlegend=sel not in shown,
+                line=dict(color=SELECTION_COLORS.get(sel)),
+                error_y=dict(type="data", array=a["std"], visible=bool((a["count"] > 1).any())),
+                customdata=np.stack([a["count"], a["std"]], axis=-1),
+                hovertemplate="K=%{x}<br>mean=%{y:.4g}<br>std=%{customdata[1]:.3g}<br>seeds=%{customdata[0]}",
+            ), row=1, col=j)
+            shown.add(sel)
+        fig.update_xaxes(type="log", title_text="K (weights perturbed)", row=1, col=j)
+    fig.update_yaxes(title_text=label, row=1, col=1)
+    if logy:
+        fig.update_yaxes(type="log")
+    n_bad = int(agg["nonfinite"].sum())
+    seeds = sorted(set(d["seed"]))
+    title = f"{label} vs K — perturbation={perturbation}, mode={mode}, seeds={len(seeds)}"
+    if n_bad:
+        title += f" ({n_bad} non-finite evaluations omitted)"
+    fig.update_layout(title=title + title_suffix, template=TEMPLATE, width=max(520, 380 * len(metrics)),
+                      height=440, legend_title_text="selection")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layer / module histograms
+# ---------------------------------------------------------------------------------------------------
+def read_score_summary(path: str | Path) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+    """sensitivity_scores.safetensors -> ({"metric.seedS": {field: array}}, metadata with parsed JSON)."""
+    from safetensors.numpy import load_file
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        meta = dict(f.metadata() or {})
+    arrays = load_file(str(path))
+    meta = {k: json.loads(v) for k, v in meta.items()}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, arr in arrays.items():
+        run_key, field = key.rsplit(".", 1)
+        out.setdefault(run_key, {})[field] = arr
+    return out, meta
+
+
+def score_mass(summary: dict[str, dict[str, np.ndarray]], meta: dict, by: str = "layer",
+               top_n: int = 1000) -> pd.DataFrame:
+    """Tidy table: metric, seed, group (layer or module), mass_share, top_share.
+
+    mass_share = Σ param_sum over the group / Σ param_sum over all tensors;
+    top_share  = share of the global top-N weights (N = min(top_n, stored)) whose tensor is in the group.
+    """
+    groups = meta["layers"] if by == "layer" else meta["modules"]
+    groups = np.asarray([str(g) for g in groups], dtype=object)
+    rows = []
+    for run_key, d in summary.items():
+        metric, seed_s = run_key.rsplit(".", 1)
+        seed = int(seed_s.removeprefix("seed"))
+        ps = np.asarray(d["param_sum"], dtype=np.float64)
+        total = ps.sum()
+        n = min(top_n, len(d["top_pid"]))
+        top_groups = groups[np.asarray(d["top_pid"][:n], dtype=np.int64)] if n else np.asarray([], dtype=object)
+        for g in dict.fromkeys(groups):
+            mask = groups == g
+            rows.append({"metric": metric, "seed": seed, "group": g,
+                         "mass_share": float(ps[mask].sum() / total) if total > 0 else float("nan"),
+                         "top_share": float((top_groups == g).sum() / n) if n else float("nan"), "top_n": n})
+    return pd.DataFrame(rows)
+
+
+def _group_order(groups: Iterable[str], by: str) -> list[str]:
+    groups = list(dict.fromkeys(groups))
+    if by == "layer":
+        return sorted(groups, key=lambda g: int(g) if str(g).lstrip("-").isdigit() else 10**9)
+    return sorted(groups)
+
+
+def layer_histograms(summary, meta, by: str = "layer", top_n: int = 1000) -> go.Figure:
+    """Grouped bars per metric: score-mass share (top row) and top-N share (bottom row) per layer/module."""
+    t = score_mass(summary, meta, by=by, top_n=top_n)
+    order = _group_order(t["group"], by)
+    n = int(t["top_n"].max()) if len(t) else 0
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.14,
+                        subplot_titles=["share of total score mass (mean over seeds)",
+                                        f"share of the global top-{n} weights (mean over seeds)"])
+    palette = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880"]
+    for i, metric in enumerate(dict.fromkeys(t["metric"])):
+        m = t[t["metric"] == metric].groupby("group")[["mass_share", "top_share"]].mean().reindex(order)
+        color = palette[i % len(palette)]
+        x = [f"L{g}" if by == "layer" and g != "-1" else ("other" if g == "-1" else g) for g in order]
+        fig.add_trace(go.Bar(x=x, y=m["mass_share"], name=metric, marker_color=color, legendgroup=metric),
+                      row=1, col=1)
+        fig.add_trace(go.Bar(x=x, y=m["top_share"], name=metric, marker_color=color, legendgroup=metric,
+                             showlegend=False), row=2, col=1)
+    fig.update_yaxes(title_text="share", row=1, col=1)
+    fig.update_yaxes(title_text="share", row=2, col=1)
+    fig.update_xaxes(title_text="layer" if by == "layer" else "module type", row=2, col=1)
+    fig.update_layout(barmode="group", template=TEMPLATE, height=620, width=max(640, 26 * len(order) * max(1, t["metric"].nunique())),
+                      title=f"Sensitivity by {'layer' if by == 'layer' else 'module type'}", legend_title_text="metric")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stability heatmaps
+# ---------------------------------------------------------------------------------------------------
+def jaccard_from_rankings(rankings: pd.DataFrame, k: int, mode: str = "global") -> pd.DataFrame:
+    """Rows like stability.csv (kind, k, a, b, metric_a/b, seed_a/b, jaccard) recomputed from the top
+    rows of rankings.csv: J = |A∩B| / |A∪B| with A, B the (param, flat_index) of rank < k. Only sets with
+    at least k stored rows take part (rankings.csv keeps save_top rows per metric and seed)."""
+    r = rankings[(rankings["mode"] == mode) & (rankings["rank"] < k)]
+    sets = {}
+    for (metric, seed), g in r.groupby(["metric", "seed"], sort=False):
+        if len(g) >= k:
+            sets[(metric, int(seed))] = set(zip(g["param"], g["flat_index"]))
+    keys = list(sets)
+    rows = []
+    for i, (ma, sa) in enumerate(keys):
+        for mb, sb in keys[i + 1:]:
+            if ma == mb and sa != sb:
+                kind = "seed"
+            elif ma != mb and sa == sb:
+                kind = "metric"
+            else:
+                continue
+            A, B = sets[(ma, sa)], sets[(mb, sb)]
+            rows.append({"kind": kind, "mode": mode, "k": k, "a": f"{ma}/seed{sa}", "b": f"{mb}/seed{sb}",
+                         "metric_a": ma, "metric_b": mb, "seed_a": sa, "seed_b": sb,
+                         "jaccard": len(A & B) / len(A | B)})
+    return pd.DataFrame(rows, columns=["kind", "mode", "k", "a", "b", "metric_a", "metric_b", "seed_a",
+                                       "seed_b", "jaccard"])
+
+
+def _sym_matrix(labels: list, pairs: dict) -> np.ndarray:
+    n = len(labels)
+    m = np.full((n, n), np.nan)
+    for i in range(n):
+        m[i, i] = 1.0
+    for (a, b), v in pairs.items():
+        i, j = labels.index(a), labels.index(b)
+        m[i, j] = m[j, i] = v
+    return m
+
+
+def stability_heatmaps(stab: pd.DataFrame, k: int | None = None, mode: str | None = None) -> dict[str, go.Figure]:
+    """{'stability_seeds': seed×seed Jaccard per metric, 'stability_metrics': metric×metric Jaccard
+    (mean over seeds)} at one K (default: the largest K present). Missing kinds give no figure."""
+    figs: dict[str, go.Figure] = {}
+    if stab.empty:
+        return figs
+    mode = mode or str(stab["mode"].iloc[0])
+    s = stab[stab["mode"] == mode]
+    k = int(k if k is not None else s["k"].max())
+    s = s[s["k"] == k]
+    seeds_part = s[s["kind"] == "seed"]
+    if not seeds_part.empty:
+        metrics = list(dict.fromkeys(seeds_part["metric_a"]))
+        fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics, horizontal_spacing=0.08)
+        for j, metric in enumerate(metrics, start=1):
+            p = seeds_part[seeds_part["metric_a"] == metric]
+            seeds = sorted(set(p["seed_a"]) | set(p["seed_b"]))
+            m = _sym_matrix(seeds, {(int(a), int(b)): v for a, b, v in zip(p["seed_a"], p["seed_b"], p["jaccard"])})
+            lab = [f"seed {x}" for x in seeds]
+            fig.add_trace(go.Heatmap(z=m, x=lab, y=lab, zmin=0, zmax=1, colorscale="Viridis",
+                                     text=np.round(m, 3), texttemplate="%{text}", showscale=j == len(metrics),
+                                     colorbar=dict(title="Jaccard")), row=1, col=j)
+        fig.update_layout(title=f"Top-{k} rank stability across seeds (calibration batches), mode={mode}",
+                          template=TEMPLATE, height=420, width=max(480, 360 * len(metrics)))
+        figs["stability_seeds"] = fig
+    met_part = s[s["kind"] == "metric"]
+    if not met_part.empty:
+        mean = met_part.groupby(["metric_a", "metric_b"], sort=False)["jaccard"].mean()
+        metrics = list(dict.fromkeys(list(met_part["metric_a"]) + list(met_part["metric_b"])))
+        m = _sym_matrix(metrics, {(a, b): v for (a, b), v in mean.items()})
+        fig = go.Figure(go.Heatmap(z=m, x=metrics, y=metrics, zmin=0, zmax=1, colorscale="Viridis",
+                                   text=np.round(m, 3), texttemplate="%{text}", colorbar=dict(title="Jaccard")))
+        n_seeds = met_part["seed_a"].nunique()
+        fig.update_layout(title=f"Top-{k} overlap between metrics (mean over {n_seeds} seed(s)), mode={mode}",
+                          template=TEMPLATE, height=460, width=560)
+        figs["stability_metrics"] = fig
+    return figs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole runs
+# ---------------------------------------------------------------------------------------------------
+def figures_from_tables(results: pd.DataFrame, stability: pd.DataFrame | None = None,
+                        score_summary: tuple | None = None, k: int | None = None) -> dict[str, go.Figure]:
+    """All figures for one result table (one run, or several runs concatenated)."""
+    figs: dict[str, go.Figure] = {}
+    if results is not None and not results.empty:
+        combos = results[["perturbation", "mode"]].drop_duplicates().itertuples(index=False)
+        for pert, mode in combos:
+            suffix = "" if results[["perturbation", "mode"]].drop_duplicates().shape[0] == 1 else f"__{pert}__{mode}"
+            for value in VALUES:
+                if value in results.columns:
+                    figs[f"{value}_vs_k{suffix}"] = delta_vs_k(results, value, pert, mode)
+    if score_summary is not None:
+        summary, meta = score_summary
+        if summary:
+            figs["layer_sensitivity"] = layer_histograms(summary, meta, by="layer")
+            figs["module_sensitivity"] = layer_histograms(summary, meta, by="module")
+    if stability is not None and not stability.empty:
+        figs.update(stability_heatmaps(stability, k=k))
+    return figs
+
+
+def run_figures(out_dir: str | Path, k: int | None = None) -> dict[str, go.Figure]:
+    """Figures of one finished run, read from its out_dir files."""
+    out = Path(out_dir)
+    results = pd.read_csv(out / "results.csv") if (out / "results.csv").exists() else None
+    stab = pd.read_csv(out / "stability.csv") if (out / "stability.csv").exists() else None
+    scores = out / "sensitivity_scores.safetensors"
+    summary = read_score_summary(scores) if scores.exists() else None
+    return figures_from_tables(results, stab, summary, k=k)
+
+
+def chrome_available() -> bool:
+    """Whether kaleido can find a Chrome/Chromium for static export (BROWSER_PATH or the usual names)."""
+    import os
+
+    env = os.environ.get("BROWSER_PATH")
+    if env:
+        return os.access(env, os.X_OK)
+    try:
+        from choreographer.browsers.chromium import Chromium
+
+        return Chromium.find_browser(skip_local=False) is not None
+    except Exception:
+        return False
+
+
+def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iterable[str] = FORMATS) -> list[Path]:
+    """Write each figure as <name>.html/.json/.png/.svg under plot_dir; return the written paths.
+
+    HTML references one plotly.min.js written next to it (works offline). PNG/SVG go through one kaleido
+    call (one browser start for all figures); if no Chrome is found they are skipped with a warning."""
+    formats = [f for f in formats if f != "none"]
+    for f in formats:
+        if f not in FORMATS:
+            raise ValueError(f"unknown plot format '{f}'; valid: {', '.join(FORMATS)}")
+    d = Path(plot_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name, fig in figs.items():
+        if "html" in formats:
+            p = d / f"{name}.html"
+            fig.write_html(p, include_plotlyjs="directory", full_html=True)
+            written.append(p)
+        if "json" in formats:
+            p = d / f"{name}.json"
+            fig.write_json(p)
+            written.append(p)
+    static = [f for f in formats if f in ("png", "svg")]
+    if static and figs:
+        if not chrome_available():
+            print("superweight: warning: no Chrome/Chromium found for PNG/SVG export (apt-get install chromium, "
+                  "or set BROWSER_PATH); wrote HTML/JSON only", file=sys.stderr)
+        else:
+            import plotly.io as pio
+
+            targets, fig_list = [], []
+            for name, fig in figs.items():
+                for f in static:
+                    targets.append(d / f"{name}.{f}")
+                    fig_list.append(fig)
+            pio.write_images(fig_list, targets, scale=2 if "png" in static else 1)
+            written.extend(targets)
+    return written
+
+
+def finite_or_none(x) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None

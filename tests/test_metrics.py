@@ -1,0 +1,372 @@
+"""Every metric against an independent computation on tiny models (plain autograd per batch, the exact
+Hessian from torch.func, hand-computed activation norms, a planted super weight), plus the Super Weight
+detector on the real SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from torch.func import functional_call, hessian
+
+from superweight.config import ConfigError, ScoreConfig
+from superweight.metrics import (
+    METRICS, ScoreContext, compute_scores, find_outliers, outlier_modules, rademacher_probe,
+)
+from superweight.models import eligible_parameters
+
+CPU = torch.device("cpu")
+
+
+def ctx_for(model, params, batches, seed=0, **cfg) -> ScoreContext:
+    return ScoreContext(model, params, batches, ScoreConfig(**cfg), CPU, seed=seed, progress=False)
+
+
+def token_batches(n_windows=4, T=12, vocab=64, batch_size=1, seed=0) -> list[torch.Tensor]:
+    ids = torch.randint(0, vocab, (n_windows, T), generator=torch.Generator().manual_seed(seed))
+    return [ids[i : i + batch_size] for i in range(0, n_windows, batch_size)]
+
+
+def ref_loss(model, ids, overrides=None):
+    """Mean next-token cross-entropy, written out independently of superweight.metrics.lm_loss."""
+    if overrides is None:
+        logits = model(input_ids=ids, use_cache=False).logits
+    else:
+        logits = functional_call(model, overrides, args=(), kwargs={"input_ids": ids, "use_cache": False}).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).mean()
+
+
+def ref_grads(model, params, batches):
+    """Per-batch gradients with plain torch.autograd.grad (no hooks, no .grad)."""
+    out = []
+    for ids in batches:
+        names = list(params)
+        g = torch.autograd.grad(ref_loss(model, ids), [params[n] for n in names])
+        out.append(dict(zip(names, g)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# first-order metrics
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_gradient_metrics_match_plain_autograd(batch_size):
+    model = make_tiny_llama()
+    params = eligible_parameters(model)
+    emb = model.get_input_embeddings().weight
+    emb.requires_grad_(False)  # a flag the metric must restore exactly as it found it
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    batches = token_batches(4, batch_size=batch_size)
+
+    got = {m: compute_scores(m, ctx_for(model, params, batches, batch_size=batch_size))
+           for m in ("magnitude", "grad_x_weight", "grad_squared")}
+
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+
+    emb.requires_grad_(True)
+    grads = ref_grads(model, params, batches)
+    B = len(batches)
+    for n, p in params.items():
+        gbar = sum(g[n] for g in grads) / B
+        torch.testing.assert_close(got["magnitude"][n], p.detach().abs())
+        torch.testing.assert_close(got["grad_x_weight"][n], (p.detach() * gbar).abs(), rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(got["grad_squared"][n], sum(g[n] ** 2 for g in grads) / B, rtol=1e-4, atol=1e-12)
+        assert got["grad_x_weight"][n].dtype == torch.float32 and got["grad_x_weight"][n].shape == p.shape
+
+
+def test_batch_size_changes_grad_squared_but_not_grad_x_weight():
+    """g_bar is the same whatever the grouping (every window has T tokens); the Fisher of mean-of-2 is not."""
+    model = make_tiny_llama()
+    params = eligible_parameters(model)
+    b1, b2 = token_batches(4, batch_size=1), token_batches(4, batch_size=2)
+    gx1 = compute_scores("grad_x_weight", ctx_for(model, params, b1))
+    gx2 = compute_scores("grad_x_weight", ctx_for(model, params, b2))
+    gs1 = compute_scores("grad_squared", ctx_for(model, params, b1))
+    gs2 = compute_scores("grad_squared", ctx_for(model, params, b2))
+    n = "model.layers.0.mlp.down_proj.weight"
+    torch.testing.assert_close(gx1[n], gx2[n], rtol=1e-4, atol=1e-9)
+    assert not torch.allclose(gs1[n], gs2[n], rtol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# hutchinson_diag vs the exact Hessian
+
+HNAME = "model.layers.0.mlp.down_proj.weight"
+
+
+def tiny_hessian_setup():
+    model = make_tiny_llama(vocab_size=32, hidden=8, layers=1)
+    p = dict(model.named_parameters())[HNAME]
+    batches = token_batches(2, T=12, vocab=32)
+
+    def loss_of(w):
+        return sum(ref_loss(model, ids, {HNAME: w}) for ids in batches) / len(batches)
+
+    H = hessian(loss_of)(p.detach()).reshape(p.numel(), p.numel()).detach()
+    return model, p, batches, H
+
+
+@pytest.fixture(scope="module")
+def hess():
+    return tiny_hessian_setup()
+
+
+def hutch(model, p, batches, probes, saliency="obd", seed=0):
+    s = compute_scores("hutchinson_diag", ctx_for(model, {HNAME: p}, batches, seed, probes=probes, saliency=saliency))
+    return s[HNAME]
+
+
+def test_hutchinson_equals_its_definition_with_exact_hvp(hess):
+    """Same probes, H z from the exact torch.func Hessian: s = mean_k z_k * (H z_k), |s| and ½ s w²."""
+    model, p, batches, H = hess
+    P = 8
+    ref = torch.zeros(p.numel(), dtype=torch.float64)
+    for k in range(P):
+        z = rademacher_probe([p], 0, k)[0].reshape(-1).double()
+        ref += z * (H.double() @ z)
+    ref /= P
+    w2 = p.detach().reshape(-1).double() ** 2
+    obd, ab = hutch(model, p, batches, P, "obd"), hutch(model, p, batches, P, "abs")
+    torch.testing.assert_close(ab.reshape(-1).double(), ref.abs(), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(obd.reshape(-1).double(), 0.5 * ref * w2, rtol=1e-4, atol=1e-12)
+    assert (obd < 0).any(), "OBD keeps the sign of the curvature estimate"
+    assert all(q.grad is None for q in model.parameters())
+    assert all(q.requires_grad for q in model.parameters())
+
+
+def test_hutchinson_converges_to_the_exact_diagonal(hess):
+    """Error ~ 1/sqrt(P): E||s_P - diag H||² = (1/P) sum_i sum_{j != i} H_ij² for Rademacher probes."""
+    model, p, batches, H = hess
+    d = H.diagonal().detach()
+    w2 = p.detach().reshape(-1) ** 2
+    offdiag = (H.square().sum(1) - d.square()).mean()
+    errs = {}
+    for P in (64, 256):
+        obd = hutch(model, p, batches, P, "obd").reshape(-1).detach()
+        est = obd / (0.5 * w2)
+        errs[P] = float((est - d).square().mean().sqrt())
+        theory = float((offdiag / P).sqrt())
+        assert 0.6 * theory < errs[P] < 1.6 * theory, (P, errs[P], theory)
+    assert torch.corrcoef(torch.stack([est, d]))[0, 1] > 0.95  # P = 256
+    assert torch.corrcoef(torch.stack([obd, 0.5 * d * w2]))[0, 1] > 0.95
+    assert 0.3 < errs[256] / errs[64] < 0.75, errs  # 4x the probes: about half the error
+
+
+def test_hutchinson_eager_sdpa_and_checkpointing_agree():
+    """Same seed, same estimate with eager attention, SDPA (pinned to its math kernel: the fused CPU
+    kernel has no double backward) and non-reentrant gradient checkpointing that really recomputes."""
+    batches = token_batches(2, T=10)
+    eager = make_tiny_llama(attn_implementation="eager")
+    sdpa = make_tiny_llama(attn_implementation="sdpa")
+    ckpt = make_tiny_llama(attn_implementation="eager")
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = {"n": 0}
+    mlp, fwd = ckpt.model.layers[0].mlp, ckpt.model.layers[0].mlp.forward
+
+    def counting_forward(*a, **k):  # module hooks do not fire during checkpoint recomputation; this does
+        calls["n"] += 1
+        return fwd(*a, **k)
+
+    mlp.forward = counting_forward
+    out = {}
+    for tag, m in (("eager", eager), ("sdpa", sdpa), ("ckpt", ckpt)):
+        out[tag] = compute_scores("hutchinson_diag", ctx_for(m, eligible_parameters(m), batches, probes=3))
+    assert calls["n"] > len(batches), "checkpointed layers were not recomputed"
+    assert sdpa.config._attn_implementation == "sdpa"
+    assert not any(mod.training for mod in ckpt.modules())
+    for n in out["eager"]:
+        torch.testing.assert_close(out["sdpa"][n], out["eager"][n], rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(out["ckpt"][n], out["eager"][n], rtol=1e-4, atol=1e-8)
+    assert any(float(v.abs().sum()) > 0 for v in out["eager"].values())
+
+
+def test_hutchinson_seed_and_probe_count_change_the_estimate(hess):
+    model, p, batches, _ = hess
+    a, b = hutch(model, p, batches, 4, seed=0), hutch(model, p, batches, 4, seed=1)
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(a, hutch(model, p, batches, 4, seed=0))
+    assert METRICS["hutchinson_diag"].params == ("batch_size", "probes", "saliency")
+
+
+# --------------------------------------------------------------------------------------------------
+# act_mag (Wanda)
+
+
+class LinearStack(torch.nn.Module):
+    """Embedding -> Linear(8, 6) -> ReLU -> Linear(6, 5): small enough to recompute by hand."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = torch.nn.Embedding(20, 8)
+        self.layers = torch.nn.ModuleList([torch.nn.Module()])
+        self.layers[0].fc_in = torch.nn.Linear(8, 6)
+        self.layers[0].fc_out = torch.nn.Linear(6, 5, bias=False)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids, use_cache=False):
+        h = torch.relu(self.layers[0].fc_in(self.emb(input_ids)))
+        return SimpleNamespace(logits=self.layers[0].fc_out(h))
+
+
+def test_act_mag_matches_hand_computation_on_a_linear_stack():
+    m = LinearStack().eval()
+    params = {"layers.0.fc_in.weight": m.layers[0].fc_in.weight, "layers.0.fc_out.weight": m.layers[0].fc_out.weight}
+    batches = token_batches(3, T=7, vocab=20, batch_size=2)
+    s = compute_scores("act_mag", ctx_for(m, params, batches))
+    ids = torch.cat(batches)
+    with torch.no_grad():
+        x1 = m.emb(ids).reshape(-1, 8)
+        x2 = torch.relu(x1 @ m.layers[0].fc_in.weight.T + m.layers[0].fc_in.bias)
+    n1 = torch.sqrt((x1**2).sum(0))
+    n2 = torch.sqrt((x2**2).sum(0))
+    torch.testing.assert_close(s["layers.0.fc_in.weight"], m.layers[0].fc_in.weight.detach().abs() * n1[None, :])
+    torch.testing.assert_close(s["layers.0.fc_out.weight"], m.layers[0].fc_out.weight.detach().abs() * n2[None, :])
+
+
+def test_act_mag_tiny_llama_vs_captured_inputs():
+    model = make_tiny_llama()
+    params = eligible_parameters(model)
+    batches = token_batches(3, T=9)
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for n in params:
+        mod = model.get_submodule(n.rsplit(".", 1)[0])
+        hooks.append(mod.register_forward_pre_hook(lambda mod, a, n=n: seen.setdefault(n, []).append(a[0].detach().clone())))
+    with torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    s = compute_scores("act_mag", ctx_for(model, params, batches))
+    for n, p in params.items():
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[n]]).double()
+        ref = p.detach().double().abs() * x.norm(dim=0)[None, :]
+        torch.testing.assert_close(s[n].double(), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_act_mag_conv1d_and_unsupported_modules():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)).eval()
+    params = eligible_parameters(gpt)
+    name = "transformer.h.0.attn.c_attn.weight"  # Conv1D: weight [in=16, out=48]
+    assert name in params and params[name].shape == (16, 48)
+    batches = token_batches(2, T=8)
+    seen = []
+    h = gpt.get_submodule(name[: -len(".weight")]).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        for ids in batches:
+            gpt(input_ids=ids)
+    h.remove()
+    x = torch.cat([t.reshape(-1, 16) for t in seen])
+    s = compute_scores("act_mag", ctx_for(gpt, params, batches))
+    torch.testing.assert_close(s[name], params[name].detach().abs() * x.norm(dim=0)[:, None], rtol=1e-5, atol=1e-7)
+
+    llama = make_tiny_llama()
+    emb = eligible_parameters(llama, include=r"embed_tokens")
+    with pytest.raises(ConfigError, match="Embedding"):
+        compute_scores("act_mag", ctx_for(llama, emb, batches))
+
+
+# --------------------------------------------------------------------------------------------------
+# act_outlier: the Super Weight detector
+
+
+def plant_super_weight(model, layer=1, d=3, c=7, r=5, token=11, strength=5.0):
+    """Make token `token` carry a large residual feature d that only layer `layer`'s MLP channel c reads,
+    and put a large weight at down_proj[r, c]: the massive activation appears at output channel r of that
+    layer's down_proj, only at that token, caused by exactly one weight (r, c)."""
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[:, d] = 0.0
+        emb[token, :] = 0.0
+        emb[token, d] = 1.0
+        for i, blk in enumerate(model.model.layers):
+            blk.self_attn.o_proj.weight[d, :] = 0.0  # nothing else writes feature d
+            if i < layer:
+                blk.mlp.down_proj.weight[d, :] = 0.0
+        mlp = model.model.layers[layer].mlp
+        mlp.gate_proj.weight[c, :] = 0.0
+        mlp.up_proj.weight[c, :] = 0.0
+        mlp.gate_proj.weight[c, d] = strength
+        mlp.up_proj.weight[c, d] = strength
+        mlp.down_proj.weight[r, c] = strength
+    return f"model.layers.{layer}.mlp.down_proj.weight", r, c
+
+
+def test_act_outlier_finds_a_planted_super_weight():
+    model = make_tiny_llama()
+    pname, r, c = plant_super_weight(model)
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    ids[0, 0] = ids[1, 5] = ids[2, 9] = 11
+    batches = [ids[:2], ids[2:]]
+    cands, stats = find_outliers(model, batches, threshold=20.0)
+    assert [(k.param, k.row, k.col) for k in cands] == [(pname, r, c)]
+    k = cands[0]
+    assert k.occurrences == 3 and k.out_channel == r and k.in_channel == c
+    assert abs(k.activation) > 20 * max(s["typical_max"] for s in stats)
+    assert k.weight == pytest.approx(5.0)
+    assert k.score == pytest.approx(abs(k.input_activation * k.weight), rel=1e-5)
+
+    params = eligible_parameters(model)
+    s = compute_scores("act_outlier", ctx_for(model, params, batches, outlier_threshold=20.0))
+    assert set(s) == set(params)
+    nonzero = [(n, i) for n, t in s.items() for i in torch.nonzero(t.reshape(-1)).reshape(-1).tolist()]
+    assert nonzero == [(pname, r * params[pname].shape[1] + c)]
+    assert float(s[pname][r, c]) == pytest.approx(k.score)
+
+    # no token 11 in the batches: no massive activation, no candidate
+    clean = [torch.where(b == 11, torch.zeros_like(b), b) for b in batches]
+    assert find_outliers(model, clean, threshold=20.0)[0] == []
+
+
+def test_outlier_modules_names_across_architectures():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    llama = make_tiny_llama()
+    assert sorted(outlier_modules(llama)) == [f"model.layers.{i}.mlp.down_proj.weight" for i in range(2)]
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32))
+    assert sorted(outlier_modules(gpt)) == [f"transformer.h.{i}.mlp.c_proj.weight" for i in range(2)]
+    only0 = {"model.layers.0.mlp.down_proj.weight": llama.model.layers[0].mlp.down_proj.weight}
+    assert list(outlier_modules(llama, only0)) == list(only0)
+
+
+@pytest.mark.slow
+def test_act_outlier_on_smollm_finds_a_catastrophic_weight(smollm):
+    """Real SmolLM2-135M, one 64-token calibration window: zeroing the top candidate must hurt eval PPL far
+    more than zeroing random single weights of the same tensor."""
+    from superweight.config import DataConfig, PerturbConfig
+    from superweight.data import build_windows
+    from superweight.evaluate import evaluate_lm
+    from superweight.perturb import perturbed
+
+    model, tok, _ = smollm
+    w = build_windows(DataConfig(seq_len=64, eval_windows=4, calib_windows=1), tok)
+    params = eligible_parameters(model)
+    cands, _ = find_outliers(model, [w.calib(0)], threshold=50.0, params=params)
+    assert cands, "no massive activation found in SmolLM2"
+    top = cands[0]
+    assert top.param.endswith("mlp.down_proj.weight")
+    ids = w.eval_tokens
+    base = evaluate_lm(model, ids).ppl
+    with perturbed(params, {top.param: torch.tensor([top.flat_index])}, "zero", PerturbConfig()):
+        hit = evaluate_lm(model, ids).ppl
+    g = torch.Generator().manual_seed(0)
+    rand = []
+    for f in torch.randint(0, params[top.param].numel(), (3,), generator=g).tolist():
+        with perturbed(params, {top.param: torch.tensor([f])}, "zero", PerturbConfig()):
+            rand.append(evaluate_lm(model, ids).ppl)
+    print(f"baseline {base:.2f}  zero {top.param}[{top.row},{top.col}] -> {hit:.2f}  random -> {rand}")
+    assert hit > 2 * base
+    assert max(abs(math.log(r / base)) for r in rand) < 0.05
+    assert math.log(hit / base) > 10 * max(abs(math.log(r / base)) for r in rand) + 0.5

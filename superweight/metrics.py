@@ -228,9 +228,8 @@ def double_backward_ready(model) -> Iterator[None]:
       backend (`torch.nn.attention.sdpa_kernel`), which is plain differentiable ops; the model keeps
       attn_implementation="sdpa".
     * other fused attention (flash_attention_2, ...): switched to "eager" and switched back afterwards.
-    * gradient checkpointing: Hugging Face only checkpoints a layer when `layer.training` is True; the model
-      stays in eval mode (no dropout), and just the checkpointed layers' own `training` flags are set, so
-      checkpointing (non-reentrant, which supports double backward) is really used, then they are reset.
+    * gradient checkpointing, when enabled, is made active in eval mode (`models.checkpointing_active`);
+      non-reentrant checkpointing supports double backward.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -239,20 +238,12 @@ def double_backward_ready(model) -> Iterator[None]:
     switched = impl not in (None, "eager", "sdpa")
     if switched:
         model.set_attn_implementation("eager")
+    from .models import checkpointing_active
+
     try:
-        from transformers.modeling_layers import GradientCheckpointingLayer as _Layer
-    except ImportError:  # older transformers: any module carrying the flag
-        _Layer = torch.nn.Module
-    ckpt_layers = [m for m in model.modules()
-                   if isinstance(m, _Layer) and getattr(m, "gradient_checkpointing", False) is True and not m.training]
-    try:
-        for m in ckpt_layers:
-            m.training = True
-        with sdpa_kernel([SDPBackend.MATH]):
+        with checkpointing_active(model), sdpa_kernel([SDPBackend.MATH]):
             yield
     finally:
-        for m in ckpt_layers:
-            m.training = False
         if switched:
             model.set_attn_implementation(impl)
 
@@ -283,6 +274,13 @@ def hutchinson_diag(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     Memory: one fp32 accumulator per weight, one probe at a time. Cost ≈ fwd+bwd + P double backwards per batch.
     Attention: see `double_backward_ready` (SDPA pinned to its math backend; checkpointing honoured).
     """
+    from .models import QUANT_METRICS
+
+    for n, p in ctx.params.items():
+        if not p.is_floating_point():
+            raise ConfigError(f"hutchinson_diag needs weight gradients, but '{n}' is stored as "
+                              f"{str(p.dtype).replace('torch.', '')} (quantized); valid metrics for quantized "
+                              f"weights: {', '.join(QUANT_METRICS)}")
     names = list(ctx.params)
     ps = [ctx.params[n] for n in names]
     B, P = len(ctx.batches), int(ctx.cfg.probes)
@@ -323,6 +321,8 @@ def act_mag(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     calibration tokens (‖x_j‖₂ = sqrt(sum_tokens x_j²), accumulated in fp32 by forward hooks, no autograd).
     nn.Linear weights are [out, in] (column j); GPT-2 Conv1D weights are [in, out] (row j). Other module
     types raise ConfigError."""
+    from .models import weight_values
+
     owners = {}
     for n in ctx.params:
         mod_name, mod = _owner(ctx.model, n)
@@ -352,7 +352,7 @@ def act_mag(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     for n, p in ctx.params.items():
         axis = owners[n][1]
         buf = ctx.buffer_like(p).float()
-        buf.copy_(p.detach().abs())
+        buf.copy_(weight_values(p).abs())
         if n in sumsq:
             norm = sumsq.pop(n).sqrt_()
             buf.mul_(norm.unsqueeze(0) if axis == 1 else norm.unsqueeze(1))
@@ -426,7 +426,7 @@ def find_outliers(model, batches: list[torch.Tensor], threshold: float, ratio: f
     mods = outlier_modules(model, params)
     if not mods:
         return [], []
-    from .models import layer_of
+    from .models import layer_of, weight_values
 
     dev = device or _input_device(model)
     tokmax: dict[str, list[torch.Tensor]] = {n: [] for n in mods}
@@ -455,7 +455,7 @@ def find_outliers(model, batches: list[torch.Tensor], threshold: float, ratio: f
             tok, ch = hit[:, 0], hit[:, 1]
             j = xf[tok].abs().argmax(-1)
             xj = xf[tok, j]
-            w = mod.weight
+            w = weight_values(mod.weight)
             wv = (w[j, ch] if conv else w[ch, j]).float()
             sc = (xj * wv).abs()
             yv = y.detach().float().reshape(-1, y.shape[-1])[tok, ch]

@@ -1,0 +1,152 @@
+"""`superweight detect [key=value ...] [candidates=N] [random=N]`: the Super Weight detector.
+
+Hooks every MLP down projection (down_proj / mlp.c_proj / fc2 / w2), runs the calibration windows of the
+first seed, and finds massive activations: output elements |y[t, c]| > max(score.outlier_threshold,
+50 x the layer's median per-token max |y|). The candidate super weight is down_proj.weight[row = c,
+col = argmax_j |x[t, j]|], scored by |x_col * w| (see superweight.metrics.find_outliers).
+
+Prints the layer summary and the candidates (layer, row, col, weight value, spike |activation|, input
+activation), then evaluates perplexity on the evaluation windows with each of the top `candidates` (default
+10) zeroed alone, and, for comparison, with `random` (default 5) random single weights of each same tensor
+zeroed alone (seeded by the first seed). Writes out_dir/detect.json and out_dir/detect.csv.
+
+Options: every `superweight run` option applies (model, data.*, score.outlier_threshold, score.include /
+score.exclude, seeds, eval.batch_size, out_dir, ...), plus:
+  candidates=N   how many top candidates to evaluate (0: detection only)
+  random=N       random single weights per candidate tensor to zero for comparison
+
+Example: superweight detect out_dir=outputs/detect data.eval_windows=16
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .config import ConfigError, PerturbConfig, parse_config, validate
+from .data import build_windows
+from .evaluate import evaluate_lm
+from .io import atomic_write, atomic_write_json
+from .metrics import OUTLIER_RATIO, find_outliers, outlier_modules
+from .models import eligible_parameters, layer_of, load_model, model_context, model_info
+from .perturb import perturbed
+
+OWN_OPTIONS = {"candidates": 10, "random": 5}
+CSV_COLUMNS = ["kind", "rank", "param", "layer", "row", "col", "flat_index", "weight", "activation",
+               "input_activation", "score", "occurrences", "ppl", "nll", "acc", "delta_ppl", "ppl_ratio"]
+
+
+def split_own_options(argv: list[str]) -> tuple[list[str], dict[str, int]]:
+    """Take `candidates=N` / `--candidates N` / `--candidates=N` (and `random`) out of argv."""
+    opts = dict(OWN_OPTIONS)
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        body = tok[2:] if tok.startswith("--") else tok
+        key, eq, val = body.partition("=")
+        if key in opts and (eq or tok.startswith("--")):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"option '{key}' needs a value (an integer >= 0)")
+                val = argv[i + 1]
+                i += 1
+            try:
+                n = int(val)
+            except ValueError:
+                raise ConfigError(f"option '{key}' must be an integer >= 0, got '{val}'") from None
+            if n < 0:
+                raise ConfigError(f"option '{key}' must be an integer >= 0, got {n}")
+            opts[key] = n
+        else:
+            rest.append(tok)
+        i += 1
+    return rest, opts
+
+
+def _fmt_table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    """Plain aligned text table; cols = [(key, format spec)]."""
+    cells = [[k for k, _ in cols]] + [[format(r[k], f) if f else str(r[k]) for k, f in cols] for r in rows]
+    widths = [max(len(row[j]) for row in cells) for j in range(len(cols))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
+
+
+def main(argv: list[str]) -> int:
+    argv, opts = split_own_options(list(argv))
+    cfg = validate(parse_config(argv))
+    t0 = time.perf_counter()
+    model, tok, device = load_model(cfg.model, cfg.cache_dir)
+    params = eligible_parameters(model, cfg.score.include, cfg.score.exclude)
+    if not outlier_modules(model, params):
+        raise ConfigError("no MLP down projection among the eligible parameters (names ending in down_proj, "
+                          "mlp.c_proj, fc2 or w2); valid: a model with such modules and score.include matching them")
+    windows = build_windows(cfg.data, tok, cfg.cache_dir, context=model_context(model))
+    seed = cfg.seeds[0]
+    calib = windows.calib(seed)
+    bs = cfg.score.batch_size
+    batches = [calib[i : i + bs] for i in range(0, calib.size(0), bs)]
+
+    cands, stats = find_outliers(model, batches, cfg.score.outlier_threshold, OUTLIER_RATIO, params, device)
+    print(f"Super Weight detector: {len(cands)} candidate(s) from {calib.numel()} calibration tokens "
+          f"(spike: |y| > max({cfg.score.outlier_threshold:g}, {OUTLIER_RATIO:g} x layer median token max))")
+    print(_fmt_table(stats, [("layer", ""), ("max_abs_output", ".1f"), ("typical_max", ".2f"),
+                             ("threshold", ".1f"), ("n_candidates", "")]))
+
+    ids, labels = windows.eval_inputs()
+    base = evaluate_lm(model, ids, labels, cfg.eval.batch_size).as_dict()
+    print(f"baseline eval: ppl={base['ppl']:.3f} over {base['tokens']} tokens")
+
+    def zero_one(pname: str, flat: int) -> dict:
+        with perturbed(params, {pname: torch.tensor([flat])}, "zero", PerturbConfig(), seed):
+            r = evaluate_lm(model, ids, labels, cfg.eval.batch_size).as_dict()
+        r["delta_ppl"] = r["ppl"] - base["ppl"]
+        r["ppl_ratio"] = r["ppl"] / base["ppl"] if base["ppl"] else math.nan
+        return r
+
+    rows: list[dict] = []
+    evaluated = cands[: opts["candidates"]]
+    for i, c in enumerate(evaluated):
+        rows.append({"kind": "candidate", "rank": i, **c.as_dict(), **zero_one(c.param, c.flat_index)})
+    gen = torch.Generator().manual_seed(1_000_003 * seed + 4242)
+    for pname in dict.fromkeys(c.param for c in evaluated):
+        p = params[pname]
+        taken = {c.flat_index for c in cands if c.param == pname}
+        drawn: list[int] = []
+        while len(drawn) < min(opts["random"], p.numel() - len(taken)):
+            f = int(torch.randint(0, p.numel(), (1,), generator=gen))
+            if f not in taken and f not in drawn:
+                drawn.append(f)
+        cols = p.shape[1] if p.ndim >= 2 else 1
+        for j, f in enumerate(drawn):
+            w = float(p.detach().reshape(-1)[f].float())
+            rows.append({"kind": "random", "rank": j, "param": pname, "layer": layer_of(pname), "row": f // cols,
+                         "col": f % cols, "flat_index": f, "weight": w, **zero_one(pname, f)})
+
+    table = [{"kind": r["kind"], "layer": r["layer"], "row": r["row"], "col": r["col"], "weight": r["weight"],
+              "activation": r.get("activation", math.nan), "input_activation": r.get("input_activation", math.nan),
+              "score": r.get("score", math.nan), "ppl": r["ppl"], "ppl_ratio": r["ppl_ratio"]} for r in rows]
+    if table:
+        print(_fmt_table(table, [("kind", ""), ("layer", ""), ("row", ""), ("col", ""), ("weight", ".4f"),
+                                 ("activation", ".1f"), ("input_activation", ".1f"), ("score", ".1f"),
+                                 ("ppl", ".3f"), ("ppl_ratio", ".3f")]))
+    if len(cands) > len(evaluated):
+        print(f"({len(cands) - len(evaluated)} more candidate(s) in detect.json; candidates=N evaluates more)")
+
+    info = model_info(model, cfg.model, params)
+    payload = {
+        "config": cfg.to_dict(), "options": opts, "seed": seed, "model": info.__dict__,
+        "rule": {"outlier_threshold": cfg.score.outlier_threshold, "outlier_ratio": OUTLIER_RATIO,
+                 "calibration_tokens": int(calib.numel())},
+        "baseline": base, "layers": stats, "candidates": [c.as_dict() for c in cands], "zeroing": rows,
+        "elapsed_s": time.perf_counter() - t0,
+    }
+    df = pd.DataFrame(rows, columns=CSV_COLUMNS)
+    out = Path(cfg.out_dir)
+    atomic_write(out / "detect.csv", lambda tmp: df.to_csv(tmp, index=False))
+    atomic_write_json(out / "detect.json", payload)
+    print(f"outputs: {out / 'detect.json'}, {out / 'detect.csv'}")
+    return 0

@@ -351,7 +351,7 @@ def test_act_outlier_on_smollm_finds_a_catastrophic_weight(smollm):
     from superweight.perturb import perturbed
 
     model, tok, _ = smollm
-    w = build_windows(DataConfig(seq_len=64, eval_windows=4, calib_windows=1), tok)
+    w = build_windows(DataConfig(seq_len=64, eval_windows=2, calib_windows=1), tok)
     params = eligible_parameters(model)
     cands, _ = find_outliers(model, [w.calib(0)], threshold=50.0, params=params)
     assert cands, "no massive activation found in SmolLM2"
@@ -363,10 +363,76 @@ def test_act_outlier_on_smollm_finds_a_catastrophic_weight(smollm):
         hit = evaluate_lm(model, ids).ppl
     g = torch.Generator().manual_seed(0)
     rand = []
-    for f in torch.randint(0, params[top.param].numel(), (3,), generator=g).tolist():
+    for f in torch.randint(0, params[top.param].numel(), (2,), generator=g).tolist():
         with perturbed(params, {top.param: torch.tensor([f])}, "zero", PerturbConfig()):
             rand.append(evaluate_lm(model, ids).ppl)
     print(f"baseline {base:.2f}  zero {top.param}[{top.row},{top.col}] -> {hit:.2f}  random -> {rand}")
     assert hit > 2 * base
     assert max(abs(math.log(r / base)) for r in rand) < 0.05
     assert math.log(hit / base) > 10 * max(abs(math.log(r / base)) for r in rand) + 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# superweight detect (CLI)
+
+
+@pytest.fixture(scope="module")
+def planted_model_dir(tmp_path_factory):
+    """A local HF dir: tiny random Llama with the real tokenizer and a super weight planted on ' the'."""
+    from transformers import AutoTokenizer
+
+    from superweight.models import _embedded_dir
+
+    tok = AutoTokenizer.from_pretrained(_embedded_dir("smollm2-135m", None))
+    the = tok(" the", add_special_tokens=False)["input_ids"][0]
+    model = make_tiny_llama(vocab_size=len(tok), hidden=32, layers=2, seed=2)
+    pname, r, c = plant_super_weight(model, layer=1, d=3, c=7, r=5, token=the)
+    d = tmp_path_factory.mktemp("planted")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d, pname, r, c
+
+
+def test_detect_cli_reports_the_planted_weight(planted_model_dir, tmp_path, capsys):
+    import json
+
+    import pandas as pd
+
+    from superweight.cli import main
+
+    d, pname, r, c = planted_model_dir
+    out = tmp_path / "det"
+    rc = main(["detect", f"model={d}", f"out_dir={out}", "data.seq_len=32", "data.eval_windows=2",
+               "data.calib_windows=2", "--random", "2", "candidates=1", "wandb.mode=disabled"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "baseline eval" in printed and "candidate" in printed
+    res = json.loads((out / "detect.json").read_text())
+    top = res["candidates"][0]
+    assert (top["param"], top["row"], top["col"]) == (pname, r, c)
+    assert res["options"] == {"candidates": 1, "random": 2}
+    df = pd.read_csv(out / "detect.csv")
+    assert df["kind"].tolist() == ["candidate", "random", "random"]
+    assert (df["param"] == pname).all()
+    assert not ((df["kind"] == "random") & (df["row"] == r) & (df["col"] == c)).any()
+    base = res["baseline"]["ppl"]
+    assert df["ppl_ratio"].tolist() == pytest.approx((df["ppl"] / base).tolist())
+    assert df.loc[0, "weight"] == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["random=-1"], "random"),
+    (["candidates=x"], "candidates"),
+    (["score.include=q_proj"], "down projection"),
+    (["metric=nope"], "nope"),
+])
+def test_detect_cli_bad_input_writes_nothing(planted_model_dir, tmp_path, capsys, args, needle):
+    from superweight.cli import main
+
+    d = planted_model_dir[0]
+    out = tmp_path / "bad"
+    assert main(["detect", f"model={d}", f"out_dir={out}", "data.seq_len=32", "data.eval_windows=2",
+                 "data.calib_windows=2", *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+    assert not out.exists()

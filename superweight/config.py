@@ -121,6 +121,7 @@ class RunConfig:
     out_dir: str = "outputs/default"
     cache_dir: str | None = None  # score/model/token cache (default: $SUPERWEIGHT_CACHE or ~/.cache/superweight)
     resume: bool = True  # reuse finished rows of an interrupted run in the same out_dir
+    plots: list[str] = field(default_factory=lambda: ["html", "png", "svg"])  # out_dir/plots formats; none = no plots
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -352,6 +353,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     check_choice("text_format", cfg.data.text_format, ["auto", "lines", "plain"])
     check_choice("saliency", cfg.score.saliency, ["abs", "obd"])
     check_choice("wandb mode", cfg.wandb.mode, ["auto", "online", "offline", "disabled"])
+    for f in cfg.plots:
+        check_choice("plot format", f, ["html", "png", "svg", "json", "none"])
     from .evaluate import TASKS
 
     for t in cfg.eval.tasks:

@@ -47,7 +47,7 @@ def _now() -> str:
 def config_hash(cfg: RunConfig) -> str:
     """Hash of what determines the results (not out_dir, tracking or resume flags)."""
     d = cfg.to_dict()
-    for k in ("out_dir", "wandb", "resume", "cache_dir"):
+    for k in ("out_dir", "wandb", "resume", "cache_dir", "plots"):
         d.pop(k, None)
     d["score"].pop("cache", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -65,6 +65,9 @@ class Experiment:
     timings: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        from .sweep import apply_sweep_env
+
+        apply_sweep_env(self.cfg)  # inside a sweep: per-run out_dir and W&B group (no-op otherwise)
         validate(self.cfg)
 
     # ---- setup: everything that can fail on bad input happens before out_dir is touched ----------
@@ -127,7 +130,38 @@ class Experiment:
         self.stability_rows = self.stability()
         self.timings["total_s"] = time.perf_counter() - t0
         df = self.write_outputs(started)
+        self.publish()
         return df
+
+    def publish(self) -> dict:
+        """Plots (out_dir/plots) and the W&B run, after the result files exist; then mark the run finished
+        (`published` in manifest.json, what `superweight sweep` checks). A failing plot export or W&B
+        upload only warns: the results are on disk and a rerun of the same command publishes again."""
+        import sys
+
+        from .plots import run_figures, save_figures
+        from .tracking import log_run
+
+        info: dict = {"plots": [], "wandb": {"mode": "disabled"}}
+        formats = [f for f in self.cfg.plots if f != "none"]
+        if formats:
+            try:
+                written = save_figures(run_figures(self.out), self.out / "plots", ["json", *formats])
+                info["plots"] = sorted(str(p.relative_to(self.out)) for p in written)
+            except Exception as e:  # noqa: BLE001 - plots must never lose a finished run
+                print(f"superweight: warning: plots failed: {type(e).__name__}: {e}", file=sys.stderr)
+        try:
+            info["wandb"] = log_run(self.cfg, self.out, self.chash)
+        except Exception as e:  # noqa: BLE001
+            print(f"superweight: warning: W&B logging failed ({type(e).__name__}: {e}); results are in "
+                  f"{self.out}; rerun the same command to retry", file=sys.stderr)
+            info["wandb"] = {"mode": "failed", "error": f"{type(e).__name__}: {e}"}
+        path = self.out / "manifest.json"
+        manifest = json.loads(path.read_text())
+        manifest["published"] = {"at": _now(), "plots": len(info["plots"]), "wandb": info["wandb"].get("mode")}
+        atomic_write_json(path, manifest)
+        self.manifest = manifest
+        return info
 
     # ---- pieces --------------------------------------------------------------------------------------
     def scores(self, metric: str, seed: int) -> dict[str, torch.Tensor]:

@@ -159,7 +159,12 @@ def score_mass(summary: dict[str, dict[str, np.ndarray]], meta: dict, by: str = 
 def _group_order(groups: Iterable[str], by: str) -> list[str]:
     groups = list(dict.fromkeys(groups))
     if by == "layer":
-        return sorted(groups, key=lambda g: int(g) if str(g).lstrip("-").isdigit() else 10**9)
+        def key(g):
+            try:
+                return int(g) if int(g) >= 0 else 10**9  # -1 (outside the blocks) last
+            except ValueError:
+                return 10**9
+        return sorted(groups, key=key)
     return sorted(groups)
 
 
@@ -302,6 +307,30 @@ def run_figures(out_dir: str | Path, k: int | None = None) -> dict[str, go.Figur
     return figures_from_tables(results, stab, summary, k=k)
 
 
+def _plain(obj):
+    """Decode plotly's base64 typed arrays ({"dtype", "bdata"[, "shape"]}) into plain lists."""
+    if isinstance(obj, dict):
+        if set(obj) >= {"dtype", "bdata"} and set(obj) <= {"dtype", "bdata", "shape"}:
+            import base64
+
+            arr = np.frombuffer(base64.b64decode(obj["bdata"]), dtype=np.dtype(obj["dtype"]))
+            if "shape" in obj:
+                shape = [int(x) for x in str(obj["shape"]).split(",")]
+                arr = arr.reshape(shape)
+            return arr.tolist()
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def figure_json(fig: go.Figure) -> str:
+    """Plotly JSON with plain number lists (readable by any plotly.js, e.g. W&B's chart panel)."""
+    from plotly.utils import PlotlyJSONEncoder
+
+    return json.dumps(_plain(json.loads(fig.to_json())), cls=PlotlyJSONEncoder)
+
+
 def chrome_available() -> bool:
     """Whether kaleido can find a Chrome/Chromium for static export (BROWSER_PATH or the usual names)."""
     import os
@@ -336,7 +365,7 @@ def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iter
             written.append(p)
         if "json" in formats:
             p = d / f"{name}.json"
-            fig.write_json(p)
+            p.write_text(figure_json(fig))
             written.append(p)
     static = [f for f in formats if f in ("png", "svg")]
     if static and figs:

@@ -287,6 +287,8 @@ class Experiment:
         sdf = pd.DataFrame(self.stability_rows, columns=["kind", "mode", "k", "a", "b", "metric_a", "metric_b",
                                                          "seed_a", "seed_b", "jaccard"])
         atomic_write(out / "stability.csv", lambda tmp: sdf.to_csv(tmp, index=False))
+        ssum = stability_summary(sdf)
+        atomic_write(out / "stability_summary.csv", lambda tmp: ssum.to_csv(tmp, index=False))
         tensors = {f"{key}.{n}": t.contiguous() for key, d in self.score_summaries.items() for n, t in d.items()}
         meta = {"param_names": json.dumps(list(self.params)),
                 "param_shapes": json.dumps([list(p.shape) for p in self.params.values()]),
@@ -307,6 +309,23 @@ class Experiment:
         atomic_write_json(out / "manifest.json", manifest)
         self.manifest = manifest
         return df
+
+
+STABILITY_SUMMARY_COLUMNS = ["kind", "mode", "k", "metric", "metric_a", "metric_b", "n_pairs",
+                             "mean_jaccard", "min_jaccard", "max_jaccard"]
+
+
+def stability_summary(sdf: pd.DataFrame) -> pd.DataFrame:
+    """stability.csv summarized: for every (kind, mode, K, metric pair) the mean, min and max Jaccard over
+    its pairs. kind=seed: one metric (metric_a = metric_b), over all seed pairs (a, b), a < b: how
+    reproducible that metric's Top-K is across calibration data. kind=metric: two metrics, over seeds."""
+    if sdf.empty:
+        return pd.DataFrame(columns=STABILITY_SUMMARY_COLUMNS)
+    g = sdf.groupby(["kind", "mode", "k", "metric_a", "metric_b"], sort=False)["jaccard"]
+    out = g.agg(n_pairs="size", mean_jaccard="mean", min_jaccard="min", max_jaccard="max").reset_index()
+    out["metric"] = [a if kind == "seed" else f"{a} vs {b}"
+                     for kind, a, b in zip(out["kind"], out["metric_a"], out["metric_b"])]
+    return out[STABILITY_SUMMARY_COLUMNS].sort_values(["kind", "mode", "metric", "k"], kind="stable").reset_index(drop=True)
 
 
 def summary_table(df: pd.DataFrame) -> str:

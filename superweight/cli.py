@@ -26,9 +26,10 @@ COMMANDS = {
 
 def run_main(argv: list[str]) -> int:
     from .config import parse_config
+
+    cfg = parse_config(argv)  # a parse error exits before transformers is even imported
     from .experiment import Experiment, summary_table
 
-    cfg = parse_config(argv)
     exp = Experiment(cfg)
     df = exp.run()
     print(summary_table(df))

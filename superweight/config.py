@@ -290,6 +290,11 @@ def load_yaml_pairs(path: str) -> list[tuple[str, list[str]]]:
 
 class _Parser(simple_parsing.ArgumentParser):
     def error(self, message):  # argparse would print usage and exit; we want one line, code 2
+        for bad, valid in (("invalid int value", "an integer"), ("invalid float value", "a number"),
+                           ("Boolean value expected", "true, false, yes, no, 1, 0")):
+            if bad in message:
+                message += f"; valid: {valid}"
+                break
         raise ConfigError(message)
 
 
@@ -326,7 +331,8 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
 def check_choice(what: str, value: str, choices) -> None:
     choices = list(choices)
     if value not in choices:
-        raise ConfigError(f"unknown {what} '{value}'; valid choices: {', '.join(choices)}")
+        valid = ", ".join(choices) if choices else "(none available in this installation)"
+        raise ConfigError(f"unknown {what} '{value}'; valid choices: {valid}")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -366,6 +372,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"unknown corpus '{corpus}'; valid choices: {', '.join(CORPORA)} or a path to a text file"
         )
+    if corpus not in CORPORA:  # a file: check it before a (possibly huge) model is loaded
+        from .data import check_text_file
+
+        check_text_file(corpus)
     if not cfg.select.topk:
         raise ConfigError("topk is empty; give one or more K > 0, e.g. topk=1,10,100")
     for k in cfg.select.topk:
@@ -394,8 +404,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"data.stride must be in (0, seq_len={cfg.data.seq_len}], got {cfg.data.stride}")
     if not (0.0 <= cfg.perturb.prob <= 1.0):
         raise ConfigError(f"perturb.prob must be in [0, 1], got {cfg.perturb.prob}")
-    if cfg.perturb.scale < 0:
-        raise ConfigError(f"perturb.scale must be >= 0, got {cfg.perturb.scale}")
+    if not (0 <= cfg.perturb.scale < float("inf")):  # also rejects nan
+        raise ConfigError(f"perturb.scale must be >= 0 and finite, got {cfg.perturb.scale}")
     parse_bits(cfg.perturb.bits, None)  # raises ConfigError on a malformed spec
     for rx in (cfg.score.include, cfg.score.exclude):
         if rx is not None:
@@ -403,10 +413,30 @@ def validate(cfg: RunConfig) -> RunConfig:
                 re.compile(rx)
             except re.error as e:
                 raise ConfigError(f"invalid regex '{rx}': {e}") from None
-    out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out_dir '{cfg.out_dir}' exists and is not a directory")
+    _check_dir("out_dir", cfg.out_dir)
+    if cfg.cache_dir is not None:
+        _check_dir("cache_dir", cfg.cache_dir)
     return cfg
+
+
+def _check_dir(what: str, path: str) -> None:
+    """`path` must be a directory, or creatable: its nearest existing ancestor is a writable directory."""
+    if not str(path).strip():
+        raise ConfigError(f"{what} is empty; valid: a directory path")
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"{what} '{path}' exists and is not a directory; valid: a directory path")
+        return
+    anc = p.absolute().parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"{what} '{path}' cannot be created: '{anc}' is a file; valid: a directory path")
+    import os
+
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} '{path}' cannot be created: '{anc}' is not writable")
 
 
 def config_from_dict(d: dict) -> RunConfig:

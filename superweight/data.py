@@ -83,21 +83,36 @@ CORPORA["wikitext103"] = _hf_dataset("wikitext", "wikitext-103-raw-v1")
 CORPORA["c4"] = _hf_dataset("allenai/c4", "en", split="validation")
 
 
-def read_text_file(path: str, fmt: str = "auto") -> list[str]:
+def _valid_corpora() -> str:
+    return f"valid: a non-empty UTF-8 text file or one of {', '.join(CORPORA)}"
+
+
+def check_text_file(path: str) -> None:
+    """Cheap checks of a corpus file before any model is loaded: exists, regular, not empty, no NUL bytes
+    in its first 8 KiB (read_text_file then decodes the whole file)."""
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"data file '{path}' does not exist; valid corpora: {', '.join(CORPORA)} or a text file")
+        raise ConfigError(f"data file '{path}' does not exist; {_valid_corpora()}")
     if not p.is_file():
-        raise ConfigError(f"data file '{path}' is not a regular file")
-    raw = p.read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise ConfigError(f"data file '{path}' looks binary (NUL bytes); give a UTF-8 text file")
+        raise ConfigError(f"data file '{path}' is not a regular file; {_valid_corpora()}")
+    with open(p, "rb") as f:
+        head = f.read(8192)
+    if not head.strip():
+        if p.stat().st_size <= len(head):
+            raise ConfigError(f"data file '{path}' is empty; {_valid_corpora()}")
+    if b"\x00" in head:
+        raise ConfigError(f"data file '{path}' looks binary (NUL bytes); {_valid_corpora()}")
+
+
+def read_text_file(path: str, fmt: str = "auto") -> list[str]:
+    check_text_file(path)
+    raw = Path(path).read_bytes()
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"data file '{path}' is not UTF-8 text") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"data file '{path}' is not UTF-8 text (byte {e.start}); {_valid_corpora()}") from None
     if not text.strip():
-        raise ConfigError(f"data file '{path}' is empty")
+        raise ConfigError(f"data file '{path}' is empty (only whitespace); {_valid_corpora()}")
     if fmt == "plain":
         return [text]
     lines = [ln for ln in text.splitlines() if ln.strip()]

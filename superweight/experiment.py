@@ -27,7 +27,7 @@ from .cache import ScoreCache, score_key
 from .config import ConfigError, RunConfig, validate
 from .data import Windows, build_windows
 from .evaluate import TASKS, evaluate_lm
-from .io import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_jsonl
+from .io import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, kill_point, read_jsonl, remove_stale_temps
 from .metrics import METRICS, ScoreContext, compute_scores
 from .models import cache_root, eligible_parameters, layer_of, load_model, model_context, model_info, module_type
 from .perturb import PERTURBATIONS, check_storage, parse_bits, perturbed
@@ -81,6 +81,17 @@ class Experiment:
         kmax = max(cfg.select.topk)
         if "global" in cfg.select.modes and kmax > n_eligible:
             raise ConfigError(f"topk={kmax} is larger than the {n_eligible} eligible weights; valid: 1..{n_eligible}")
+        if "per_layer" in cfg.select.modes:  # same bounds rank_per_layer / rank_per_row enforce, checked early
+            name, n = min(((nm, p.numel()) for nm, p in self.params.items()), key=lambda x: x[1])
+            if kmax > n:
+                raise ConfigError(f"topk={kmax} with mode=per_layer is larger than the smallest eligible tensor "
+                                  f"{name} ({n} weights); valid: 1..{n}")
+        if "per_row" in cfg.select.modes:
+            name, n = min(((nm, p[0].numel() if p.ndim >= 2 else p.numel()) for nm, p in self.params.items()),
+                          key=lambda x: x[1])
+            if kmax > n:
+                raise ConfigError(f"topk={kmax} with mode=per_row is larger than the row length {n} of {name}; "
+                                  f"valid: 1..{n}")
         check_storage(cfg.perturb.names, {p.dtype for p in self.params.values()})
         if "bit_flip" in cfg.perturb.names:
             for dt in {p.dtype for p in self.params.values()}:
@@ -98,6 +109,7 @@ class Experiment:
         t0 = time.perf_counter()
         self.setup()
         self.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.out)  # temp files of a run killed mid-write (never reported as outputs)
         done = self._load_progress()
 
         self.baseline = done.get(("baseline",)) or self._record(("baseline",), self._evaluate())
@@ -130,6 +142,7 @@ class Experiment:
         self.stability_rows = self.stability()
         self.timings["total_s"] = time.perf_counter() - t0
         df = self.write_outputs(started)
+        kill_point("publish")
         self.publish()
         return df
 
@@ -185,6 +198,7 @@ class Experiment:
         ctx = ScoreContext(self.model, self.params, [ids[i : i + bs] for i in range(0, ids.size(0), bs)],
                            self.cfg.score, self.device, seed, self.progress)
         scores = compute_scores(metric, ctx)
+        kill_point("score", f"{metric}.seed{seed}")
         self.timings[f"score_{metric}_seed{seed}_s"] = time.perf_counter() - t
         self.cache.put(key, scores, {"metric": metric, "seed": seed, "model": self.info.name})
         return scores
@@ -264,6 +278,7 @@ class Experiment:
 
     def _record(self, key: tuple, value: dict) -> dict:
         append_jsonl(self.out / ".progress.jsonl", {"key": list(key), "value": value})
+        kill_point("row")
         return value
 
     # ---- outputs ---------------------------------------------------------------------------------------

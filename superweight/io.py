@@ -14,6 +14,28 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+_KILL_COUNTS: dict[str, int] = {}
+
+
+def kill_point(name: str, detail: str = "") -> None:
+    """Test hook for crash-safety tests, a no-op unless SUPERWEIGHT_TEST_KILL_AT is `<name>`, `<name>:<n>`
+    or `<name>:<detail>`: the n-th time (default the 1st) execution reaches kill_point(name), or the first
+    time with that detail (e.g. `write:rankings.csv`), the process SIGKILLs itself: no cleanup, no finally
+    blocks, as when an agent or the OOM killer kills a run. Points: score, row, write, publish."""
+    spec = os.environ.get("SUPERWEIGHT_TEST_KILL_AT")
+    if not spec:
+        return
+    target, _, when = spec.partition(":")
+    if target != name:
+        return
+    _KILL_COUNTS[name] = _KILL_COUNTS.get(name, 0) + 1
+    hit = _KILL_COUNTS[name] == int(when or 1) if (when or "1").isdigit() else detail == when
+    if hit:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)`, fsync, then rename over `path` (atomic on POSIX)."""
     path = Path(path)
@@ -25,12 +47,23 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        kill_point("write", path.name)  # tests: die with the complete temp file not yet renamed
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete the temp files (`.<name>.*.tmp`) that a run killed inside atomic_write left in `directory`."""
+    removed = []
+    for p in Path(directory).glob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -8,6 +8,7 @@ take well under a second and give identical logits.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -90,9 +91,33 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
     p = Path(name)
     if p.suffix == ".gguf":
         if not p.is_file():
-            raise ConfigError(f"GGUF file '{name}' does not exist")
+            raise ConfigError(f"GGUF file '{name}' does not exist; valid: {_VALID_MODELS}")
         return str(p.parent), p.name
+    if name.startswith(("/", "./", "../", "~")) and not p.expanduser().exists():  # a path, not a hub id
+        raise ConfigError(f"model directory '{name}' does not exist; valid: {_VALID_MODELS}")
     return name, cfg.gguf_file
+
+
+_VALID_MODELS = f"{', '.join(EMBEDDED)}, a local model dir, a .gguf file, or a hub id when online"
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """No "Loading weights" bar when stderr is not a terminal (logs, sweeps, CI): there stderr carries only
+    warnings and the one-line error of a bad input. An interactive terminal keeps the bar."""
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    tty = getattr(sys.stderr, "isatty", lambda: False)()
+    was = hf_logging.is_progress_bar_enabled()
+    if not tty and was:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not tty and was:
+            hf_logging.enable_progress_bar()
 
 
 def load_model(cfg: ModelConfig, cache_dir: str | None = None):
@@ -127,7 +152,8 @@ def load_model(cfg: ModelConfig, cache_dir: str | None = None):
         kwargs["device_map"] = {"": device.index or 0}
     is_local = Path(src).exists()
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+        with _quiet_progress():
+            model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
         tok = AutoTokenizer.from_pretrained(src, **({"gguf_file": gguf} if gguf else {}),
                                             trust_remote_code=cfg.trust_remote_code)
     except OSError as e:

@@ -293,6 +293,9 @@ def hutchinson_diag(ctx: ScoreContext) -> dict[str, torch.Tensor]:
                 loss = lm_loss(ctx.model, ids)
             grads = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
             live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            if not live:  # the loss does not depend on the scored weights (or only linearly): H z = 0
+                del grads, loss
+                continue
             for k in range(P):
                 zs = rademacher_probe(ps, ctx.seed, k)
                 gz = sum((grads[i].float() * zs[i].float()).sum() for i in live)

@@ -9,6 +9,7 @@ take well under a second and give identical logits.
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -209,11 +210,22 @@ def module_type(name: str) -> str:
     return rest.rsplit(".", 1)[0] if "." in rest else rest
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
 def unique_named_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     """Named parameters with tied ones counted once (dedupe by storage, first name wins)."""
-    seen, out = set(), []
+    seen, out, keep = set(), [], []
     for name, p in model.named_parameters(remove_duplicate=False):
-        key = (p.data_ptr(), p.device, tuple(p.shape))
+        if p.device.type == "meta" or _is_fake(p):  # no data pointer: the storage object identifies it
+            st = p.untyped_storage()
+            keep.append(st)  # keeps id() unique while we compare
+            key = ("storage", id(st), p.storage_offset(), tuple(p.shape))
+        else:
+            key = (p.data_ptr(), p.device, tuple(p.shape))
         if key in seen:
             continue
         seen.add(key)
@@ -308,3 +320,84 @@ def model_info(model, cfg: ModelConfig, eligible: dict) -> ModelInfo:
         device=str(input_device(model)),
         architecture=(getattr(model.config, "architectures", None) or [type(model).__name__])[0],
     )
+
+
+# --- scale: gradient checkpointing, quantized (bitsandbytes) weights ----------------------------------
+
+
+@contextlib.contextmanager
+def checkpointing_active(model):
+    """Make `model.gradient_checkpointing_enable()` take effect in eval mode, for the duration.
+
+    Hugging Face checkpoints a layer only when `layer.training` is True, and our models stay in eval mode
+    (no dropout). This sets just the checkpointed layers' own flag (their submodules, e.g. dropout, stay in
+    eval), so activations are recomputed in backward instead of stored; then resets it."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer as layer_cls
+    except ImportError:  # older transformers: any module carrying the flag
+        layer_cls = torch.nn.Module
+    layers = [m for m in model.modules()
+              if isinstance(m, layer_cls) and getattr(m, "gradient_checkpointing", False) is True and not m.training]
+    try:
+        for m in layers:
+            m.training = True
+        yield len(layers)
+    finally:
+        for m in layers:
+            m.training = False
+
+
+# Quantized weights (quantize=8bit|4bit, bitsandbytes). What is meaningful on them:
+#   8-bit (Int8Params: int8 [out, in] + fp32 row scale SCB, W = int8 * SCB[row] / 127): flat indices address
+#     single weights, so magnitude / act_mag (on the dequantized W), zero and bit_flip (XOR on the stored
+#     int8: the hardware-fault model) are meaningful. There are no weight gradients (the int8 matmul has no
+#     weight backward), so gradient metrics are not; sign_flip / gauss_noise would need re-quantization.
+#   4-bit (Params4bit: two 4-bit codes per uint8, block-wise absmax): a flat index is a byte holding two
+#     weights, so no metric or perturbation addresses single weights; score unquantized parameters instead.
+QUANT_METRICS = ("magnitude", "act_mag", "act_outlier")
+QUANT_PERTURBATIONS = ("zero", "bit_flip")
+
+
+def quant_kind(p: torch.Tensor) -> str:
+    """'int8' (bitsandbytes Int8Params or any int8 storage), '4bit' (Params4bit) or 'none' (floating point)."""
+    cls = type(p).__name__
+    if cls == "Params4bit":
+        return "4bit"
+    if cls == "Int8Params" or p.dtype == torch.int8:
+        return "int8"
+    return "none"
+
+
+def weight_values(p: torch.Tensor) -> torch.Tensor:
+    """The real-valued weights of parameter `p`, shaped like it (flat index i = the weight stored at flat
+    index i of p): p itself for floating-point storage; for bitsandbytes int8, W = int8 · SCB[row] / 127."""
+    kind = quant_kind(p)
+    if kind == "none":
+        return p.detach()
+    if kind == "int8":
+        scb = getattr(p, "SCB", None)
+        if scb is None or scb.numel() != p.shape[0]:
+            raise ConfigError(f"int8 weight of shape {tuple(p.shape)} has no per-row scale (SCB); "
+                              "valid: bitsandbytes Int8Params loaded with quantize=8bit")
+        return p.detach().float() * (scb.detach().float().to(p.device).unsqueeze(1) / 127.0)
+    raise ConfigError("4-bit weights (two per byte, block-wise scales) have no per-index values; valid: quantize=8bit or none")
+
+
+def check_quantized(params: dict[str, torch.Tensor], metrics: list[str], perturbations: list[str]) -> None:
+    """Refuse, in one line, what is not meaningful on quantized weights (see the comment above)."""
+    kinds = {n: quant_kind(p) for n, p in params.items()}
+    four = [n for n, k in kinds.items() if k == "4bit"]
+    if four:
+        raise ConfigError(
+            f"'{four[0]}' is a 4-bit weight (two per byte, block-wise scales): no flat index addresses one weight, "
+            "so it cannot be scored or perturbed; valid: quantize=8bit or none, or score.include=<regex of "
+            "unquantized parameters>")
+    if any(k == "int8" for k in kinds.values()):
+        for m in metrics:
+            if m not in QUANT_METRICS:
+                raise ConfigError(f"metric '{m}' needs weight gradients, which 8-bit weights do not have; "
+                                  f"valid metrics for quantize=8bit: {', '.join(QUANT_METRICS)}")
+        for q in perturbations:
+            if q not in QUANT_PERTURBATIONS:
+                raise ConfigError(f"perturbation '{q}' would need re-quantizing 8-bit weights; valid for "
+                                  f"quantize=8bit: {', '.join(QUANT_PERTURBATIONS)}")

@@ -9,7 +9,6 @@ take well under a second and give identical logits.
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import hashlib
 import importlib.util
 import os

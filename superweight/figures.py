@@ -199,8 +199,7 @@ def build(run_dirs: list[Path], out_dir: Path, k: int | None = None, formats=("h
             kk = k
             if kk is None:
                 stored = ranks[ranks["mode"] == "global"].groupby(["metric", "seed"]).size()
-                cands = sorted({int(x) for x in res["k"]} | ({int(k)} if k else set()))
-                cands = [c for c in cands if len(stored) and c <= int(stored.min())]
+                cands = [c for c in sorted({int(x) for x in res["k"]}) if len(stored) and c <= int(stored.min())]
                 kk = cands[-1] if cands else None
             if kk is not None:
                 stab = jaccard_from_rankings(ranks, int(kk))

@@ -212,3 +212,13 @@ def test_summary_metrics_on_a_synthetic_table():
     assert s["max_delta_ppl/m"] == pytest.approx(60.0)
     assert s["headline/k_to_double_ppl/m"] == 10  # mean ratio at K=10 is 100/40 >= 2, at K=1 it is 42/40
     assert s["delta_ppl/zero/global/m/bottom_k/k1"] is None  # non-finite -> None
+
+
+def test_figures_read_an_offline_wandb_run_back(tracked, tmp_path):
+    from superweight.figures import resolve_sources
+
+    dirs = resolve_sources([str(tracked["run_dir"])], tmp_path)
+    assert len(dirs) == 1
+    for name in ("results.csv", "rankings.csv", "sensitivity_scores.safetensors", "manifest.json"):
+        assert (dirs[0] / name).read_bytes() == (tracked["out"] / name).read_bytes() or name == "manifest.json"
+    assert json.loads((dirs[0] / "manifest.json").read_text())["config"] == json.loads(json.dumps(tracked["cfg"].to_dict()))

@@ -13,7 +13,7 @@ import pytest
 from superweight import tracking
 from superweight.config import parse_config
 from superweight.experiment import Experiment, config_hash
-from superweight.plots import jaccard_from_rankings
+from superweight.plots import chrome_available, jaccard_from_rankings
 
 SECRETS = {"HF_TOKEN": "hf_TESTSECRETabcdef0123456789", "WANDB_API_KEY": "TESTSECRETwandbkey" + "7" * 22}
 
@@ -117,6 +117,9 @@ def test_artifacts_hold_the_out_dir_files(tracked):
     final = json.loads((out / "manifest.json").read_text())
     assert logged_manifest["wandb"]["id"] == run_id == final["wandb"]["id"]
     assert {k: v for k, v in final.items() if k != "published"} == logged_manifest
+    assert "plots/delta_ppl_vs_k.html" in by_type["plots"]["files"]
+    if not chrome_available():
+        pytest.skip("no Chrome/Chromium for PNG export (apt-get install chromium)")
     pngs = {n for n in by_type["plots"]["files"] if n.endswith(".png")}
     assert "plots/delta_ppl_vs_k.png" in pngs and "plots/stability_seeds.png" in pngs
     for n in pngs:
@@ -125,6 +128,9 @@ def test_artifacts_hold_the_out_dir_files(tracked):
 
 def test_plots_logged_as_images_and_charts(tracked):
     s, run_dir = tracked["rec"]["summary"], tracked["run_dir"]
+    assert s["charts/delta_ppl_vs_k._type"] == "plotly-file"
+    if not chrome_available():
+        pytest.skip("no Chrome/Chromium for PNG export (apt-get install chromium)")
     assert s["plots/delta_ppl_vs_k._type"] == "image-file"
     img = run_dir / "files" / s["plots/delta_ppl_vs_k.path"]
     assert img.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

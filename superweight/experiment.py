@@ -265,7 +265,7 @@ class Experiment:
     # ---- resume ----------------------------------------------------------------------------------------
     def _load_progress(self) -> dict:
         path = self.out / ".progress.jsonl"
-        entries = read_jsonl(path) if self.cfg.resume else []
+        entries = read_jsonl(path, repair=True) if self.cfg.resume else []
         if not entries or entries[0].get("config_hash") != self.chash:
             if path.exists():
                 path.unlink()

@@ -83,20 +83,32 @@ def _json_default(o):
 
 
 def append_jsonl(path: str | Path, obj) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, default=_json_default) + "\n")
+    """Append one JSON line and fsync. If the file ends in a torn line (a run killed mid-append), end that
+    line first, so this record is never glued to the garbage and lost."""
+    line = (json.dumps(obj, default=_json_default) + "\n").encode()
+    with open(path, "ab+") as f:  # append mode: writes go to the end whatever we read
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
+    """The parseable lines of a JSONL file. A line torn by a kill is skipped; with repair=True the file is
+    rewritten (atomically) without it, so the log stays clean for the next reader."""
     out = []
     p = Path(path)
     if not p.exists():
         return out
-    for line in p.read_text().splitlines():
+    lines = p.read_text().splitlines()
+    for line in lines:
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError:  # torn last line of a killed run
+        except json.JSONDecodeError:  # torn line of a killed run
             continue
+    if repair and len(out) != len(lines):
+        atomic_write_text(p, "".join(json.dumps(o, default=_json_default) + "\n" for o in out))
     return out

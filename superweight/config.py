@@ -57,6 +57,7 @@ class DataConfig:
     eval_windows: int = 32  # fixed evaluation windows, the same for every seed
     calib_windows: int = 8  # calibration windows per seed, drawn from the disjoint calibration pool
     max_documents: int | None = None  # truncate the corpus (quick runs)
+    bos: str = "auto"  # auto: windows start with BOS when the tokenizer adds one (Gemma, Llama-3) | never
 
 
 @dataclass
@@ -357,6 +358,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     check_choice("quantize", cfg.model.quantize, ["none", "8bit", "4bit"])
     check_choice("attn_implementation", cfg.model.attn_implementation, ["auto", "eager", "sdpa"])
     check_choice("text_format", cfg.data.text_format, ["auto", "lines", "plain"])
+    check_choice("data.bos", cfg.data.bos, ["auto", "never"])
     check_choice("saliency", cfg.score.saliency, ["abs", "obd"])
     check_choice("wandb mode", cfg.wandb.mode, ["auto", "online", "offline", "disabled"])
     for f in cfg.plots:

@@ -145,6 +145,7 @@ class Windows:
     fingerprint: str
     n_tokens: int
     stride: int | None = None
+    bos: int | None = None  # BOS id put first in every window (None: the tokenizer adds none)
 
     @property
     def eval_tokens(self) -> torch.Tensor:
@@ -157,7 +158,12 @@ class Windows:
             return ids, ids
         from .evaluate import strided_windows
 
-        return strided_windows(ids.reshape(-1), ids.size(1), self.stride)
+        if self.bos is None:
+            return strided_windows(ids.reshape(-1), ids.size(1), self.stride)
+        # slide over the text only, then put BOS back in front of every window (never a target)
+        x, y = strided_windows(ids[:, 1:].reshape(-1), ids.size(1) - 1, min(self.stride, ids.size(1) - 1))
+        col = torch.full((x.size(0), 1), self.bos, dtype=x.dtype)
+        return torch.cat([col, x], 1), torch.cat([torch.full_like(col, -100), y], 1)
 
     def calib_idx(self, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(1_000_003 * seed + 17)
@@ -178,6 +184,18 @@ def tokenize_stream(docs: list[str], tokenizer) -> torch.Tensor:
         if eos is not None:
             ids.append(eos)
     return torch.tensor(ids, dtype=torch.int64)
+
+
+def bos_token(tokenizer) -> int | None:
+    """The BOS id if the tokenizer puts one in front of a text by default (its model expects it), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except Exception:
+        return None
+    return int(bos) if ids and ids[0] == bos else None
 
 
 def _tokenizer_id(tokenizer) -> str:
@@ -219,15 +237,26 @@ def build_windows(cfg: DataConfig, tokenizer, cache_dir: str | None = None, cont
         os.replace(tmp, path)
     n = stream.numel() // cfg.seq_len
     need = cfg.eval_windows + cfg.calib_windows
+    if cfg.bos == "auto" and bos_token(tokenizer) is not None:
+        n = stream.numel() // (cfg.seq_len - 1)
     if n < need:
         raise ConfigError(
             f"corpus '{cfg.corpus}' gives {n} windows of {cfg.seq_len} tokens but eval_windows + calib_windows "
             f"= {need}; use a larger corpus or smaller data.seq_len / data.eval_windows / data.calib_windows"
         )
-    tokens = stream[: n * cfg.seq_len].view(n, cfg.seq_len)
+    bos = bos_token(tokenizer) if cfg.bos == "auto" else None
+    if bos is not None:
+        # The model's own convention puts BOS first (Gemma, Llama-3): without it their attention sinks
+        # misfire and perplexity explodes. Each window = [BOS] + (seq_len - 1) text tokens.
+        n = stream.numel() // (cfg.seq_len - 1)
+        if n >= need:
+            body = stream[: n * (cfg.seq_len - 1)].view(n, cfg.seq_len - 1)
+            tokens = torch.cat([torch.full((n, 1), bos, dtype=torch.int64), body], dim=1)
+    else:
+        tokens = stream[: n * cfg.seq_len].view(n, cfg.seq_len)
     # Evaluation = the first `eval_windows` windows, a contiguous block (so a stride can slide over it);
     # calibration pool = every later window. Disjoint by construction.
     eval_idx = torch.arange(cfg.eval_windows)
     pool_idx = torch.arange(cfg.eval_windows, n)
-    fp = hashlib.sha256(f"{key}|{cfg.seq_len}|{cfg.stride}|{cfg.eval_windows}|{cfg.calib_windows}".encode()).hexdigest()[:16]
-    return Windows(tokens, eval_idx, pool_idx, cfg.calib_windows, fp, int(stream.numel()), cfg.stride)
+    fp = hashlib.sha256(f"{key}|{cfg.seq_len}|{cfg.stride}|{cfg.eval_windows}|{cfg.calib_windows}|{bos}".encode()).hexdigest()[:16]
+    return Windows(tokens, eval_idx, pool_idx, cfg.calib_windows, fp, int(stream.numel()), cfg.stride, bos)

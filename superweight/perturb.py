@@ -197,24 +197,42 @@ def perturbed(params: dict[str, torch.Tensor], selection: dict[str, torch.Tensor
     fn = PERTURBATIONS[name].fn
     gen = torch.Generator().manual_seed(int(seed) * 7919 + 1)
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    info = {"n": 0, "changed": 0, "nonfinite": 0}
+    news: list[torch.Tensor] = []
     try:
         with torch.no_grad():
+            # Per tensor only gather / perturb / scatter_ (3 ops: the per-tensor overhead dominates when K
+            # spreads over hundreds of tensors); the counts are computed once over all K afterwards.
             for pname in sorted(selection):
                 flat = _flat(params[pname])
-                idx = selection[pname].to(flat.device)
-                orig = flat[idx].clone()
+                idx = selection[pname]
+                if idx.device != flat.device:
+                    idx = idx.to(flat.device)
+                orig = flat.index_select(0, idx)  # a copy of the K originals (perturbations never modify it)
                 saved.append((flat, idx, orig))
                 new = fn(orig, cfg, gen)
-                flat[idx] = new
-                info["n"] += idx.numel()
-                if new.dtype in INT_VIEW:
-                    iv = INT_VIEW[new.dtype]
-                    info["changed"] += int((new.view(iv) != orig.view(iv)).sum())
-                if new.is_floating_point():
-                    info["nonfinite"] += int((~torch.isfinite(new)).sum())
+                flat.scatter_(0, idx, new)
+                news.append(new)
+            info = _change_counts([o for _, _, o in saved], news)
         yield info
     finally:
         with torch.no_grad():
             for flat, idx, orig in reversed(saved):
-                flat[idx] = orig
+                flat.scatter_(0, idx, orig)
+
+
+def _change_counts(origs: list[torch.Tensor], news: list[torch.Tensor]) -> dict:
+    """n (weights selected), changed (bits differ), nonfinite (new value NaN/Inf), one pass per dtype."""
+    info = {"n": sum(o.numel() for o in origs), "changed": 0, "nonfinite": 0}
+    groups: dict[torch.dtype, tuple[list, list]] = {}
+    for o, n in zip(origs, news):
+        g = groups.setdefault(n.dtype, ([], []))
+        g[0].append(o)
+        g[1].append(n)
+    for dt, (os_, ns) in groups.items():
+        o, n = torch.cat(os_), torch.cat(ns)
+        if dt in INT_VIEW and o.dtype == dt:
+            iv = INT_VIEW[dt]
+            info["changed"] += int((n.view(iv) != o.view(iv)).sum())
+        if n.is_floating_point():
+            info["nonfinite"] += int((~torch.isfinite(n)).sum())
+    return info

@@ -47,10 +47,7 @@ class Ranking:
 
     def by_param(self) -> dict[str, torch.Tensor]:
         """{param name: sorted flat indices} for perturbation."""
-        out = {}
-        for pid in torch.unique(self.pid).tolist():
-            out[self.names[pid]] = torch.sort(self.flat[self.pid == pid]).values
-        return out
+        return {self.names[pid]: torch.sort(self.flat[sel]).values for pid, sel in _groups(self.pid)}
 
     def keys(self) -> torch.Tensor:
         return (self.pid << _SHIFT) | self.flat
@@ -87,11 +84,19 @@ def _key(score: torch.Tensor, selection: str) -> torch.Tensor:
 def _gather(scores: dict[str, torch.Tensor], names: list[str], pid: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """The original scores (NaN kept) of the selected entries, as float32 on the CPU: O(K)."""
     out = torch.empty(pid.numel(), dtype=torch.float32)
-    for p in torch.unique(pid).tolist():
-        m = pid == p
+    for p, sel in _groups(pid):
         s = scores[names[p]].detach().reshape(-1)
-        out[m] = s[flat[m].to(s.device)].float().cpu()
+        out[sel] = s[flat[sel].to(s.device)].float().cpu()
     return out
+
+
+def _groups(pid: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """[(param id, positions of its entries)] with one sort, O(K log K), not one K-long mask per param."""
+    if pid.numel() == 0:
+        return []
+    order = torch.argsort(pid, stable=True)
+    uniq, counts = torch.unique_consecutive(pid[order], return_counts=True)
+    return list(zip(uniq.tolist(), torch.split(order, counts.tolist())))
 
 
 def _unique_in_order(x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +127,15 @@ def _gen(seed: int, salt: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + h)
 
 
+def _topk_positions(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions (ascending) of the k largest entries of v, ties to the earliest positions. O(n), no sort."""
+    kth = torch.topk(v, k, sorted=False).values.min()
+    keep = v > kth
+    eq = torch.nonzero(v == kth).squeeze(1)[: k - int(keep.sum())]
+    keep[eq] = True
+    return torch.nonzero(keep).squeeze(1)
+
+
 def rank_global(scores: dict[str, torch.Tensor], k: int, selection: str, seed: int = 0) -> Ranking:
     """K over all eligible weights. top_k / bottom_k: the first K of all (param, index) entries sorted by
     key desc (s, or -s for bottom_k; NaN last), then parameter order, then flat index; computed as a
@@ -139,17 +153,50 @@ def rank_global(scores: dict[str, torch.Tensor], k: int, selection: str, seed: i
         pid = torch.searchsorted(torch.cumsum(sizes, 0), pos, right=True)
         flat = pos - starts[pid]
         return Ranking(names, shapes, pid, flat, _gather(scores, names, pid, flat), torch.arange(k), "global", selection)
-    best_v = torch.empty(0, dtype=torch.float64)
-    best_p = torch.empty(0, dtype=torch.int64)
-    best_i = torch.empty(0, dtype=torch.int64)
+    # Candidates are kept in (param, index) order, so "ties go to the earlier entry" is "ties go to the
+    # earlier position"; they are compacted to the K best whenever more than 2K wait, and sorted by key
+    # once at the end. After the first compaction, `thr` (the K-th best key so far, a lower bound of the
+    # final one) prunes each tensor in one comparison pass: only keys strictly above it can still enter.
+    vals: list[torch.Tensor] = []
+    pids: list[torch.Tensor] = []
+    idxs: list[torch.Tensor] = []
+    waiting, thr = 0, None
+
+    def compact():
+        nonlocal vals, pids, idxs, waiting, thr
+        v, p, i = torch.cat(vals), torch.cat(pids), torch.cat(idxs)
+        if v.numel() >= k:
+            if v.numel() > k:
+                pos = _topk_positions(v, k)
+                v, p, i = v[pos], p[pos], i[pos]
+            thr = float(v.min())
+        vals, pids, idxs, waiting = [v], [p], [i], v.numel()
+
     for pid, n in enumerate(names):
-        v, i = _stable_topk(_key(scores[n], selection), min(k, scores[n].numel()))
-        # [earlier params, this one] then a stable sort by value: ties keep (param, index) order
-        v = torch.cat([best_v, v.cpu().double()])
-        p = torch.cat([best_p, torch.full((i.numel(),), pid, dtype=torch.int64)])
-        i = torch.cat([best_i, i.cpu()])
-        order = torch.sort(v, descending=True, stable=True).indices[:k]
-        best_v, best_p, best_i = v[order], p[order], i[order]
+        raw = scores[n].detach().reshape(-1)
+        if thr is None:
+            x = _key(raw, selection)
+            cand = _topk_positions(x, k) if x.numel() > k else torch.arange(x.numel(), device=x.device)
+            x = x[cand]
+        elif raw.dtype in (torch.float32, torch.float64) and float(torch.tensor(thr, dtype=raw.dtype)) == thr:
+            hit = raw > thr if selection != "bottom_k" else raw < -thr  # NaN compares False: never enters
+            cand = torch.nonzero(hit).squeeze(1)
+            x = _key(raw[cand], selection)
+        else:  # low-precision or integer scores: compare the exact keys
+            x = _key(raw, selection)
+            cand = torch.nonzero(x > thr).squeeze(1)
+            x = x[cand]
+        if cand.numel() == 0:
+            continue
+        vals.append(x.cpu().double())
+        pids.append(torch.full((cand.numel(),), pid, dtype=torch.int64))
+        idxs.append(cand.cpu())
+        waiting += cand.numel()
+        if waiting > 2 * k or (thr is None and waiting >= k):  # memory: at most ~3K entries
+            compact()
+    compact()
+    order = torch.sort(vals[0], descending=True, stable=True).indices  # stable: ties keep (param, index)
+    best_p, best_i = pids[0][order], idxs[0][order]
     sc = _gather(scores, names, best_p, best_i)
     return Ranking(names, shapes, best_p, best_i, sc, torch.arange(best_p.numel()), "global", selection)
 

@@ -1,0 +1,300 @@
+"""Benchmark of the scale-critical paths; every figure is a ratio of two timings (or memories) taken in the
+same run, so it means the same on any machine:
+
+  grad_metric / fwd_bwd        grad_x_weight pass (post-accumulate-grad hooks, fp32 score buffers) over the
+                               same calibration tokens as a plain forward+backward into .grad  (target <= 1.15)
+  hutchinson / fwd_bwd         hutchinson_diag with 1 probe, and the marginal cost of one more probe (<= 2.5)
+  topk merged / naive          global top-K (per-tensor pruning + merge) vs concatenate-all-then-topk:
+                               time and peak extra memory (bytes of storages created, via plan.MemoryTracker)
+  perturb+restore              `perturbed(...)` enter+exit for K = 10, 1000, 100000 random weights, on the
+                               model and on a 2-layer model: time ratio big / small (O(K), size-independent)
+  eval / reference             evaluate_lm tokens/s vs a plain batched loop at equal batch size, and the
+                               relative perplexity difference
+  cache hit / miss             score-set load from the content-addressed cache vs computing + storing it
+
+    python scripts/bench.py                          # the shipped model on CPU
+    python scripts/bench.py --model <dir|hub id> --device cuda --seq-len 2048 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from superweight.cache import ScoreCache, score_key  # noqa: E402
+from superweight.config import ModelConfig, PerturbConfig, ScoreConfig  # noqa: E402
+from superweight.evaluate import evaluate_lm  # noqa: E402
+from superweight.metrics import METRICS, ScoreContext, autocast_ctx, grads_only_for, lm_loss  # noqa: E402
+from superweight.models import eligible_parameters, fingerprint, input_device, load_model  # noqa: E402
+from superweight.perturb import perturbed  # noqa: E402
+from superweight.plan import MemoryTracker  # noqa: E402
+from superweight.rank import rank  # noqa: E402
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int = 1) -> float:
+    """Median wall time of `repeats` calls of fn()."""
+    ts = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def calib_batches(vocab: int, n: int, bs: int, T: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (bs, T), generator=g) for _ in range(n)]
+
+
+def plain_fwd_bwd(model, params, batches, device) -> None:
+    """Reference: forward + backward of the same loss into .grad for the same weights, grads then dropped."""
+    with grads_only_for(model, params):
+        for ids in batches:
+            with autocast_ctx(device):
+                loss = lm_loss(model, ids)
+            loss.backward()
+        for p in params.values():
+            p.grad = None
+
+
+def bench_gradient(model, params, batches, device, repeats) -> dict:
+    cfg = ScoreConfig()
+    ctx = ScoreContext(model, params, batches, cfg, device, 0, False)
+    run_metric = lambda: METRICS["grad_x_weight"].fn(ctx)  # noqa: E731
+    run_plain = lambda: plain_fwd_bwd(model, params, batches, device)  # noqa: E731
+    run_plain()  # warm-up
+    t_metric, t_plain = [], []
+    for _ in range(repeats):  # interleaved, so load drifts hit both alike
+        t_plain.append(timed(run_plain, device))
+        t_metric.append(timed(run_metric, device))
+    fb, gm = statistics.median(t_plain), statistics.median(t_metric)
+    out = {"fwd_bwd_s": fb, "grad_x_weight_s": gm, "ratio": gm / fb, "target": 1.15}
+    if "hutchinson_diag" in METRICS:
+        def hutch(p):
+            c = ScoreConfig(probes=p)
+            return timed(lambda: METRICS["hutchinson_diag"].fn(ScoreContext(model, params, batches, c, device, 0, False)), device)
+        h1, h2 = hutch(1), hutch(2)
+        out.update({"hutchinson_1probe_s": h1, "hutchinson_2probe_s": h2, "hutchinson_1probe_ratio": h1 / fb,
+                    "hutchinson_marginal_probe_ratio": (h2 - h1) / fb,
+                    "hutchinson_per_probe_ratio_at_2": h2 / 2 / fb, "hutchinson_target": 2.5})
+    return out
+
+
+def bench_topk(n_tensors: int, rows: int, cols: int, ks: list[int], device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    scores = {f"model.layers.{i}.mlp.w": torch.rand(rows, cols, generator=g).to(device) for i in range(n_tensors)}
+    # quantize to a grid so ties are common (like magnitudes of a 4-bit model)
+    for s in scores.values():
+        s.mul_(4096).floor_()
+    out = {"n_tensors": n_tensors, "shape": [rows, cols], "n_weights": n_tensors * rows * cols,
+           "score_bytes": n_tensors * rows * cols * 4}
+    for k in ks:
+        def merged():
+            return rank(scores, k, "global", "top_k")
+
+        def naive():
+            allv = torch.cat([s.reshape(-1) for s in scores.values()])
+            return torch.topk(allv, k)
+
+        res = {}
+        for name, fn in (("merged", merged), ("naive", naive)):
+            tr = MemoryTracker()
+            tr.known(list(scores.values()))
+            with tr.track():
+                r = fn()
+                del r
+            res[f"{name}_peak_bytes"] = tr.peak
+            res[f"{name}_s"] = timed(fn, device)
+        res["time_ratio"] = res["merged_s"] / res["naive_s"]
+        res["mem_ratio"] = res["merged_peak_bytes"] / res["naive_peak_bytes"]
+        out[f"K={k}"] = res
+    return out
+
+
+def bench_perturb(models: dict, ks: list[int], repeats: int) -> dict:
+    """models: {label: (params, n_eligible)}; random-K selections spread over all tensors (the worst case)."""
+    out = {}
+    for label, params in models.items():
+        n_el = sum(p.numel() for p in params.values())
+        row = {"n_eligible": n_el, "n_tensors": len(params)}
+        scores = {n: torch.zeros(p.shape) for n, p in params.items()}
+        for k in ks:
+            if k > n_el:
+                continue
+            sel = rank(scores, k, "global", "random_k", seed=1).by_param()
+            cfg = PerturbConfig()
+
+            def once():
+                with perturbed(params, sel, "zero", cfg, 0):
+                    pass
+
+            once()
+            row[f"K={k}_ms"] = 1000 * timed(once, "cpu", repeats)
+            row[f"K={k}_tensors_touched"] = len(sel)
+        out[label] = row
+    labels = list(models)
+    if len(labels) >= 2:
+        big, small = out[labels[0]], out[labels[-1]]
+        out["size_ratio_big_over_small"] = {k: big[k] / small[k] for k in big if k.endswith("_ms") and k in small}
+    return out
+
+
+def reference_eval(model, ids: torch.Tensor, batch_size: int) -> tuple[float, int]:
+    """Plain loop: batched forward, fp32 log-softmax over all positions, gather; float64 sum."""
+    dev = input_device(model)
+    nll, n = 0.0, 0
+    with torch.inference_mode():
+        for s in range(0, ids.size(0), batch_size):
+            x = ids[s : s + batch_size].to(dev)
+            with autocast_ctx(dev):
+                logits = model(input_ids=x).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, -1)
+            nll -= float(logp.gather(-1, x[:, 1:].unsqueeze(-1)).double().sum())
+            n += x[:, 1:].numel()
+    return nll / n, n
+
+
+def bench_eval(model, ids, batch_size, device, repeats) -> dict:
+    evaluate_lm(model, ids[:batch_size], batch_size=batch_size)  # warm-up
+    t_ours, t_ref = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        r = evaluate_lm(model, ids, batch_size=batch_size)
+        sync(device)
+        t_ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ref_nll, n = reference_eval(model, ids, batch_size)
+        sync(device)
+        t_ref.append(time.perf_counter() - t)
+    ours_tps, ref_tps = n / statistics.median(t_ours), n / statistics.median(t_ref)
+    return {"tokens": n, "batch_size": batch_size, "ours_tokens_per_s": ours_tps, "reference_tokens_per_s": ref_tps,
+            "ratio": ours_tps / ref_tps, "ppl": r.ppl, "reference_ppl": math.exp(ref_nll),
+            "ppl_rel_diff": abs(r.ppl - math.exp(ref_nll)) / math.exp(ref_nll)}
+
+
+def bench_cache(model, params, batches, device) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        cache = ScoreCache(d)
+        key = score_key({"model": fingerprint(model), "metric": "grad_x_weight", "bench": True})
+        t = time.perf_counter()
+        got = cache.get(key, device)
+        if got is None:
+            scores = METRICS["grad_x_weight"].fn(ScoreContext(model, params, batches, ScoreConfig(), device, 0, False))
+            cache.put(key, scores)
+        sync(device)
+        miss = time.perf_counter() - t
+        t = time.perf_counter()
+        got = cache.get(key, device)
+        sync(device)
+        hit = time.perf_counter() - t
+        same = got is not None and all(torch.equal(got[n].cpu(), scores[n].cpu()) for n in scores)
+        return {"miss_s": miss, "hit_s": hit, "ratio": hit / miss, "hits": cache.hits, "misses": cache.misses,
+                "identical": same}
+
+
+def table(rep: dict) -> str:
+    g, t, p, e, c = rep["gradient"], rep["topk"], rep["perturb"], rep["eval"], rep["cache"]
+    lines = [f"bench: {rep['model']} on {rep['device']} ({rep['n_eligible'] / 1e6:.1f}M scored weights), "
+             f"{rep['calib_tokens']} calibration tokens, torch {rep['torch']}",
+             f"{'figure':<46}{'value':>12}  target / detail", "-" * 96]
+
+    def row(name, v, detail=""):
+        lines.append(f"{name:<46}{v:>12}  {detail}")
+
+    row("grad_x_weight / plain fwd+bwd", f"{g['ratio']:.3f}", f"<= 1.15  ({g['grad_x_weight_s']:.2f} s vs {g['fwd_bwd_s']:.2f} s)")
+    if "hutchinson_1probe_ratio" in g:
+        row("hutchinson (1 probe) / fwd+bwd", f"{g['hutchinson_1probe_ratio']:.3f}", f"<= 2.5  ({g['hutchinson_1probe_s']:.2f} s)")
+        row("hutchinson marginal probe / fwd+bwd", f"{g['hutchinson_marginal_probe_ratio']:.3f}", "extra probe on the same graph")
+        row("hutchinson per probe at 2 probes / fwd+bwd", f"{g['hutchinson_per_probe_ratio_at_2']:.3f}", "")
+    for k, r in t.items():
+        if k.startswith("K="):
+            row(f"top-K {k} time merged / naive", f"{r['time_ratio']:.3f}", f"{r['merged_s']:.2f} s vs {r['naive_s']:.2f} s "
+                f"over {t['n_weights'] / 1e6:.0f}M scores")
+            row(f"top-K {k} peak memory merged / naive", f"{r['mem_ratio']:.4f}",
+                f"{r['merged_peak_bytes'] / 2**20:.1f} MiB vs {r['naive_peak_bytes'] / 2**20:.1f} MiB")
+    for label, r in p.items():
+        if label == "size_ratio_big_over_small":
+            continue
+        for k in ("K=10", "K=1000", "K=100000"):
+            if f"{k}_ms" in r:
+                row(f"perturb+restore {k} on {label}", f"{r[f'{k}_ms']:.3f} ms",
+                    f"{r[f'{k}_tensors_touched']} of {r['n_tensors']} tensors, {r['n_eligible'] / 1e6:.1f}M weights")
+    for k, v in p.get("size_ratio_big_over_small", {}).items():
+        row(f"perturb+restore {k[:-3]} time big / small model", f"{v:.2f}", "")
+    row("eval tokens/s ours / reference loop", f"{e['ratio']:.3f}", f">= 1  ({e['ours_tokens_per_s']:.0f} vs "
+        f"{e['reference_tokens_per_s']:.0f} tok/s, batch {e['batch_size']})")
+    row("eval |PPL - reference PPL| / reference", f"{e['ppl_rel_diff']:.2e}", f"PPL {e['ppl']:.4f}")
+    row("score cache hit / miss time", f"{c['ratio']:.4f}", f"{c['hit_s'] * 1000:.1f} ms vs {c['miss_s']:.2f} s, identical={c['identical']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--calib-batches", type=int, default=2)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--topk-tensors", type=int, default=16, help="synthetic score tensors for the top-K figure")
+    ap.add_argument("--topk-shape", default="2048x2048")
+    ap.add_argument("--json", default=None, help="also write the JSON report here")
+    ap.add_argument("--skip-hutchinson", action="store_true")
+    a = ap.parse_args(argv)
+
+    model, tok, device = load_model(ModelConfig(name=a.model, device=a.device, dtype=a.dtype))
+    params = eligible_parameters(model)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    batches = calib_batches(vocab, a.calib_batches, 1, a.seq_len)
+    rep = {"model": a.model, "device": str(device), "torch": torch.__version__,
+           "n_eligible": sum(p.numel() for p in params.values()), "calib_tokens": a.calib_batches * a.seq_len,
+           "seq_len": a.seq_len}
+    print("gradient metrics ...", file=sys.stderr)
+    if a.skip_hutchinson:
+        saved = METRICS.pop("hutchinson_diag", None)
+    rep["gradient"] = bench_gradient(model, params, batches, device, a.repeats)
+    if a.skip_hutchinson and saved is not None:
+        METRICS["hutchinson_diag"] = saved
+    print("top-K ...", file=sys.stderr)
+    rows, cols = (int(x) for x in a.topk_shape.lower().split("x"))
+    rep["topk"] = bench_topk(a.topk_tensors, rows, cols, [1000, 1_000_000], device)
+    print("perturb ...", file=sys.stderr)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).to(device)
+    rep["perturb"] = bench_perturb({a.model: params, "llama-2layer-256": eligible_parameters(small)},
+                                   [10, 1000, 100_000], max(5, a.repeats))
+    print("evaluation ...", file=sys.stderr)
+    ids = calib_batches(vocab, 1, a.eval_windows, a.seq_len, seed=1)[0]
+    rep["eval"] = bench_eval(model, ids, a.eval_batch, device, a.repeats)
+    print("score cache ...", file=sys.stderr)
+    rep["cache"] = bench_cache(model, params, batches, device)
+    print(json.dumps(rep, indent=2))
+    print(table(rep))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rep, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

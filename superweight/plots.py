@@ -6,7 +6,8 @@ from any set of finished runs, local or downloaded from W&B):
 * **Δ vs K** (`delta_vs_k`): for each metric a panel, for each selection (Top-K / Random-K / Bottom-K)
   a line of the mean over seeds of Δ = value(perturbed) − value(baseline) against K on a log axis, with
   error bars = sample standard deviation over seeds (n−1 denominator; none for a single seed).
-  Values: ΔPPL, ΔNLL, Δaccuracy and the PPL ratio PPL_perturbed / PPL_baseline (log y axis). Rows whose
+  Values: ΔPPL, ΔNLL, Δaccuracy and the PPL ratio r = PPL_perturbed / PPL_baseline on a log y axis,
+  where the line is the geometric mean exp(mean log r) and the bars span exp(mean log r ± std log r). Rows whose
   evaluation is non-finite (e.g. a bit flip that produced Inf/NaN weights) are left out of the mean and
   counted in the title.
 * **Layer-wise sensitivity** (`layer_histograms`): from `sensitivity_scores.safetensors`. The score
@@ -39,6 +40,8 @@ from plotly.subplots import make_subplots
 
 FORMATS = ("html", "json", "png", "svg")
 SELECTION_COLORS = {"top_k": "#d62728", "random_k": "#7f7f7f", "bottom_k": "#1f77b4"}
+SELECTION_DASH = {"top_k": "solid", "random_k": "dash", "bottom_k": "dot"}
+SELECTION_MARKERS = {"top_k": "circle", "random_k": "square", "bottom_k": "diamond"}
 SELECTION_LABELS = {"top_k": "Top-K", "random_k": "Random-K", "bottom_k": "Bottom-K"}
 VALUES = {
     "delta_ppl": ("ΔPPL", False),
@@ -78,7 +81,18 @@ def delta_vs_k(df: pd.DataFrame, value: str = "delta_ppl", perturbation: str | N
     perturbation = perturbation or str(d["perturbation"].iloc[0])
     mode = mode or str(d["mode"].iloc[0])
     d = d[(d["perturbation"] == perturbation) & (d["mode"] == mode)]
+    if logy:  # geometric mean and ×/÷ geometric std over seeds: symmetric on the log axis, never below 0
+        d = d.copy()
+        v = pd.to_numeric(d[value], errors="coerce").to_numpy(dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d[value] = np.where(v > 0, np.log(np.where(v > 0, v, 1.0)), np.nan)
     agg = aggregate_over_seeds(d, value)
+    if logy:
+        center = np.exp(agg["mean"])
+        agg["upper"], agg["lower"] = np.exp(agg["mean"] + agg["std"]) - center, center - np.exp(agg["mean"] - agg["std"])
+        agg["mean"] = center
+    else:
+        agg["upper"] = agg["lower"] = agg["std"]
     metrics = list(dict.fromkeys(d["metric"]))
     fig = make_subplots(rows=1, cols=max(1, len(metrics)), subplot_titles=metrics, shared_yaxes=True,
                         horizontal_spacing=0.04)
@@ -92,8 +106,10 @@ def delta_vs_k(df: pd.DataFrame, value: str = "delta_ppl", perturbation: str | N
             fig.add_trace(go.Scatter(
                 x=a["k"], y=a["mean"], mode="lines+markers", name=SELECTION_LABELS.get(sel, sel),
                 legendgroup=sel, showlegend=sel not in shown,
-                line=dict(color=SELECTION_COLORS.get(sel)),
-                error_y=dict(type="data", array=a["std"], visible=bool((a["count"] > 1).any())),
+                line=dict(color=SELECTION_COLORS.get(sel), dash=SELECTION_DASH.get(sel, "solid")),
+                marker=dict(symbol=SELECTION_MARKERS.get(sel, "circle"), size=8),
+                error_y=dict(type="data", symmetric=False, array=a["upper"], arrayminus=a["lower"],
+                             visible=bool((a["count"] > 1).any())),
                 customdata=np.stack([a["count"], a["std"]], axis=-1),
                 hovertemplate="K=%{x}<br>mean=%{y:.4g}<br>std=%{customdata[1]:.3g}<br>seeds=%{customdata[0]}",
             ), row=1, col=j)
@@ -104,11 +120,12 @@ def delta_vs_k(df: pd.DataFrame, value: str = "delta_ppl", perturbation: str | N
         fig.update_yaxes(type="log")
     n_bad = int(agg["nonfinite"].sum())
     seeds = sorted(set(d["seed"]))
-    title = f"{label} vs K — perturbation={perturbation}, mode={mode}, seeds={len(seeds)}"
+    stat = "geometric mean ×/÷ geometric std" if logy else "mean ± std"
+    title = f"{label} vs K — perturbation={perturbation}, mode={mode}<br><sup>{stat} over {len(seeds)} seed(s)</sup>"
     if n_bad:
         title += f" ({n_bad} non-finite evaluations omitted)"
-    fig.update_layout(title=title + title_suffix, template=TEMPLATE, width=max(520, 380 * len(metrics)),
-                      height=440, legend_title_text="selection")
+    fig.update_layout(title=title + title_suffix, template=TEMPLATE, width=max(560, 380 * len(metrics)),
+                      height=460, margin=dict(t=110), legend_title_text="selection")
     return fig
 
 
@@ -256,6 +273,7 @@ def stability_heatmaps(stab: pd.DataFrame, k: int | None = None, mode: str | Non
             fig.add_trace(go.Heatmap(z=m, x=lab, y=lab, zmin=0, zmax=1, colorscale="Viridis",
                                      text=np.round(m, 3), texttemplate="%{text}", showscale=j == len(metrics),
                                      colorbar=dict(title="Jaccard")), row=1, col=j)
+        fig.update_yaxes(autorange="reversed")
         fig.update_layout(title=f"Top-{k} rank stability across seeds (calibration batches), mode={mode}",
                           template=TEMPLATE, height=420, width=max(480, 360 * len(metrics)))
         figs["stability_seeds"] = fig
@@ -267,6 +285,7 @@ def stability_heatmaps(stab: pd.DataFrame, k: int | None = None, mode: str | Non
         fig = go.Figure(go.Heatmap(z=m, x=metrics, y=metrics, zmin=0, zmax=1, colorscale="Viridis",
                                    text=np.round(m, 3), texttemplate="%{text}", colorbar=dict(title="Jaccard")))
         n_seeds = met_part["seed_a"].nunique()
+        fig.update_yaxes(autorange="reversed")
         fig.update_layout(title=f"Top-{k} overlap between metrics (mean over {n_seeds} seed(s)), mode={mode}",
                           template=TEMPLATE, height=460, width=560)
         figs["stability_metrics"] = fig

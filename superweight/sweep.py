@@ -358,7 +358,7 @@ def main(argv: list[str]) -> int:
         "group": p["group"], "source": str(opts["path"]), "sweep": p["sweep"],
         "runs": [{"params": r["params"], "out_dir": r["out_dir"], "command": r["command"]} for r in p["runs"]],
     })
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # each run its own wandb-core
     env.update(env_vars)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     failed = []

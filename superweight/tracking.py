@@ -177,8 +177,8 @@ def log_run(cfg, out_dir: str | Path, config_hash: str | None = None) -> dict:
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     config_hash = config_hash or manifest.get("config_hash")
-    wdir = Path(cfg.wandb.dir) if cfg.wandb.dir else out
-    wdir.mkdir(parents=True, exist_ok=True)
+    wdir = (Path(cfg.wandb.dir) if cfg.wandb.dir else out).resolve()  # absolute: a shared wandb-core
+    wdir.mkdir(parents=True, exist_ok=True)                              # service may run in another cwd
     prev = {}
     if (out / RUN_FILE).exists():
         try:

@@ -31,8 +31,8 @@ from superweight.io import read_jsonl
 # metadata dict): safetensors writes its metadata map in a per-process hash order, so its header bytes vary.
 OUTPUTS = ["results.csv", "perturbation_results.json", "rankings.csv", "stability.csv", "stability_summary.csv"]
 SCORES = "sensitivity_scores.safetensors"
-# 2 metrics x 2 seeds x 2 selections x 2 K x 2 perturbations = 32 rows (+ the baseline entry)
-ROWS = 32
+# 2 metrics x 2 seeds x 2 selections x 1 K x 2 perturbations = 16 rows (+ the baseline entry)
+ROWS = 16
 WORDS = ("the of and a to in is was he for it with as his on be at by had are but from or have an they which one "
          "you were her all she there would their we him been has when who will more no if out so said what up its "
          "about into than them can only other new some could time these two may then do first any my now such").split()
@@ -49,7 +49,7 @@ def corpus_file(d: Path) -> Path:
 
 
 def run_args(model_dir, out_dir, cache_dir, corpus) -> list[str]:
-    return [f"model={model_dir}", "metric=magnitude,grad_x_weight", "seeds=0,1", "topk=1,5", "controls=random_k",
+    return [f"model={model_dir}", "metric=magnitude,grad_x_weight", "seeds=0,1", "topk=3", "controls=random_k",
             "perturb=zero,bit_flip", f"corpus={corpus}", "data.seq_len=16",
             "data.eval_windows=2", "data.calib_windows=2", "wandb.mode=disabled", "plots=none",
             f"out_dir={out_dir}", f"cache_dir={cache_dir}"]
@@ -148,7 +148,7 @@ def test_killed_run_resumes_to_identical_results(tiny_model_dir, tmp_path, refer
     # a kill in the middle of an append leaves a torn last line: the next run must ignore it, and lose nothing
     with open(out / ".progress.jsonl", "a") as f:
         f.write('{"key": ["row", "grad_x_weight", 0, "glo')
-    produced["score:grad_x_weight.seed0"] = "progress log: header + baseline + 24 rows; 1 cached score set"
+    produced["score:grad_x_weight.seed0"] = f"progress log: header + baseline + {ROWS // 2} rows; 1 cached score set"
 
     # 3. killed while writing outputs: rankings.csv's temp file is complete, not yet renamed
     p = cli(args, kill_at="write:rankings.csv")

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,15 @@ from superweight.cli import main
 from superweight.config import ALIASES, FIELDS, ConfigError, parse_config, validate
 
 CACHE_SUBDIRS = {"models", "tokens", "scores"}  # what a cache dir may hold (caches, never outputs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: as fast for tiny models, and several times faster on a loaded shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -225,7 +235,8 @@ def test_unknown_command(capsys):
 
 
 def _cli(args: list[str], cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled",
+               OMP_NUM_THREADS="1")
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "superweight", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=300)

@@ -38,6 +38,15 @@ WORDS = ("the of and a to in is was he for it with as his on be at by had are bu
          "about into than them can only other new some could time these two may then do first any my now such").split()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: as fast for tiny models, and several times faster on a loaded shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def corpus_file(d: Path) -> Path:
     """A small deterministic text corpus (quick to tokenize; ~1,500 words)."""
     import random
@@ -66,7 +75,8 @@ def same_scores_file(a: Path, b: Path) -> None:
 
 
 def cli(args: list[str], kill_at: str | None = None, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled",
+               OMP_NUM_THREADS="1")
     env.pop("SUPERWEIGHT_TEST_KILL_AT", None)
     if kill_at:
         env["SUPERWEIGHT_TEST_KILL_AT"] = kill_at
@@ -228,7 +238,7 @@ def test_killed_sweep_resumes(tiny_model_dir, tmp_path, corpus):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))
     sdir = tmp_path / "sweep"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     env.pop("SUPERWEIGHT_TEST_KILL_AT", None)
     cmd = [sys.executable, "-m", "superweight", "sweep", str(path), "--sweep-dir", str(sdir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,

@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 import superweight
 from superweight.cache import ScoreCache
@@ -50,6 +51,15 @@ def spy_from_pretrained(monkeypatch):
 
         monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
     return calls
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: as fast for tiny models, and several times faster on a loaded shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_trust_remote_code_false_by_default(tiny_model_dir, spy_from_pretrained):

@@ -148,6 +148,18 @@ def bench_perturb(models: dict, ks: list[int], repeats: int) -> dict:
             once()
             row[f"K={k}_ms"] = 1000 * timed(once, "cpu", repeats)
             row[f"K={k}_tensors_touched"] = len(sel)
+            # the same K inside one tensor (a concentrated Top-K): cost without the per-tensor overhead
+            first = next(iter(params))
+            n1 = params[first].numel()
+            if k <= n1:
+                sel1 = {first: torch.linspace(0, n1 - 1, k).long().unique()}
+
+                def once1():
+                    with perturbed(params, sel1, "zero", cfg, 0):
+                        pass
+
+                once1()
+                row[f"K={k}_one_tensor_ms"] = 1000 * timed(once1, "cpu", repeats)
         out[label] = row
     labels = list(models)
     if len(labels) >= 2:
@@ -156,19 +168,22 @@ def bench_perturb(models: dict, ks: list[int], repeats: int) -> dict:
     return out
 
 
-def reference_eval(model, ids: torch.Tensor, batch_size: int) -> tuple[float, int]:
-    """Plain loop: batched forward, fp32 log-softmax over all positions, gather; float64 sum."""
+def reference_eval(model, ids: torch.Tensor, batch_size: int) -> tuple[float, float, int]:
+    """Plain loop computing the same numbers (NLL and top-1 accuracy): batched forward, fp32 log-softmax over
+    the whole batch at once, gather, argmax; float64 sums."""
     dev = input_device(model)
-    nll, n = 0.0, 0
+    nll, correct, n = 0.0, 0, 0
     with torch.inference_mode():
         for s in range(0, ids.size(0), batch_size):
             x = ids[s : s + batch_size].to(dev)
             with autocast_ctx(dev):
                 logits = model(input_ids=x).logits[:, :-1].float()
             logp = torch.log_softmax(logits, -1)
-            nll -= float(logp.gather(-1, x[:, 1:].unsqueeze(-1)).double().sum())
-            n += x[:, 1:].numel()
-    return nll / n, n
+            y = x[:, 1:]
+            nll -= float(logp.gather(-1, y.unsqueeze(-1)).double().sum())
+            correct += int((logits.argmax(-1) == y).sum())
+            n += y.numel()
+    return nll / n, correct / n, n
 
 
 def bench_eval(model, ids, batch_size, device, repeats) -> dict:
@@ -180,13 +195,13 @@ def bench_eval(model, ids, batch_size, device, repeats) -> dict:
         sync(device)
         t_ours.append(time.perf_counter() - t)
         t = time.perf_counter()
-        ref_nll, n = reference_eval(model, ids, batch_size)
+        ref_nll, ref_acc, n = reference_eval(model, ids, batch_size)
         sync(device)
         t_ref.append(time.perf_counter() - t)
     ours_tps, ref_tps = n / statistics.median(t_ours), n / statistics.median(t_ref)
     return {"tokens": n, "batch_size": batch_size, "ours_tokens_per_s": ours_tps, "reference_tokens_per_s": ref_tps,
             "ratio": ours_tps / ref_tps, "ppl": r.ppl, "reference_ppl": math.exp(ref_nll),
-            "ppl_rel_diff": abs(r.ppl - math.exp(ref_nll)) / math.exp(ref_nll)}
+            "ppl_rel_diff": abs(r.ppl - math.exp(ref_nll)) / math.exp(ref_nll), "acc": r.acc, "reference_acc": ref_acc}
 
 
 def bench_cache(model, params, batches, device) -> dict:
@@ -212,7 +227,7 @@ def bench_cache(model, params, batches, device) -> dict:
 def table(rep: dict) -> str:
     g, t, p, e, c = rep["gradient"], rep["topk"], rep["perturb"], rep["eval"], rep["cache"]
     lines = [f"bench: {rep['model']} on {rep['device']} ({rep['n_eligible'] / 1e6:.1f}M scored weights), "
-             f"{rep['calib_tokens']} calibration tokens, torch {rep['torch']}",
+             f"{rep['calib_tokens']} calibration tokens, torch {rep['torch']}, {rep['threads']} CPU threads",
              f"{'figure':<46}{'value':>12}  target / detail", "-" * 96]
 
     def row(name, v, detail=""):
@@ -235,7 +250,9 @@ def table(rep: dict) -> str:
         for k in ("K=10", "K=1000", "K=100000"):
             if f"{k}_ms" in r:
                 row(f"perturb+restore {k} on {label}", f"{r[f'{k}_ms']:.3f} ms",
-                    f"{r[f'{k}_tensors_touched']} of {r['n_tensors']} tensors, {r['n_eligible'] / 1e6:.1f}M weights")
+                    f"random: {r[f'{k}_tensors_touched']} of {r['n_tensors']} tensors, {r['n_eligible'] / 1e6:.1f}M weights")
+            if f"{k}_one_tensor_ms" in r:
+                row(f"perturb+restore {k} in one tensor on {label}", f"{r[f'{k}_one_tensor_ms']:.3f} ms", "")
     for k, v in p.get("size_ratio_big_over_small", {}).items():
         row(f"perturb+restore {k[:-3]} time big / small model", f"{v:.2f}", "")
     row("eval tokens/s ours / reference loop", f"{e['ratio']:.3f}", f">= 1  ({e['ours_tokens_per_s']:.0f} vs "
@@ -250,7 +267,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--calib-batches", type=int, default=2)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--eval-batch", type=int, default=8)
@@ -259,13 +276,17 @@ def main(argv=None) -> int:
     ap.add_argument("--topk-shape", default="2048x2048")
     ap.add_argument("--json", default=None, help="also write the JSON report here")
     ap.add_argument("--skip-hutchinson", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); on a shared "
+                    "box 1 thread gives steadier timings")
     a = ap.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
 
     model, tok, device = load_model(ModelConfig(name=a.model, device=a.device, dtype=a.dtype))
     params = eligible_parameters(model)
     vocab = model.get_input_embeddings().weight.shape[0]
     batches = calib_batches(vocab, a.calib_batches, 1, a.seq_len)
-    rep = {"model": a.model, "device": str(device), "torch": torch.__version__,
+    rep = {"model": a.model, "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "n_eligible": sum(p.numel() for p in params.values()), "calib_tokens": a.calib_batches * a.seq_len,
            "seq_len": a.seq_len}
     print("gradient metrics ...", file=sys.stderr)

@@ -212,3 +212,23 @@ def test_bad_input():
     assert parse_size("80GB") == 80 << 30 and parse_size("24576MB") == 24 << 30 and parse_size("141") == 141 << 30
     with pytest.raises(ConfigError, match="unknown metric"):
         main(["metric=nope"])
+
+
+def test_offloaded_score_buffers_are_host_memory():
+    """score.offload=true: every score buffer is counted on the host, none on the device."""
+    from transformers import LlamaConfig
+
+    spec = SPECS[0]
+    runs = {}
+    for off in (False, True):
+        cfg = RunConfig()
+        cfg.model.device, cfg.model.dtype = "cuda", "bfloat16"
+        cfg.data.seq_len, cfg.score.batch_size = 64, 1
+        cfg.score.offload = off
+        fm, model = build_fake_model(LlamaConfig(**spec["config"]), torch.bfloat16)
+        plan = estimate(cfg, ["grad_squared"], parse_size("80GB"), model=model, fake_mode=fm)
+        runs[off] = plan.rows[0]
+        scored = plan.n_eligible * 4
+    assert runs[False].host == 0
+    assert runs[True].host == scored
+    assert runs[False].run - runs[True].run >= 0.9 * scored

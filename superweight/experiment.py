@@ -29,7 +29,7 @@ from .data import Windows, build_windows
 from .evaluate import TASKS, evaluate_lm
 from .io import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, kill_point, read_jsonl, remove_stale_temps
 from .metrics import METRICS, ScoreContext, compute_scores
-from .models import cache_root, eligible_parameters, layer_of, load_model, model_context, model_info, module_type
+from .models import cache_root, check_quantized, eligible_parameters, layer_of, load_model, model_context, model_info, module_type
 from .perturb import PERTURBATIONS, check_storage, parse_bits, perturbed
 from .rank import Ranking, jaccard, rank, ranking_rows
 
@@ -93,6 +93,7 @@ class Experiment:
                 raise ConfigError(f"topk={kmax} with mode=per_row is larger than the row length {n} of {name}; "
                                   f"valid: 1..{n}")
         check_storage(cfg.perturb.names, {p.dtype for p in self.params.values()})
+        check_quantized(self.params, cfg.score.metrics, cfg.perturb.names)  # 8/4-bit: what is meaningful
         if "bit_flip" in cfg.perturb.names:
             for dt in {p.dtype for p in self.params.values()}:
                 parse_bits(cfg.perturb.bits, dt)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,6 +38,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from .io import atomic_write, atomic_write_text
 
 FORMATS = ("html", "json", "png", "svg")
 SELECTION_COLORS = {"top_k": "#d62728", "random_k": "#7f7f7f", "bottom_k": "#1f77b4"}
@@ -378,13 +381,13 @@ def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iter
     d.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for name, fig in figs.items():
-        if "html" in formats:
+        if "html" in formats:  # every file goes through temp + rename: a killed publish leaves no torn plot
             p = d / f"{name}.html"
-            fig.write_html(p, include_plotlyjs="directory", full_html=True)
+            atomic_write(p, lambda tmp, fig=fig: fig.write_html(tmp, include_plotlyjs="directory", full_html=True))
             written.append(p)
         if "json" in formats:
             p = d / f"{name}.json"
-            p.write_text(figure_json(fig))
+            atomic_write_text(p, figure_json(fig))
             written.append(p)
     static = [f for f in formats if f in ("png", "svg")]
     if static and figs:
@@ -394,12 +397,19 @@ def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iter
         else:
             import plotly.io as pio
 
-            targets, fig_list = [], []
+            targets, temps, fig_list = [], [], []
             for name, fig in figs.items():
                 for f in static:
                     targets.append(d / f"{name}.{f}")
+                    temps.append(d / f".{name}.tmp{os.getpid()}.{f}")  # kaleido picks the format by suffix
                     fig_list.append(fig)
-            pio.write_images(fig_list, targets, scale=2 if "png" in static else 1)
+            try:
+                pio.write_images(fig_list, temps, scale=2 if "png" in static else 1)
+                for tmp, target in zip(temps, targets):
+                    os.replace(tmp, target)
+            finally:
+                for tmp in temps:
+                    tmp.unlink(missing_ok=True)
             written.extend(targets)
     return written
 

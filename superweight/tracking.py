@@ -272,7 +272,11 @@ def read_offline_run(run_dir: str | Path) -> dict:
     "history": [history items], "artifacts": [{"name", "type", "metadata", "files": {path: local_path}}],
     "tables": {key: DataFrame}, "exit_code": int | None}."""
     run_dir = Path(run_dir)
-    proc = subprocess.run([*_wandb_cli(), "leet", "inspect", "--json", str(run_dir)], capture_output=True,
+    logs = sorted(run_dir.glob("run-*.wandb")) if run_dir.is_dir() else []
+    if run_dir.is_dir() and not logs:
+        raise RuntimeError(f"no run-*.wandb record log in {run_dir}")
+    target = logs[0] if logs else run_dir  # the record log itself: no `latest-run` lookup
+    proc = subprocess.run([*_wandb_cli(), "leet", "inspect", "--json", str(target)], capture_output=True,
                           text=True, timeout=120)
     if proc.returncode != 0:
         raise RuntimeError(f"wandb leet inspect failed on {run_dir}: {proc.stderr.strip()[:500]}")

@@ -119,6 +119,9 @@ class Experiment:
         memo: dict[tuple, dict] = {}  # identical selections (e.g. random_k across metrics) evaluate once
         kmax = max(cfg.select.topk)
         self.score_summaries: dict[str, dict[str, torch.Tensor]] = {}
+        n_rows = (len(cfg.score.metrics) * len(cfg.seeds) * len(cfg.select.modes) * (1 + len(cfg.select.controls))
+                  * len(cfg.select.topk) * len(cfg.perturb.names))
+        bar = tqdm(total=n_rows, desc="perturb+evaluate", unit="row", disable=not self.progress)
         for metric in cfg.score.metrics:
             for seed in cfg.seeds:
                 scores = self.scores(metric, seed)
@@ -132,6 +135,7 @@ class Experiment:
                             sel = r.take(k)
                             for pert in cfg.perturb.names:
                                 key = ("row", metric, seed, mode, selection, k, pert)
+                                bar.update()
                                 if key in done:
                                     self.rows.append(done[key])
                                     continue
@@ -140,6 +144,7 @@ class Experiment:
                                        "n_selected": len(sel), "perturbation": pert, **row}
                                 self.rows.append(self._record(key, row))
                 del scores
+        bar.close()
         self.stability_rows = self.stability()
         self.timings["total_s"] = time.perf_counter() - t0
         df = self.write_outputs(started)

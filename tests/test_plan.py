@@ -3,7 +3,7 @@
 Measurement: one fresh subprocess builds each real model (random weights, fp32, CPU, one thread) and runs
 the real code (metric functions, evaluate_lm); before each run it resets the kernel's peak-RSS counter
 (/proc/self/clear_refs "5") and reads VmRSS, afterwards VmHWM: the difference is what the run allocated.
-MALLOC_MMAP_THRESHOLD_ makes every tensor above 64 KiB its own mapping, returned on free, so RSS follows
+MALLOC_MMAP_THRESHOLD_ makes every tensor above 8 KiB its own mapping, returned on free (not reused from a heap
 torch's live bytes. Measured total = weight bytes + that difference; the plan's estimate must be within 15%.
 """
 
@@ -80,7 +80,7 @@ SPECS = [
     dict(config={**BASE, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 3, "vocab_size": 3072},
          seq_len=256, batch=2, eval_batch=2, score={"probes": 1}, what=["grad_x_weight", "hutchinson_diag", "evaluation"]),
     # gradient checkpointing, bf16 score buffers
-    dict(config={**BASE, "hidden_size": 320, "intermediate_size": 896, "num_hidden_layers": 2, "vocab_size": 2048},
+    dict(config={**BASE, "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 3, "vocab_size": 2048},
          seq_len=256, batch=2, eval_batch=4, ckpt=True, score={"dtype": "bfloat16"}, what=["grad_squared", "evaluation"]),
 ]
 
@@ -93,7 +93,7 @@ def _available(spec):
 def measuring():
     """Start the measuring subprocess; the test simulates the plans while it runs."""
     specs = [_available(s) for s in SPECS]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1",
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="8192", OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", MEASURE, json.dumps(specs)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)

@@ -228,7 +228,9 @@ class Experiment:
         mkey = (h.hexdigest(), pert, seed if PERTURBATIONS[pert].stochastic else None)
         if mkey not in memo:
             with perturbed(self.params, by_param, pert, self.cfg.perturb, seed) as pinfo:
-                res = self._evaluate()
+                # No bit changed (e.g. Bottom-K zeroing weights that are already 0): the model is the
+                # baseline model, so its results are the baseline's; skip the forward passes.
+                res = dict(self.baseline) if pinfo["changed"] == 0 else self._evaluate()
             b = self.baseline
             res.update({
                 "delta_ppl": res["ppl"] - b["ppl"], "delta_nll": res["nll"] - b["nll"], "delta_acc": res["acc"] - b["acc"],

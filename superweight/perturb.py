@@ -233,6 +233,8 @@ def _change_counts(origs: list[torch.Tensor], news: list[torch.Tensor]) -> dict:
         if dt in INT_VIEW and o.dtype == dt:
             iv = INT_VIEW[dt]
             info["changed"] += int((n.view(iv) != o.view(iv)).sum())
+        else:  # no integer view: compare values (NaN counts as changed, the safe side for skipping evals)
+            info["changed"] += int((n.to(o.dtype) != o).sum())
         if n.is_floating_point():
             info["nonfinite"] += int((~torch.isfinite(n)).sum())
     return info

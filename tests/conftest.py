@@ -27,6 +27,15 @@ def make_tiny_llama(vocab_size: int = 64, hidden: int = 16, layers: int = 2, see
     return LlamaForCausalLM(cfg).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: as fast for tiny models, and several times faster on a loaded shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

@@ -25,13 +25,7 @@ from superweight.config import ALIASES, FIELDS, ConfigError, parse_config, valid
 CACHE_SUBDIRS = {"models", "tokens", "scores"}  # what a cache dir may hold (caches, never outputs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: as fast for tiny models, and several times faster on a loaded shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

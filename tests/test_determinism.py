@@ -31,13 +31,7 @@ WORDS = ("time year people way day man thing woman life child world school state
          "home water room mother area money story fact month lot right study book eye job word business issue").split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: as fast for tiny models, and several times faster on a loaded shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

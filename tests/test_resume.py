@@ -38,13 +38,7 @@ WORDS = ("the of and a to in is was he for it with as his on be at by had are bu
          "about into than them can only other new some could time these two may then do first any my now such").split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: as fast for tiny models, and several times faster on a loaded shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def corpus_file(d: Path) -> Path:

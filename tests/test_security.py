@@ -53,13 +53,7 @@ def spy_from_pretrained(monkeypatch):
     return calls
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: as fast for tiny models, and several times faster on a loaded shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_trust_remote_code_false_by_default(tiny_model_dir, spy_from_pretrained):

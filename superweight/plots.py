@@ -117,7 +117,9 @@ def delta_vs_k(df: pd.DataFrame, value: str = "delta_ppl", perturbation: str | N
                 hovertemplate="K=%{x}<br>mean=%{y:.4g}<br>std=%{customdata[1]:.3g}<br>seeds=%{customdata[0]}",
             ), row=1, col=j)
             shown.add(sel)
-        fig.update_xaxes(type="log", title_text="K (weights perturbed)", row=1, col=j)
+        # one axis title for the row: per-panel titles overlap once there are several metrics
+        title = "K (weights perturbed)" if j == (len(metrics) + 1) // 2 else None
+        fig.update_xaxes(type="log", title_text=title, row=1, col=j)
     fig.update_yaxes(title_text=label, row=1, col=1)
     if logy:
         fig.update_yaxes(type="log")

@@ -249,6 +249,33 @@ def parse_pairs(argv: list[str]) -> tuple[list[tuple[str, list[str]]], str | Non
     return pairs, config_path
 
 
+def pop_options(argv: list[str], names, flags=()) -> tuple[dict[str, str], list[str]]:
+    """Take a command's own options out of argv (`name=v`, `--name v`, `--name=v`; names in `flags` may stand
+    alone and mean "true"). Returns ({name: raw value}, the rest), the rest being run configuration."""
+    own: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        body = tok[2:] if tok.startswith("--") else tok
+        key, eq, val = body.partition("=")
+        key = key.replace("-", "_")
+        if key in names and (eq or tok.startswith("--") or key in flags):
+            if not eq:
+                if key in flags:
+                    val = "true"
+                elif i + 1 < len(argv):
+                    i += 1
+                    val = argv[i]
+                else:
+                    raise ConfigError(f"option '{key}' needs a value")
+            own[key] = val
+        else:
+            rest.append(tok)
+        i += 1
+    return own, rest
+
+
 def _flatten_yaml(d: dict, prefix="") -> list[tuple[str, Any]]:
     out = []
     for k, v in d.items():

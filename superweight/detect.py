@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .config import ConfigError, PerturbConfig, parse_config, validate
+from .config import ConfigError, PerturbConfig, parse_config, pop_options, validate
 from .data import build_windows
 from .evaluate import evaluate_lm
 from .io import atomic_write, atomic_write_json
@@ -42,29 +42,16 @@ CSV_COLUMNS = ["kind", "rank", "param", "layer", "row", "col", "flat_index", "we
 
 def split_own_options(argv: list[str]) -> tuple[list[str], dict[str, int]]:
     """Take `candidates=N` / `--candidates N` / `--candidates=N` (and `random`) out of argv."""
+    raw, rest = pop_options(argv, OWN_OPTIONS)
     opts = dict(OWN_OPTIONS)
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        body = tok[2:] if tok.startswith("--") else tok
-        key, eq, val = body.partition("=")
-        if key in opts and (eq or tok.startswith("--")):
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"option '{key}' needs a value (an integer >= 0)")
-                val = argv[i + 1]
-                i += 1
-            try:
-                n = int(val)
-            except ValueError:
-                raise ConfigError(f"option '{key}' must be an integer >= 0, got '{val}'") from None
-            if n < 0:
-                raise ConfigError(f"option '{key}' must be an integer >= 0, got {n}")
-            opts[key] = n
-        else:
-            rest.append(tok)
-        i += 1
+    for key, val in raw.items():
+        try:
+            n = int(val)
+        except ValueError:
+            raise ConfigError(f"option '{key}' must be an integer >= 0, got '{val}'") from None
+        if n < 0:
+            raise ConfigError(f"option '{key}' must be an integer >= 0, got {n}")
+        opts[key] = n
     return rest, opts
 
 

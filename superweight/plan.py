@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ConfigError, RunConfig, ScoreConfig, check_choice, parse_config, parse_pairs, validate
+from .config import (ConfigError, RunConfig, ScoreConfig, check_choice, parse_config, parse_pairs, pop_options,
+                     validate)
 
 GiB = 1 << 30
 CUDA_OVERHEAD = int(1.0 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces: not torch allocations
@@ -207,27 +208,7 @@ def parse_size(s: str) -> int:
 
 def split_argv(argv: list[str]) -> tuple[dict, list[str]]:
     """Pull the plan's own options (gpu_mem=, json, batch=) out of argv; the rest is run configuration."""
-    plan, rest = {}, []
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        body = tok[2:] if tok.startswith("--") else tok
-        key, eq, val = body.partition("=")
-        key = key.replace("-", "_")
-        if key in PLAN_KEYS:
-            if not eq:
-                if key == "json":
-                    val = "true"
-                elif i + 1 < len(argv):
-                    i += 1
-                    val = argv[i]
-                else:
-                    raise ConfigError(f"option '{key}' needs a value")
-            plan[key] = val
-        else:
-            rest.append(tok)
-        i += 1
-    return plan, rest
+    return pop_options(argv, PLAN_KEYS, flags=("json",))
 
 
 def load_model_config(cfg: RunConfig):

@@ -27,6 +27,23 @@ def make_tiny_llama(vocab_size: int = 64, hidden: int = 16, layers: int = 2, see
     return LlamaForCausalLM(cfg).eval()
 
 
+def make_int8_linear(n_in: int, n_out: int):
+    """(fp32 reference Linear, bitsandbytes Linear8bitLt with the same weights quantized on the CPU: weight is
+    Int8Params holding int8 codes, row scales SCB separate). Skips where bitsandbytes cannot do it."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(n_in, n_out, bias=False)
+    lin = bnb.nn.Linear8bitLt(n_in, n_out, bias=False, has_fp16_weights=False)
+    lin.load_state_dict(ref.state_dict())
+    try:
+        lin = lin.to("cpu")  # quantizes: weight.data becomes int8
+    except Exception as e:  # an older bitsandbytes without a CPU backend
+        pytest.skip(f"bitsandbytes cannot quantize on CPU here: {e}")
+    if lin.weight.dtype != torch.int8:
+        pytest.skip("bitsandbytes did not quantize on CPU")
+    return ref, lin
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread: as fast for tiny models, and several times faster on a loaded shared machine."""

@@ -351,17 +351,11 @@ def test_bitsandbytes_int8params_cpu():
     """Real bitsandbytes Linear8bitLt (bnb >= 0.45 quantizes and runs on the CPU too): weight is Int8Params
     holding the int8 codes CB (row scales SCB separate); a flip acts on the stored int8 code, the forward
     pass sees it, and restore is bit-exact (weight, SCB and the forward output)."""
-    bnb = pytest.importorskip("bitsandbytes")
-    torch.manual_seed(0)
-    ref = torch.nn.Linear(32, 8, bias=False)
-    lin = bnb.nn.Linear8bitLt(32, 8, bias=False, has_fp16_weights=False)
-    lin.load_state_dict(ref.state_dict())
-    try:
-        lin = lin.to("cpu")  # quantizes: weight.data becomes int8
-    except Exception as e:  # an older bitsandbytes without a CPU backend
-        pytest.skip(f"bitsandbytes cannot quantize on CPU here: {e}")
-    if lin.weight.dtype != torch.int8:
-        pytest.skip("bitsandbytes did not quantize on CPU")
+    import bitsandbytes as bnb
+
+    from conftest import make_int8_linear
+
+    _, lin = make_int8_linear(32, 8)
     assert isinstance(lin.weight, bnb.nn.Int8Params)
     x = torch.randn(4, 32)
     y0 = lin(x).clone()

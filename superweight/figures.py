@@ -1,16 +1,17 @@
-"""`superweight figures SOURCE... [--out DIR] [--k K] [--formats html,png,svg] [--values delta_ppl,...]`
-
-Paper figures from several runs. A SOURCE is
+"""Paper figures from several runs (the `superweight figures` command is commands/figures.py). A SOURCE is
   * a run's out_dir (it holds results.csv), or a directory of runs such as a sweep dir (searched for
     out_dirs; `wandb/` folders are not descended into);
   * an offline W&B run directory (`.../wandb/offline-run-*`): its logged artifacts are read back;
-  * `wandb:ENTITY/PROJECT[/GROUP]` or `wandb:ENTITY/PROJECT --sweep ID` (online): the `results`,
-    `rankings`, `scores` and `manifest` artifacts of those runs are downloaded through the W&B API.
+  * `wandb:ENTITY/PROJECT[/GROUP]` or `wandb:ENTITY/PROJECT --sweep ID` (online): the finished runs only;
+    of each, the version of its `results`, `rankings` and `manifest` artifacts that it logged last, read
+    from the artifact files (no table truncation).
 
 The runs are pooled. Runs whose configs differ in anything other than the plotted axes (metric,
 perturbation, seeds) and bookkeeping (out_dir, wandb, plots, resume, cache_dir) are *variants*
 (e.g. bit-flip probability or model) and get their own figures, suffixed `__<variant>`. Within a variant:
-Δ vs K uses every result row (mean ± std over seeds); layer/module histograms pool the score summaries
+Δ vs K uses every result row; with per-window data (perturbation_results.json) the Top-K minus control gaps
+and the per-selection effects get 95% CIs over seeds, draws and windows across runs (gaps.csv, effects.csv;
+a sweep that puts each seed in its own run gets the same numbers as one run with all seeds); layer/module histograms pool the score summaries
 of all (metric, seed); rank stability is recomputed from rankings.csv (global mode, Jaccard of the
 top-K rows, so metrics from different runs can be compared; K defaults to the largest K with enough
 stored rows). Also writes `summary.csv` (mean, std, n over seeds per variant × perturbation × mode ×
@@ -26,12 +27,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import ConfigError
-from .plots import (FORMATS, VALUES, aggregate_over_seeds, delta_vs_k, jaccard_from_rankings, layer_histograms,
-                    read_score_summary, save_figures, stability_heatmaps)
+from .config import ConfigError, from_dict, is_result_key, to_flat
+from .plots import FORMATS, VALUES, delta_vs_k, layer_histograms, read_score_summary, save_figures, stability_heatmaps
+from .results import aggregate_over_seeds, effects, gaps, jaccard_from_rankings
+from .tracking import read_offline_run
 
 AXES = ("score.metrics", "perturb.names", "seeds")
-IGNORED = ("out_dir", "wandb", "plots", "resume", "cache_dir")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -51,20 +52,18 @@ def find_run_dirs(root: str | Path) -> list[Path]:
 
 def materialize_offline_run(run_dir: Path, dest: Path) -> Path:
     """Copy the artifact files of an offline W&B run into an out_dir-like folder."""
-    from .tracking import read_offline_run
-
     rec = read_offline_run(run_dir)
     out = dest / run_dir.name
     out.mkdir(parents=True, exist_ok=True)
     for art in rec["artifacts"]:
-        if art["type"] in ("results", "rankings", "scores", "manifest"):
+        if art["type"] in ("results", "rankings", "manifest"):
             for name, local in art["files"].items():
                 if local and Path(local).is_file():
                     shutil.copyfile(local, out / name)
     if not (out / "results.csv").exists():
         raise ConfigError(f"offline W&B run '{run_dir}' has no results artifact")
     if not (out / "manifest.json").exists():
-        (out / "manifest.json").write_text(json.dumps({"config": rec["config"]}))
+        (out / "manifest.json").write_text(json.dumps({"config": from_dict(rec["config"]).to_dict()}))
     return out
 
 
@@ -80,16 +79,20 @@ def download_wandb_runs(spec: str, dest: Path, sweep: str | None = None) -> list
         filters["group"] = parts[2]
     if sweep:
         filters["sweep"] = sweep
+    filters["state"] = "finished"  # a crashed, running or preempted run is not a result
     api = wandb.Api()
     out = []
     for run in api.runs(f"{parts[0]}/{parts[1]}", filters=filters):
         d = dest / run.id
-        for art in run.logged_artifacts():
-            if art.type in ("results", "rankings", "scores", "manifest"):
-                art.download(root=str(d))
+        latest: dict[str, object] = {}
+        for art in run.logged_artifacts():  # the last version this run logged of each type
+            if art.type in ("results", "rankings", "manifest"):
+                latest[art.type] = art
+        for art in latest.values():
+            art.download(root=str(d))
         if (d / "results.csv").exists():
             if not (d / "manifest.json").exists():
-                (d / "manifest.json").write_text(json.dumps({"config": dict(run.config)}))
+                (d / "manifest.json").write_text(json.dumps({"config": from_dict(dict(run.config)).to_dict()}))
             out.append(d)
     if not out:
         raise ConfigError(f"no W&B runs with a results artifact in '{spec}'" + (f" sweep {sweep}" if sweep else ""))
@@ -99,21 +102,15 @@ def download_wandb_runs(spec: str, dest: Path, sweep: str | None = None) -> list
 # ---------------------------------------------------------------------------------------------------
 # pooling
 # ---------------------------------------------------------------------------------------------------
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True) if isinstance(v, list) else v
-    return out
+def _flat(d: dict) -> dict:
+    return {k: json.dumps(v, sort_keys=True) if isinstance(v, list) else v for k, v in to_flat(d or {}).items()}
 
 
 def _varying(configs: list[dict]) -> list[str]:
     keys = sorted(set().union(*[set(c) for c in configs])) if configs else []
     out = []
     for k in keys:
-        if k in AXES or any(k == i or k.startswith(i + ".") for i in IGNORED):
+        if k in AXES or not is_result_key(k):
             continue
         if len({str(c.get(k)) for c in configs}) > 1:
             out.append(k)
@@ -135,15 +132,23 @@ def load_runs(run_dirs: list[Path]) -> pd.DataFrame:
 
 
 def pooled_tables(runs: pd.DataFrame) -> dict[str, dict]:
-    """{variant: {"results": df, "rankings": df|None, "scores": (summary, meta)|None}}."""
+    """{variant: {"results": df, "rankings": df|None, "scores": (summary, meta)|None, "rows": per-window rows,
+    "baseline": the shared baseline or None}}."""
     out: dict[str, dict] = {}
     for variant, g in runs.groupby("variant", sort=False):
         res, ranks, summary, meta = [], [], {}, None
+        rows, baseline = [], None
         seen_rank = set()
         for d in map(Path, g["dir"]):
             df = pd.read_csv(d / "results.csv")
             df.insert(0, "run", d.name)
             res.append(df)
+            pr = d / "perturbation_results.json"
+            if pr.exists():
+                pj = json.loads(pr.read_text())
+                if baseline is None or baseline.get("window_nll") == pj["baseline"].get("window_nll"):
+                    baseline = pj["baseline"]  # runs pool only when they share the evaluation windows
+                    rows.extend(pj["rows"])
             if (d / "rankings.csv").exists():
                 r = pd.read_csv(d / "rankings.csv")
                 keep = [key not in seen_rank for key in zip(r["metric"], r["seed"], r["mode"])]
@@ -156,7 +161,8 @@ def pooled_tables(runs: pd.DataFrame) -> dict[str, dict]:
                 meta = meta or m
         out[variant] = {"results": pd.concat(res, ignore_index=True),
                         "rankings": pd.concat(ranks, ignore_index=True) if ranks else None,
-                        "scores": (summary, meta) if summary else None}
+                        "scores": (summary, meta) if summary else None,
+                        "rows": rows, "baseline": baseline}
     return out
 
 
@@ -174,16 +180,21 @@ def build(run_dirs: list[Path], out_dir: Path, k: int | None = None, formats=("h
     runs = load_runs(run_dirs)
     tables = pooled_tables(runs)
     figs = {}
-    summaries = []
+    summaries, gap_tables = [], []
     for variant, t in tables.items():
         sfx = "" if len(tables) == 1 else f"__{_slug(variant)}"
         res = t["results"]
+        eff = effects(t["rows"], t["baseline"]) if t["rows"] and t["baseline"] else None
+        if eff is not None:
+            gp = gaps(t["rows"], t["baseline"])
+            gp.insert(0, "variant", variant)
+            gap_tables.append(gp)
         combos = res[["perturbation", "mode"]].drop_duplicates()
         for pert, mode in combos.itertuples(index=False):
             csfx = sfx + ("" if len(combos) == 1 else f"__{pert}__{mode}")
             for v in values:
                 if v in res.columns:
-                    figs[f"{v}_vs_k{csfx}"] = delta_vs_k(res, v, pert, mode,
+                    figs[f"{v}_vs_k{csfx}"] = delta_vs_k(res, v, pert, mode, effects=eff,
                                                          title_suffix="" if variant == "all" else f"<br>{variant}")
         for v in values:
             if v in res.columns:
@@ -210,48 +221,9 @@ def build(run_dirs: list[Path], out_dir: Path, k: int | None = None, formats=("h
     summary = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame()
     summary.to_csv(out_dir / "summary.csv", index=False)
     runs.to_csv(out_dir / "runs.csv", index=False)
-    return {"figures": list(figs), "files": files, "runs": runs, "summary": summary}
-
-
-# ---------------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------------
-def _parse(argv: list[str]) -> dict:
-    opts = {"sources": [], "out": None, "k": None, "formats": ["html", "png", "svg"], "values": list(VALUES),
-            "sweep": None}
-    it = iter(argv)
-    for tok in it:
-        key, eq, val = tok.partition("=")
-        if key in ("--out", "--k", "--formats", "--values", "--sweep"):
-            if not eq:
-                val = next(it, None)
-                if val is None:
-                    raise ConfigError(f"option '{key}' needs a value")
-            name = key[2:]
-            if name == "k":
-                try:
-                    opts["k"] = int(val)
-                except ValueError:
-                    raise ConfigError(f"option '--k' takes an integer, got '{val}'") from None
-                if opts["k"] <= 0:
-                    raise ConfigError(f"option '--k' must be > 0, got {val}")
-            elif name in ("formats", "values"):
-                items = [x.strip() for x in val.split(",") if x.strip()]
-                valid = FORMATS if name == "formats" else tuple(VALUES)
-                for x in items:
-                    if x not in valid:
-                        raise ConfigError(f"unknown {name[:-1]} '{x}'; valid choices: {', '.join(valid)}")
-                opts[name] = items
-            else:
-                opts[name] = val
-        elif tok.startswith("-"):
-            raise ConfigError(f"unknown option '{tok}'; valid: --out DIR, --k K, --formats html,png,svg, "
-                              f"--values {','.join(VALUES)}, --sweep ID")
-        else:
-            opts["sources"].append(tok)
-    if not opts["sources"]:
-        raise ConfigError("no source given; usage: superweight figures OUT_DIR_OR_SWEEP_DIR... [--out DIR]")
-    return opts
+    gap_df = pd.concat(gap_tables, ignore_index=True) if gap_tables else pd.DataFrame()
+    gap_df.to_csv(out_dir / "gaps.csv", index=False)
+    return {"figures": list(figs), "files": files, "runs": runs, "summary": summary, "gaps": gap_df}
 
 
 def resolve_sources(sources: list[str], tmp: Path, sweep: str | None = None) -> list[Path]:
@@ -272,18 +244,3 @@ def resolve_sources(sources: list[str], tmp: Path, sweep: str | None = None) -> 
             raise ConfigError(f"source '{s}' holds no run (no results.csv found under it)")
         dirs.extend(found)
     return list(dict.fromkeys(dirs))
-
-
-def main(argv: list[str]) -> int:
-    opts = _parse(list(argv))
-    with tempfile.TemporaryDirectory(prefix="superweight-figures-") as tmp:
-        dirs = resolve_sources(opts["sources"], Path(tmp), opts["sweep"])
-        default_out = (Path(opts["sources"][0]) / "figures" if len(opts["sources"]) == 1
-                       and not opts["sources"][0].startswith("wandb:") and Path(opts["sources"][0]).is_dir()
-                       and not (Path(opts["sources"][0]) / "results.csv").exists() else Path("figures"))
-        out = Path(opts["out"]) if opts["out"] else default_out
-        res = build(dirs, out, opts["k"], opts["formats"], opts["values"])
-    print(f"{len(dirs)} runs, {res['runs']['variant'].nunique()} variant(s) -> {len(res['figures'])} figures in {out.resolve()}")
-    for name in res["figures"]:
-        print(f"  {name}")
-    return 0

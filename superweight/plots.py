@@ -40,12 +40,13 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .io import atomic_write, atomic_write_text
+from .results import aggregate_over_seeds, jaccard_from_rankings  # noqa: F401 (figures.py uses them)
 
 FORMATS = ("html", "json", "png", "svg")
-SELECTION_COLORS = {"top_k": "#d62728", "random_k": "#7f7f7f", "bottom_k": "#1f77b4"}
-SELECTION_DASH = {"top_k": "solid", "random_k": "dash", "bottom_k": "dot"}
-SELECTION_MARKERS = {"top_k": "circle", "random_k": "square", "bottom_k": "diamond"}
-SELECTION_LABELS = {"top_k": "Top-K", "random_k": "Random-K", "bottom_k": "Bottom-K"}
+SELECTION_COLORS = {"top_k": "#d62728", "random_k": "#7f7f7f", "matched_k": "#2ca02c", "bottom_k": "#1f77b4"}
+SELECTION_DASH = {"top_k": "solid", "random_k": "dash", "matched_k": "dashdot", "bottom_k": "dot"}
+SELECTION_MARKERS = {"top_k": "circle", "random_k": "square", "matched_k": "triangle-up", "bottom_k": "diamond"}
+SELECTION_LABELS = {"top_k": "Top-K", "random_k": "Random-K", "matched_k": "|w|-matched-K", "bottom_k": "Bottom-K"}
 VALUES = {
     "delta_ppl": ("ΔPPL", False),
     "delta_nll": ("ΔNLL (nats/token)", False),
@@ -58,25 +59,11 @@ TEMPLATE = "plotly_white"
 # ---------------------------------------------------------------------------------------------------
 # Δ vs K
 # ---------------------------------------------------------------------------------------------------
-def aggregate_over_seeds(df: pd.DataFrame, value: str) -> pd.DataFrame:
-    """Mean, sample std (ddof=1, 0 for one seed) and count over seeds of `value` for each
-    (perturbation, mode, metric, selection, k); non-finite values are dropped and counted."""
-    keys = ["perturbation", "mode", "metric", "selection", "k"]
-    d = df[keys + ["seed", value]].copy()
-    d[value] = pd.to_numeric(d[value], errors="coerce")
-    finite = np.isfinite(d[value].to_numpy(dtype=float))
-    d["_nonfinite"] = ~finite
-    d.loc[~finite, value] = np.nan
-    g = d.groupby(keys, sort=True)
-    out = g[value].agg(["mean", "count"]).reset_index()
-    out["std"] = g[value].std(ddof=1).fillna(0.0).to_numpy()
-    out["nonfinite"] = g["_nonfinite"].sum().to_numpy()
-    return out
-
-
 def delta_vs_k(df: pd.DataFrame, value: str = "delta_ppl", perturbation: str | None = None,
-               mode: str | None = None, title_suffix: str = "") -> go.Figure:
-    """One panel per metric; one line per selection; x = K (log), y = mean over seeds ± std."""
+               mode: str | None = None, title_suffix: str = "", effects: pd.DataFrame | None = None) -> go.Figure:
+    """One panel per metric; one line per selection; x = K (log). With `effects` (results.effects: 95% CIs
+    over seeds, control draws and evaluation windows) for ΔNLL / ΔPPL / PPL ratio, the line is its mean and
+    the error bars its CI; otherwise mean over seeds ± std."""
     if value not in VALUES:
         raise ValueError(f"unknown value '{value}'; valid: {', '.join(VALUES)}")
     label, logy = VALUES[value]
@@ -90,11 +77,20 @@ def delta_vs_k(df: pd.DataFrame, value: str = "delta_ppl", perturbation: str | N
         with np.errstate(divide="ignore", invalid="ignore"):
             d[value] = np.where(v > 0, np.log(np.where(v > 0, v, 1.0)), np.nan)
     agg = aggregate_over_seeds(d, value)
-    if logy:
+    use_ci = effects is not None and not effects.empty and value in ("delta_nll", "delta_ppl", "ppl_ratio")
+    if use_ci:
+        e = effects[(effects["perturbation"] == perturbation) & (effects["mode"] == mode)]
+        agg = agg.merge(e[["metric", "selection", "k", value, f"{value}_lo", f"{value}_hi"]],
+                        on=["metric", "selection", "k"], how="left")
+        agg["mean"] = agg[value].where(agg[value].notna(), np.exp(agg["mean"]) if logy else agg["mean"])
+        agg["upper"] = (agg[f"{value}_hi"] - agg["mean"]).clip(lower=0)
+        agg["lower"] = (agg["mean"] - agg[f"{value}_lo"]).clip(lower=0)
+        agg["count"] = agg["count"].where(agg[f"{value}_lo"].isna(), 2)  # bars are shown for a CI
+    elif logy:
         center = np.exp(agg["mean"])
         agg["upper"], agg["lower"] = np.exp(agg["mean"] + agg["std"]) - center, center - np.exp(agg["mean"] - agg["std"])
         agg["mean"] = center
-    else:
+    elif not use_ci:
         agg["upper"] = agg["lower"] = agg["std"]
     metrics = list(dict.fromkeys(d["metric"]))
     fig = make_subplots(rows=1, cols=max(1, len(metrics)), subplot_titles=metrics, shared_yaxes=True,
@@ -125,12 +121,15 @@ def delta_vs_k(df: pd.DataFrame, value: str = "delta_ppl", perturbation: str | N
         fig.update_yaxes(type="log")
     n_bad = int(agg["nonfinite"].sum())
     seeds = sorted(set(d["seed"]))
-    stat = "geometric mean ×/÷ geometric std" if logy else "mean ± std"
+    stat = ("mean, 95% CI over seeds, control draws and evaluation windows" if use_ci else
+            "geometric mean ×/÷ geometric std" if logy else "mean ± std")
     title = f"{label} vs K — perturbation={perturbation}, mode={mode}<br><sup>{stat} over {len(seeds)} seed(s)</sup>"
     if n_bad:
         title += f" ({n_bad} non-finite evaluations omitted)"
-    fig.update_layout(title=title + title_suffix, template=TEMPLATE, width=max(560, 380 * len(metrics)),
-                      height=460, margin=dict(t=110), legend_title_text="selection")
+    fig.update_layout(title=title + title_suffix, template=TEMPLATE, autosize=True, height=480,
+                      margin=dict(t=130), legend=dict(title_text="selection", orientation="h", yanchor="bottom",
+                                                      y=1.08, xanchor="right", x=1.0))
+    fig.layout.meta = {"static_width": max(640, 380 * len(metrics))}
     return fig
 
 
@@ -218,33 +217,6 @@ def layer_histograms(summary, meta, by: str = "layer", top_n: int = 1000) -> go.
 # ---------------------------------------------------------------------------------------------------
 # Stability heatmaps
 # ---------------------------------------------------------------------------------------------------
-def jaccard_from_rankings(rankings: pd.DataFrame, k: int, mode: str = "global") -> pd.DataFrame:
-    """Rows like stability.csv (kind, k, a, b, metric_a/b, seed_a/b, jaccard) recomputed from the top
-    rows of rankings.csv: J = |A∩B| / |A∪B| with A, B the (param, flat_index) of rank < k. Only sets with
-    at least k stored rows take part (rankings.csv keeps save_top rows per metric and seed)."""
-    r = rankings[(rankings["mode"] == mode) & (rankings["rank"] < k)]
-    sets = {}
-    for (metric, seed), g in r.groupby(["metric", "seed"], sort=False):
-        if len(g) >= k:
-            sets[(metric, int(seed))] = set(zip(g["param"], g["flat_index"]))
-    keys = list(sets)
-    rows = []
-    for i, (ma, sa) in enumerate(keys):
-        for mb, sb in keys[i + 1:]:
-            if ma == mb and sa != sb:
-                kind = "seed"
-            elif ma != mb and sa == sb:
-                kind = "metric"
-            else:
-                continue
-            A, B = sets[(ma, sa)], sets[(mb, sb)]
-            rows.append({"kind": kind, "mode": mode, "k": k, "a": f"{ma}/seed{sa}", "b": f"{mb}/seed{sb}",
-                         "metric_a": ma, "metric_b": mb, "seed_a": sa, "seed_b": sb,
-                         "jaccard": len(A & B) / len(A | B)})
-    return pd.DataFrame(rows, columns=["kind", "mode", "k", "a", "b", "metric_a", "metric_b", "seed_a",
-                                       "seed_b", "jaccard"])
-
-
 def _sym_matrix(labels: list, pairs: dict) -> np.ndarray:
     n = len(labels)
     m = np.full((n, n), np.nan)
@@ -301,7 +273,8 @@ def stability_heatmaps(stab: pd.DataFrame, k: int | None = None, mode: str | Non
 # Whole runs
 # ---------------------------------------------------------------------------------------------------
 def figures_from_tables(results: pd.DataFrame, stability: pd.DataFrame | None = None,
-                        score_summary: tuple | None = None, k: int | None = None) -> dict[str, go.Figure]:
+                        score_summary: tuple | None = None, k: int | None = None,
+                        effects: pd.DataFrame | None = None) -> dict[str, go.Figure]:
     """All figures for one result table (one run, or several runs concatenated)."""
     figs: dict[str, go.Figure] = {}
     if results is not None and not results.empty:
@@ -310,7 +283,7 @@ def figures_from_tables(results: pd.DataFrame, stability: pd.DataFrame | None = 
             suffix = "" if results[["perturbation", "mode"]].drop_duplicates().shape[0] == 1 else f"__{pert}__{mode}"
             for value in VALUES:
                 if value in results.columns:
-                    figs[f"{value}_vs_k{suffix}"] = delta_vs_k(results, value, pert, mode)
+                    figs[f"{value}_vs_k{suffix}"] = delta_vs_k(results, value, pert, mode, effects=effects)
     if score_summary is not None:
         summary, meta = score_summary
         if summary:
@@ -328,7 +301,8 @@ def run_figures(out_dir: str | Path, k: int | None = None) -> dict[str, go.Figur
     stab = pd.read_csv(out / "stability.csv") if (out / "stability.csv").exists() else None
     scores = out / "sensitivity_scores.safetensors"
     summary = read_score_summary(scores) if scores.exists() else None
-    return figures_from_tables(results, stab, summary, k=k)
+    eff = pd.read_csv(out / "effects.csv") if (out / "effects.csv").exists() else None
+    return figures_from_tables(results, stab, summary, k=k, effects=eff)
 
 
 def _plain(obj):
@@ -404,7 +378,8 @@ def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iter
                 for f in static:
                     targets.append(d / f"{name}.{f}")
                     temps.append(d / f".{name}.tmp{os.getpid()}.{f}")  # kaleido picks the format by suffix
-                    fig_list.append(fig)
+                    w = fig.layout.width or (fig.layout.meta or {}).get("static_width") if isinstance(fig.layout.meta, dict) else fig.layout.width
+                    fig_list.append(go.Figure(fig).update_layout(width=w) if w else fig)
             try:
                 pio.write_images(fig_list, temps, scale=2 if "png" in static else 1)
                 for tmp, target in zip(temps, targets):

@@ -1,6 +1,5 @@
-"""`superweight sweep SWEEP.yaml [--dry-run] [--count N] [--seed S] [--sweep-dir DIR] [--online]`
-
-Runs a W&B sweep file locally, offline, one run after another, as `wandb agent` would run it:
+"""W&B sweep files, expanded and run exactly as `wandb agent` runs them (the `superweight sweep` command
+is commands/sweep.py):
 
   * the same YAML works unchanged with `wandb sweep SWEEP.yaml` + `wandb agent ID` on GPU VMs;
   * `method: grid` expands like the W&B sweep controller: parameters sorted by name, the Cartesian
@@ -15,9 +14,19 @@ Runs a W&B sweep file locally, offline, one run after another, as `wandb agent` 
     and a run whose manifest.json says it was published with the same config is skipped, so a killed
     sweep resumes where it stopped (the interrupted run itself resumes from its progress log).
 
-The run finds its out_dir and group through the environment (SUPERWEIGHT_SWEEP_DIR,
-SUPERWEIGHT_SWEEP_GROUP), so the command line stays exactly the agent's. Under a real `wandb agent`
-(WANDB_SWEEP_ID set) a run that was given no out_dir writes to `outputs/sweeps/<sweep id>/<params>-<hash>`.
+Parameters are named by their full dotted config keys (`score.metrics`, `perturb.names`, `model.name`):
+the W&B config of a run is flat with those keys, and the agent overrides exactly the keys it sweeps. An
+alias (`metric`) or a section (`perturb`) would replace a whole nested setting under the agent: refused
+(`check_param_names`) by `superweight sweep` and by a run started under an agent.
+
+Each local run is started the way the agent starts one: WANDB_SWEEP_ID (the local sweep's group),
+WANDB_RUN_ID (a stable id per parameter set, so a rerun resumes the same W&B run) and
+WANDB_SWEEP_PARAM_PATH (a `config-<run id>.yaml` with the run's parameters, which wandb applies over
+the run's config), then the YAML's command line: local and agent runs record identical configs. The run
+finds its out_dir and group through the environment (SUPERWEIGHT_SWEEP_DIR, SUPERWEIGHT_SWEEP_GROUP).
+Under a real `wandb agent` a run given no out_dir writes to `$SUPERWEIGHT_SWEEP_ROOT/<sweep id>/<params>-<hash>`
+(default root `outputs/sweeps`): point SUPERWEIGHT_SWEEP_ROOT at a shared filesystem so that a run W&B
+requeues on another VM resumes from the rows already finished.
 
 Runs sharing (model, data, metric, seed) reuse one cached score set (content-addressed, under
 SUPERWEIGHT_CACHE or cache_dir=); point that at a shared filesystem to share it between agents on VMs.
@@ -39,7 +48,12 @@ from pathlib import Path
 
 import yaml
 
-from .config import ALIASES, FIELDS, ConfigError, RunConfig, _canonical_key, parse_config, validate
+from .arguments import ALIASES, FIELDS, canonical_key, parse_config
+from .config import ConfigError, RunConfig, config_hash, is_result_key, to_flat
+from .io import read_jsonl
+from .progress import PROGRESS_FILE
+from .resources import code_version
+from .validation import validate
 
 SWEEP_KEYS = {"apiVersion", "kind", "controller", "description", "program", "job", "image_uri", "entity",
               "project", "method", "command", "name", "run_cap", "metric", "metrics", "scheduler",
@@ -49,8 +63,26 @@ DISTRIBUTIONS = ("constant", "categorical", "categorical_w_probabilities", "int_
                  "q_uniform", "log_uniform_values")
 GRID_DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "q_uniform")
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
-NON_RESULT_KEYS = ("out_dir", "wandb.", "cache_dir", "resume", "plots")  # not part of the run's name
-ENV_DIR, ENV_GROUP = "SUPERWEIGHT_SWEEP_DIR", "SUPERWEIGHT_SWEEP_GROUP"
+ENV_DIR, ENV_GROUP, ENV_ROOT = "SUPERWEIGHT_SWEEP_DIR", "SUPERWEIGHT_SWEEP_GROUP", "SUPERWEIGHT_SWEEP_ROOT"
+SECTIONS = sorted({k.split(".")[0] for k in FIELDS if "." in k})
+
+
+def check_param_names(names, where: str) -> None:
+    """Sweep parameters must be full dotted config keys (module docstring): one line naming the bad one."""
+    for name in names:
+        name = str(name)
+        if name == "config":
+            continue
+        if name in FIELDS:
+            continue
+        if name in ALIASES:
+            raise ConfigError(f"{where}: sweep parameter '{name}' is an alias; name it '{ALIASES[name]}' (under "
+                              "wandb agent an alias would replace a whole config section)")
+        if name in SECTIONS:
+            raise ConfigError(f"{where}: sweep parameter '{name}' is a config section; name one of its keys, e.g. "
+                              f"'{next(k for k in FIELDS if k.startswith(name + '.'))}'")
+        canonical_key(name)  # unknown option -> ConfigError with the valid names
+        raise ConfigError(f"{where}: sweep parameter '{name}' is not a full dotted config key")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -78,9 +110,8 @@ def load_sweep(path: str | Path) -> dict:
     params = sweep.get("parameters")
     if not isinstance(params, dict) or not params:
         raise ConfigError(f"sweep file '{path}': 'parameters' must be a non-empty mapping of name -> spec")
+    check_param_names(params, f"sweep file '{path}'")
     for name, spec in params.items():
-        if name != "config":
-            _canonical_key(str(name))  # unknown option -> ConfigError with the valid names
         _distribution(name, spec)
     cmd = sweep.get("command", DEFAULT_COMMAND)
     if not isinstance(cmd, list) or not cmd:
@@ -226,24 +257,12 @@ def _short_name(dotted: str) -> str:
     return inv.get(dotted, dotted)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def run_dir_name(cfg: RunConfig) -> str:
     """Readable name of a run from what differs from the default config, plus its config hash."""
-    from .experiment import config_hash
-
-    cur, ref = _flat(cfg.to_dict()), _flat(RunConfig().to_dict())
+    cur, ref = to_flat(cfg), to_flat(RunConfig())
     parts = []
     for k in sorted(cur):
-        if any(k == x or (x.endswith(".") and k.startswith(x)) for x in NON_RESULT_KEYS) or cur[k] == ref.get(k):
+        if not is_result_key(k) or cur[k] == ref.get(k):
             continue
         v = cur[k]
         v = "+".join(str(x) for x in v) if isinstance(v, list) else str(v)
@@ -251,11 +270,19 @@ def run_dir_name(cfg: RunConfig) -> str:
     return f"{_slug('_'.join(parts), 100) or 'default'}-{config_hash(cfg)[:10]}"
 
 
+def sweep_run_id(group: str, params: dict) -> str:
+    """A stable W&B run id for one parameter set of a local sweep (a rerun resumes the same run)."""
+    h = hashlib.sha256(json.dumps([group, params], sort_keys=True, default=str).encode()).hexdigest()
+    return h[:12]
+
+
 def apply_sweep_env(cfg: RunConfig, env=None) -> RunConfig:
     """Inside a sweep run: put a run left at the default out_dir under the sweep directory and set the
-    W&B group (local sweeps), or under outputs/sweeps/<WANDB_SWEEP_ID>/ (a real wandb agent)."""
+    W&B group (local sweeps), or under $SUPERWEIGHT_SWEEP_ROOT/<WANDB_SWEEP_ID>/ (a real wandb agent).
+    Applied by `superweight run` (the command that needs it), not by the experiment."""
     env = os.environ if env is None else env
-    base = env.get(ENV_DIR) or (str(Path("outputs") / "sweeps" / env["WANDB_SWEEP_ID"]) if env.get("WANDB_SWEEP_ID") else None)
+    base = env.get(ENV_DIR) or (str(Path(env.get(ENV_ROOT) or "outputs/sweeps") / env["WANDB_SWEEP_ID"])
+                                if env.get("WANDB_SWEEP_ID") else None)
     if base and cfg.out_dir == RunConfig().out_dir:
         cfg.out_dir = str(Path(base) / run_dir_name(cfg))
     if env.get(ENV_GROUP) and cfg.wandb.group is None:
@@ -263,20 +290,23 @@ def apply_sweep_env(cfg: RunConfig, env=None) -> RunConfig:
     return cfg
 
 
-def is_finished(out_dir: str | Path, cfg: RunConfig) -> bool:
-    """A run is finished when its manifest says it was published (plots + W&B done, W&B not failed)
-    by the same config (hash)."""
-    from .experiment import config_hash
+def agent_param_names(env=None) -> list[str]:
+    """The parameter names of the run `wandb agent` started (its WANDB_SWEEP_PARAM_PATH file), or []."""
+    env = os.environ if env is None else env
+    path = env.get("WANDB_SWEEP_PARAM_PATH")
+    if not path or not Path(path).is_file():
+        return []
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return [k for k in data if k != "wandb_version"]
 
-    p = Path(out_dir) / "manifest.json"
-    if not p.exists():
+
+def is_finished(out_dir: str | Path, cfg: RunConfig) -> bool:
+    """A run is finished when its progress log, written by the same config and code version, ends with the
+    `finished` record that `superweight run` appends after the W&B run finished."""
+    entries = read_jsonl(Path(out_dir) / PROGRESS_FILE)
+    if not entries or entries[0].get("config_hash") != config_hash(cfg, code_version()):
         return False
-    try:
-        m = json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return False
-    pub = m.get("published")
-    return bool(pub) and pub.get("wandb") != "failed" and m.get("config_hash") == config_hash(cfg)
+    return any(e.get("key") == ["finished"] for e in entries[1:])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -296,83 +326,5 @@ def plan(path: str | Path, count: int | None = None, seed: int = 0, sweep_dir: s
         except ConfigError as e:
             raise ConfigError(f"sweep run {i + 1} ({' '.join(args)}): {e}") from None
         runs.append({"params": params, "command": cmd, "out_dir": cfg.out_dir, "finished": is_finished(cfg.out_dir, cfg),
-                     "config": cfg})
+                     "config": cfg, "run_id": sweep_run_id(group, params)})
     return {"sweep": sweep, "group": group, "dir": root, "runs": runs}
-
-
-def _parse_argv(argv: list[str]) -> dict:
-    opts = {"path": None, "dry_run": False, "count": None, "seed": 0, "sweep_dir": None, "online": False}
-    it = iter(argv)
-    for tok in it:
-        key, _, val = tok.partition("=")
-        if key in ("--dry-run", "--dry_run"):
-            opts["dry_run"] = True
-        elif key == "--online":
-            opts["online"] = True
-        elif key in ("--count", "--seed", "--sweep-dir", "--sweep_dir"):
-            if not val:
-                val = next(it, None)
-                if val is None:
-                    raise ConfigError(f"option '{key}' needs a value")
-            k = key.lstrip("-").replace("-", "_")
-            if k in ("count", "seed"):
-                try:
-                    opts[k] = int(val)
-                except ValueError:
-                    raise ConfigError(f"option '{key}' takes an integer, got '{val}'") from None
-                if k == "count" and opts[k] <= 0:
-                    raise ConfigError(f"option '--count' must be > 0, got {val}")
-            else:
-                opts[k] = val
-        elif tok.startswith("-"):
-            raise ConfigError(f"unknown option '{tok}'; valid: --dry-run, --count N, --seed S, --sweep-dir DIR, --online")
-        elif opts["path"] is None:
-            opts["path"] = tok
-        else:
-            raise ConfigError(f"unexpected argument '{tok}': give one sweep YAML file")
-    if opts["path"] is None:
-        raise ConfigError("no sweep file given; usage: superweight sweep sweeps/smoke.yaml [--dry-run]")
-    return opts
-
-
-def main(argv: list[str]) -> int:
-    opts = _parse_argv(list(argv))
-    p = plan(opts["path"], opts["count"], opts["seed"], opts["sweep_dir"])
-    root: Path = p["dir"]
-    env_vars = {ENV_DIR: str(root), ENV_GROUP: p["group"]}
-    if not opts["online"]:
-        env_vars["WANDB_MODE"] = "offline"
-    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env_vars.items())
-    n = len(p["runs"])
-    todo = [r for r in p["runs"] if not r["finished"]]
-    print(f"sweep {p['group']}: {n} runs ({n - len(todo)} finished, {len(todo)} to run) -> {root}")
-    if opts["dry_run"]:
-        for i, r in enumerate(p["runs"], 1):
-            state = "done" if r["finished"] else "todo"
-            print(f"[{i}/{n} {state}] {prefix} {shlex.join(r['command'])}")
-        return 0
-    root.mkdir(parents=True, exist_ok=True)
-    from .io import atomic_write_json
-
-    atomic_write_json(root / "sweep.json", {
-        "group": p["group"], "source": str(opts["path"]), "sweep": p["sweep"],
-        "runs": [{"params": r["params"], "out_dir": r["out_dir"], "command": r["command"]} for r in p["runs"]],
-    })
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # each run its own wandb-core
-    env.update(env_vars)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    failed = []
-    for i, r in enumerate(p["runs"], 1):
-        if r["finished"]:
-            print(f"[{i}/{n}] finished, skipping: {r['out_dir']}")
-            continue
-        print(f"[{i}/{n}] {shlex.join(r['command'])}", flush=True)
-        rc = subprocess.run(r["command"], env=env).returncode
-        if rc != 0:
-            if rc in (130, -2):
-                raise KeyboardInterrupt
-            print(f"[{i}/{n}] failed with exit code {rc}: {r['out_dir']}", file=sys.stderr)
-            failed.append(r["out_dir"])
-    print(f"sweep {p['group']}: {n - len(failed)}/{n} runs finished under {root}")
-    print(f"figures: superweight figures {root}")
-    return 1 if failed else 0

@@ -1,29 +1,34 @@
-"""Weights & Biases: one run per experiment (the only module that imports wandb).
+"""Weights & Biases, as its users live in it (the only module that imports wandb).
 
-What is logged, from the files of a finished out_dir (so a run can be (re)published any time):
+`WandbTracker` is the experiment's tracker (experiment.Tracker): the run is live from before the model
+loads until the end, and an interrupted run comes back into the same W&B run.
 
-* `run.config`  = the full dataclass config, `RunConfig.to_dict()` (scrubbed of secret-looking keys).
-* `run.summary` = the baseline (`baseline/ppl`, `baseline/nll`, `baseline/acc`, tasks) and the headline
-  deltas, means over seeds of Δ = perturbed − baseline:
-  `delta_ppl/<pert>/<mode>/<metric>/<selection>/k<K>` (same for `delta_nll`, `delta_acc`),
-  `gap_ppl/<pert>/<mode>/<metric>/k<K>` = ΔPPL(top_k) − ΔPPL(random_k) at equal K (the answer to the
-  research question), `max_delta_ppl/<metric>` = max over K, perturbations and modes of the Top-K mean
-  ΔPPL, `headline/max_delta_ppl_<selection>` (max over metrics as well), and
-  `headline/k_to_double_ppl/<metric>` = the smallest K whose Top-K mean PPL ratio is ≥ 2 (first
-  perturbation and mode; absent if none). Non-finite means are logged as None.
-* `wandb.Table`s `tables/results`, `tables/rankings` (the top rows of rankings.csv), `tables/stability`
-  (≤ 200,000 rows each; a truncation is recorded in the summary).
-* Artifacts typed `results` (results.csv, perturbation_results.json), `rankings` (rankings.csv,
-  stability.csv), `scores` (sensitivity_scores.safetensors), `manifest` (manifest.json), `plots`
-  (plots/*), named `<type>-<run id>`; PNGs also as `plots/<name>` images and Plotly JSON as interactive
-  `charts/<name>`.
+* `start`   wandb.init after the config and capabilities are validated. `run.config` is the FLAT dotted
+            config (`model.name`, `perturb.scale`, ...), the same keys a sweep YAML names, so `wandb agent`
+            overriding a swept key changes only that key. The run id is the agent's (WANDB_RUN_ID) or the one
+            in out_dir/wandb_run.json when the config hash matches (a rerun resumes the same run).
+* `log_row` one history step per finished row: `row` (counter), `progress`, `eta_s` and `row/<column>`.
+* `log_stage` stage timings into the summary as they happen (`stage/<name>_s`); system metrics by W&B.
+* `finish`  the summary (results.summary_metrics: baseline, deltas, gaps with CIs, headline), plots as
+            images/charts (committed with the last row's step), and artifacts with lineage:
+              results-<model>   results.csv, gaps.csv, perturbation_results.json, results table
+              rankings-<model>  rankings.csv, selections.safetensors, stability*.csv
+              plots-<model>     plots/*
+              manifest-<model>  manifest.json
+            each version aliased `cfg-<config hash>`, `run-<run id>` (and `sweep-<id>` in a sweep); inputs:
+              scores-<model>-<metric>  one cached score set per seed, aliased `key-<cache key>` and `seed<N>`:
+                                       identical content = one version, so the runs of a sweep that share a
+                                       score set share one artifact digest (uploaded, or a file:// reference to
+                                       the shared cache with wandb.scores=reference)
+            declared with `use_artifact` online (the lineage graph shows who shares it); offline, where
+            use_artifact is unavailable, logged by each run (same digest), named in `inputs/*` of the summary.
+* `fail`    a crash marks the run failed with the error; SIGTERM with wandb.requeue_on_sigterm marks it
+            preempting (the agent requeues it) and exits non-zero; Ctrl-C exits 130 with a resume hint.
 
-Mode: `auto` = `WANDB_MODE` when set, else online when credentials exist (WANDB_API_KEY or a netrc
-entry for the W&B host), else offline; `disabled` logs nothing. wandb files go under `wandb.dir` or
-out_dir (`<dir>/wandb/offline-run-*`), artifact staging copies under `<dir>/wandb/staging` so `wandb sync`
-can upload them later. The run id is stored in `out_dir/wandb_run.json`: publishing the same out_dir
-again (same config hash) resumes the same W&B run (`resume="allow"`). Nothing secret is logged: the
-config has no credential fields, and manifest.scrub redacts secret-looking keys.
+Mode: `auto` = WANDB_MODE when set, else online when credentials exist (WANDB_API_KEY or a netrc entry),
+else offline; `disabled` logs nothing. Offline runs go to `<wandb.dir or out_dir>/wandb/offline-run-*` and
+`wandb sync` uploads the whole history later. A W&B failure raises (non-zero exit); the result files are
+already on disk. Nothing secret is logged (manifest.scrub).
 """
 
 from __future__ import annotations
@@ -33,23 +38,33 @@ import json
 import math
 import netrc
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pandas as pd
 
+from .config import is_result_key, to_flat
 from .io import atomic_write_json
+from .manifest import scrub
+from .resources import cache_root
+from .results import summary_metrics
 
 MAX_TABLE_ROWS = 200_000
-ARTIFACT_FILES = {
-    "results": ["results.csv", "perturbation_results.json"],
-    "rankings": ["rankings.csv", "stability.csv", "stability_summary.csv"],
-    "scores": ["sensitivity_scores.safetensors"],
-    "manifest": ["manifest.json"],
-}
 RUN_FILE = "wandb_run.json"
+ROW_KEYS = ("metric", "seed", "mode", "selection", "draw", "k", "perturbation", "n_selected", "support", "ppl", "nll",
+            "acc", "delta_ppl", "delta_nll", "delta_nll_lo", "delta_nll_hi", "ppl_ratio", "changed", "delta_w_l2",
+            "mean_abs_w")
+
+
+class Preempted(SystemExit):
+    """Raised by the SIGTERM handler of `superweight run` (exit code 143)."""
+
+    def __init__(self):
+        super().__init__(143)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -84,55 +99,12 @@ def resolve_mode(mode: str, env=None) -> str:
     return "online" if has_credentials(env) else "offline"
 
 
-# ---------------------------------------------------------------------------------------------------
-# summary
-# ---------------------------------------------------------------------------------------------------
 def _num(x):
     try:
         x = float(x)
     except (TypeError, ValueError):
         return None
     return x if math.isfinite(x) else None
-
-
-def summary_metrics(results: pd.DataFrame, baseline: dict) -> dict:
-    """Baseline and headline deltas (see the module docstring for the keys and formulas)."""
-    out: dict = {}
-    for k, v in baseline.items():
-        if _num(v) is not None or isinstance(v, (int, float)):
-            out[f"baseline/{k}"] = _num(v)
-    if results is None or results.empty:
-        return out
-    keys = ["perturbation", "mode", "metric", "selection", "k"]
-    vals = [c for c in ("delta_ppl", "delta_nll", "delta_acc", "ppl_ratio") if c in results.columns]
-    r = results[keys + vals].copy()
-    for c in vals:
-        r[c] = pd.to_numeric(r[c], errors="coerce")
-    means = r.groupby(keys, sort=False)[vals].mean()
-    for (pert, mode, metric, sel, k), row in means.iterrows():
-        for c in ("delta_ppl", "delta_nll", "delta_acc"):
-            if c in row:
-                out[f"{c}/{pert}/{mode}/{metric}/{sel}/k{k}"] = _num(row[c])
-    sels = set(r["selection"])
-    if "top_k" in sels and "random_k" in sels:
-        for (pert, mode, metric, k), g in means.reset_index().groupby(["perturbation", "mode", "metric", "k"], sort=False):
-            t = g[g["selection"] == "top_k"]["delta_ppl"]
-            rnd = g[g["selection"] == "random_k"]["delta_ppl"]
-            if len(t) and len(rnd):
-                out[f"gap_ppl/{pert}/{mode}/{metric}/k{k}"] = _num(t.iloc[0] - rnd.iloc[0])
-    m = means.reset_index()
-    for metric, g in m[m["selection"] == "top_k"].groupby("metric", sort=False):
-        out[f"max_delta_ppl/{metric}"] = _num(g["delta_ppl"].max())
-    for sel, g in m.groupby("selection", sort=False):
-        out[f"headline/max_delta_ppl_{sel}"] = _num(g["delta_ppl"].max())
-    if "ppl_ratio" in m.columns:
-        first = m[(m["perturbation"] == m["perturbation"].iloc[0]) & (m["mode"] == m["mode"].iloc[0])
-                  & (m["selection"] == "top_k")]
-        for metric, g in first.groupby("metric", sort=False):
-            hit = g[g["ppl_ratio"] >= 2.0]["k"]
-            if len(hit):
-                out[f"headline/k_to_double_ppl/{metric}"] = int(hit.min())
-    return out
 
 
 def _table(df: pd.DataFrame):
@@ -159,94 +131,195 @@ def _env(**values):
                 os.environ[k] = v
 
 
-# ---------------------------------------------------------------------------------------------------
-# the run
-# ---------------------------------------------------------------------------------------------------
-def log_run(cfg, out_dir: str | Path, config_hash: str | None = None) -> dict:
-    """Log a finished out_dir to W&B. Returns {"mode", "id", "path", "url", "dir", ...}; with mode
-    disabled returns {"mode": "disabled"} and touches nothing. Also records the same dict under
-    "wandb" in out_dir/manifest.json (before the manifest artifact is logged)."""
-    from .manifest import scrub
+def slug(s: str, n: int = 60) -> str:
+    """A W&B artifact-name-safe slug (letters, digits, - _ .)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s).strip("/")).strip("_")[:n] or "model"
 
-    out = Path(out_dir)
-    mode = resolve_mode(cfg.wandb.mode)
-    if mode == "disabled":
-        return {"mode": "disabled"}
-    import wandb
 
-    manifest_path = out / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    config_hash = config_hash or manifest.get("config_hash")
-    wdir = (Path(cfg.wandb.dir) if cfg.wandb.dir else out).resolve()  # absolute: a shared wandb-core
-    wdir.mkdir(parents=True, exist_ok=True)                              # service may run in another cwd
-    prev = {}
-    if (out / RUN_FILE).exists():
+def config_columns(cfg) -> dict:
+    """The result-relevant config keys as columns for merged results tables (model, dtype, prob, bits, ...)."""
+    skip = ("score.metrics", "perturb.names", "seeds", "select.topk", "select.modes", "select.controls")
+    out = {}
+    for k, v in to_flat(cfg).items():
+        if is_result_key(k) and k not in skip:
+            out[k] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the tracker
+# ---------------------------------------------------------------------------------------------------
+class WandbTracker:
+    """experiment.Tracker backed by wandb (see the module docstring). `mode=disabled` does nothing."""
+
+    def __init__(self, cfg, out_dir: str | Path):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.mode = resolve_mode(cfg.wandb.mode)
+        self.run = None
+        self.t0 = time.perf_counter()
+        self.first_row: int | None = None
+        self.pending = False  # the last row's step is left open for the final media
+        self._info: dict = {"mode": self.mode}
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def start(self, exp) -> None:
+        if self.mode == "disabled":
+            return
+        import wandb
+
+        cfg, chash = self.cfg, exp.chash
+        wdir = (Path(cfg.wandb.dir) if cfg.wandb.dir else self.out).resolve()  # absolute: a shared wandb-core
+        wdir.mkdir(parents=True, exist_ok=True)                              # service may run in another cwd
+        prev = {}
         try:
-            prev = json.loads((out / RUN_FILE).read_text())
+            prev = json.loads((self.out / RUN_FILE).read_text()) if (self.out / RUN_FILE).exists() else {}
         except json.JSONDecodeError:
             prev = {}
-    run_id = None
-    if not os.environ.get("WANDB_RUN_ID"):  # wandb agent sets the id of a sweep run
-        run_id = prev.get("id") if prev.get("config_hash") == config_hash else None
-        run_id = run_id or _new_id()
-    results = pd.read_csv(out / "results.csv") if (out / "results.csv").exists() else pd.DataFrame()
-    baseline = manifest.get("baseline") or {}
+        run_id = os.environ.get("WANDB_RUN_ID") or (prev.get("id") if prev.get("config_hash") == chash else None)
+        self.staging = (wdir / "wandb" / "staging").resolve()
+        with _env(WANDB_DATA_DIR=str(self.staging)):
+            self.run = wandb.init(
+                mode=self.mode, project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group,
+                tags=list(cfg.wandb.tags) or None, name=cfg.wandb.name or self.out.resolve().name,
+                config=scrub(to_flat(cfg)), dir=str(wdir), id=run_id, resume="allow", job_type="experiment",
+                save_code=False, reinit="finish_previous",
+            )
+        run = self.run
+        run.define_metric("row")
+        run.define_metric("row/*", step_metric="row")
+        self._info = {"mode": self.mode, "id": run.id, "project": run.project, "entity": run.entity or None,
+                      "path": "/".join(p for p in (run.entity, run.project, run.id) if p),
+                      "url": run.url if self.mode == "online" else None, "sweep_id": os.environ.get("WANDB_SWEEP_ID"),
+                      "dir": str(Path(run.dir).parent.resolve()), "config_hash": chash}
+        atomic_write_json(self.out / RUN_FILE, self._info)
+        run.summary["meta/config_hash"] = chash
+        run.summary["meta/out_dir"] = str(self.out.resolve())
 
-    with _env(WANDB_DATA_DIR=str((wdir / "wandb" / "staging").resolve())):
-        run = wandb.init(
-            mode=mode, project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group,
-            tags=list(cfg.wandb.tags) or None, name=cfg.wandb.name or out.resolve().name,
-            config=scrub(cfg.to_dict()), dir=str(wdir), id=run_id, resume="allow", job_type="experiment",
-            save_code=False, reinit="finish_previous",
-        )
-        try:
-            info = {"mode": mode, "id": run.id, "project": run.project, "entity": run.entity or None,
-                    "path": "/".join(p for p in (run.entity, run.project, run.id) if p),
-                    "url": run.url if mode == "online" else None,
-                    "dir": str(Path(run.dir).parent.resolve()), "config_hash": config_hash}
-            atomic_write_json(out / RUN_FILE, info)
-            if manifest:
-                manifest["wandb"] = {k: v for k, v in info.items() if k != "config_hash"}
-                atomic_write_json(manifest_path, manifest)
+    def info(self) -> dict:
+        return {k: v for k, v in self._info.items() if k != "config_hash"}
 
-            summary = summary_metrics(results, baseline)
-            summary["meta/config_hash"] = config_hash
-            summary["meta/out_dir"] = str(out.resolve())
-            log: dict = {}
-            for name in ("results", "rankings", "stability"):
-                p = out / f"{name}.csv"
-                if p.exists():
-                    df = pd.read_csv(p)
-                    if len(df) > MAX_TABLE_ROWS:
-                        summary[f"tables/{name}_rows_dropped"] = len(df) - MAX_TABLE_ROWS
-                    log[f"tables/{name}"] = _table(df)
+    def log_row(self, row: dict, done: int, total: int) -> None:
+        if self.run is None:
+            return
+        if self.first_row is None:
+            self.first_row = done
+        new = done - self.first_row + 1
+        rate = (time.perf_counter() - self.t0) / max(new, 1)
+        item = {"row": done, "progress": done / max(total, 1), "eta_s": rate * (total - done)}
+        for k in ROW_KEYS:
+            if k in row and row[k] is not None:
+                v = row[k]
+                item[f"row/{k}"] = v if isinstance(v, str) else _num(v)
+        last = done >= total
+        self.run.log(item, commit=not last)
+        self.pending = last
+
+    def log_stage(self, name: str, seconds: float) -> None:
+        if self.run is not None:
+            self.run.summary[f"stage/{name}_s"] = round(seconds, 3)
+
+    def finish(self, result) -> None:
+        if self.run is None:
+            return
+        import wandb
+
+        run, out, cfg = self.run, self.out, self.cfg
+        with _env(WANDB_DATA_DIR=str(self.staging)):
+            df = result.table
+            summary = summary_metrics(df, result.baseline, result.gaps)
+            summary["stage/total_s"] = round(time.perf_counter() - self.t0, 3)
+            for k, v in summary.items():
+                run.summary[k] = v
+            media: dict = {}
             plot_dir = out / "plots"
             if plot_dir.is_dir():
                 import plotly.io as pio
 
                 for png in sorted(plot_dir.glob("*.png")):
-                    log[f"plots/{png.stem}"] = wandb.Image(str(png))
+                    media[f"plots/{png.stem}"] = wandb.Image(str(png))
                 for js in sorted(plot_dir.glob("*.json")):
-                    log[f"charts/{js.stem}"] = wandb.Plotly(pio.read_json(str(js)))
-            run.log(log)
-            for k, v in summary.items():
-                run.summary[k] = v
-
-            meta = {"out_dir": str(out.resolve()), "config_hash": config_hash, "run_name": run.name}
-            kinds = dict(ARTIFACT_FILES)
+                    media[f"charts/{js.stem}"] = wandb.Plotly(pio.read_json(str(js)))
+            if media or self.pending:
+                run.log(media, commit=True)  # the last row's step, when this run logged it
+            model = slug(cfg.model.name)
+            aliases = [f"cfg-{result.config_hash}", f"run-{run.id}"]
+            if os.environ.get("WANDB_SWEEP_ID"):
+                aliases.append(f"sweep-{os.environ['WANDB_SWEEP_ID']}")
+            meta = {"out_dir": str(out.resolve()), "config_hash": result.config_hash, "run": run.id,
+                    "config": scrub(to_flat(cfg))}
+            cols = config_columns(cfg)
+            table = df.assign(**{k: [v] * len(df) for k, v in cols.items()}) if len(df) else df
+            files = {
+                "results": ["results.csv", "gaps.csv", "perturbation_results.json"],
+                "rankings": ["rankings.csv", "selections.safetensors", "stability.csv", "stability_summary.csv"],
+                "manifest": ["manifest.json"],
+            }
             if plot_dir.is_dir():
-                kinds["plots"] = [str(p.relative_to(out)) for p in sorted(plot_dir.iterdir()) if p.is_file()]
-            for kind, files in kinds.items():
-                present = [f for f in files if (out / f).is_file()]
+                files["plots"] = [str(p.relative_to(out)) for p in sorted(plot_dir.iterdir()) if p.is_file()]
+            for kind, names in files.items():
+                present = [f for f in names if (out / f).is_file()]
                 if not present:
                     continue
-                art = wandb.Artifact(f"{kind}-{run.id}", type=kind, metadata=meta)
+                art = wandb.Artifact(f"{kind}-{model}", type=kind, metadata=meta)
                 for f in present:
                     art.add_file(str(out / f), name=f)
-                run.log_artifact(art)
-        finally:
-            run.finish()
-    return info
+                if kind == "results":
+                    art.add(_table(table), "results_table")
+                    if not result.gaps.empty:
+                        art.add(_table(result.gaps), "gaps_table")
+                run.log_artifact(art, aliases=aliases)
+            inputs = self.declare_inputs(result, model)
+            for k, v in inputs.items():
+                run.summary[f"inputs/{k}"] = v
+        self.run.finish(exit_code=0)
+        self.run = None
+
+    def declare_inputs(self, result, model: str) -> dict:
+        """The score sets this run read or computed, as artifacts named by their cache key (module docstring)."""
+        import wandb
+
+        if self.cfg.wandb.scores == "none":
+            return {}
+        keys = result.extra.get("score_keys", {})
+        root = cache_root(self.cfg.cache_dir) / "scores"
+        names = {}
+        for tag, key in keys.items():
+            path = root / f"{key}.safetensors"
+            if not path.is_file():
+                continue
+            metric, _, seed = tag.partition(".seed")
+            art = wandb.Artifact(f"scores-{model}-{slug(metric)}", type="scores",
+                                 metadata={"cache_key": key, "metric": metric, "seed": int(seed),
+                                           "model_fingerprint": result.model.get("fingerprint")})
+            if self.cfg.wandb.scores == "reference":
+                art.add_reference(path.resolve().as_uri(), name=path.name)
+            else:
+                art.add_file(str(path), name="scores.safetensors")
+            aliases = [f"key-{key[:16]}", f"seed{seed}"]
+            if self.mode == "offline":  # use_artifact needs a server; the same content gives the same digest
+                self.run.log_artifact(art, aliases=aliases)
+            else:
+                self.run.use_artifact(art, aliases=aliases)
+            names[tag] = f"{art.name}:key-{key[:16]}"
+        return names
+
+    def fail(self, exc: BaseException) -> None:
+        if self.run is None:
+            return
+        run = self.run
+        self.run = None
+        if isinstance(exc, Preempted):
+            if self.cfg.wandb.requeue_on_sigterm:
+                run.mark_preempting()
+            run.summary["meta/stopped"] = "SIGTERM"
+            run.finish(exit_code=143)
+        elif isinstance(exc, KeyboardInterrupt):
+            run.summary["meta/stopped"] = "interrupted"
+            run.finish(exit_code=130)
+        else:
+            run.summary["meta/error"] = f"{type(exc).__name__}: {exc}"[:1000]
+            run.finish(exit_code=1)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`superweight detect [key=value ...] [candidates=N] [random=N]`: the Super Weight detector.
+"""`superweight detect`: the Super Weight detector, as a command.
 
 Hooks every MLP down projection (down_proj / mlp.c_proj / fc2 / w2), runs the calibration windows of the
 first seed, and finds massive activations: output elements |y[t, c]| > max(score.outlier_threshold,
@@ -11,9 +11,7 @@ activation), then evaluates perplexity on the evaluation windows with each of th
 zeroed alone (seeded by the first seed). Writes out_dir/detect.json and out_dir/detect.csv.
 
 Options: every `superweight run` option applies (model, data.*, score.outlier_threshold, score.include /
-score.exclude, seeds, eval.batch_size, out_dir, ...), plus:
-  candidates=N   how many top candidates to evaluate (0: detection only)
-  random=N       random single weights per candidate tensor to zero for comparison
+score.exclude, seeds, eval.batch_size, out_dir, ...), plus `candidates` and `random` (DetectOptions).
 
 Example: superweight detect out_dir=outputs/detect data.eval_windows=16
 """
@@ -22,37 +20,35 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from .config import ConfigError, PerturbConfig, parse_config, pop_options, validate
-from .data import build_windows
-from .evaluate import evaluate_lm
-from .io import atomic_write, atomic_write_json
-from .metrics import OUTLIER_RATIO, find_outliers, outlier_modules
-from .models import eligible_parameters, layer_of, load_model, model_context, model_info
-from .perturb import perturbed
+from ..arguments import parse_command
+from ..config import ConfigError, PerturbConfig
+from ..data import build_windows
+from ..evaluation import evaluate_lm
+from ..io import atomic_write, atomic_write_json
+from ..models import bos_every_window, load_model, model_context, model_info
+from ..outliers import OUTLIER_RATIO, find_outliers, outlier_modules
+from ..params import eligible_parameters, index_names, layer_of
+from ..perturbation import perturbed
+from ..validation import prepare_out_dir, validate
+from .base import register
 
-OWN_OPTIONS = {"candidates": 10, "random": 5}
+
+@dataclass
+class DetectOptions:
+    """superweight detect's own options."""
+
+    candidates: int = 10  # how many top candidates to evaluate by zeroing each alone (0: detection only)
+    random: int = 5  # random single weights per candidate tensor to zero for comparison
+
+
 CSV_COLUMNS = ["kind", "rank", "param", "layer", "row", "col", "flat_index", "weight", "activation",
                "input_activation", "score", "occurrences", "ppl", "nll", "acc", "delta_ppl", "ppl_ratio"]
-
-
-def split_own_options(argv: list[str]) -> tuple[list[str], dict[str, int]]:
-    """Take `candidates=N` / `--candidates N` / `--candidates=N` (and `random`) out of argv."""
-    raw, rest = pop_options(argv, OWN_OPTIONS)
-    opts = dict(OWN_OPTIONS)
-    for key, val in raw.items():
-        try:
-            n = int(val)
-        except ValueError:
-            raise ConfigError(f"option '{key}' must be an integer >= 0, got '{val}'") from None
-        if n < 0:
-            raise ConfigError(f"option '{key}' must be an integer >= 0, got {n}")
-        opts[key] = n
-    return rest, opts
 
 
 def _fmt_table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
@@ -62,16 +58,25 @@ def _fmt_table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
 
 
+@register("detect", usage="usage: superweight detect [candidates=N] [random=N] [run options ...]", options=DetectOptions)
 def main(argv: list[str]) -> int:
-    argv, opts = split_own_options(list(argv))
-    cfg = validate(parse_config(argv))
+    """Find massive activations at the MLP down projections and the weight behind each; evaluate zeroing the
+    top candidates alone, next to random single weights of the same tensors. Writes detect.json / detect.csv."""
+    o, cfg = parse_command(list(argv), DetectOptions)
+    for key in ("candidates", "random"):
+        if getattr(o, key) < 0:
+            raise ConfigError(f"option '{key}' must be an integer >= 0, got {getattr(o, key)}")
+    opts = {"candidates": o.candidates, "random": o.random}
+    cfg = validate(cfg)
+    out = prepare_out_dir(cfg.out_dir)
     t0 = time.perf_counter()
     model, tok, device = load_model(cfg.model, cfg.cache_dir)
     params = eligible_parameters(model, cfg.score.include, cfg.score.exclude)
     if not outlier_modules(model, params):
         raise ConfigError("no MLP down projection among the eligible parameters (names ending in down_proj, "
                           "mlp.c_proj, fc2 or w2); valid: a model with such modules and score.include matching them")
-    windows = build_windows(cfg.data, tok, cfg.cache_dir, context=model_context(model))
+    windows = build_windows(cfg.data, tok, cfg.cache_dir, context=model_context(model),
+                            bos_every_window=bos_every_window(model))
     seed = cfg.seeds[0]
     calib = windows.calib(seed)
     bs = cfg.score.batch_size
@@ -107,11 +112,10 @@ def main(argv: list[str]) -> int:
             f = int(torch.randint(0, p.numel(), (1,), generator=gen))
             if f not in taken and f not in drawn:
                 drawn.append(f)
-        cols = p.shape[1] if p.ndim >= 2 else 1
         for j, f in enumerate(drawn):
             w = float(p.detach().reshape(-1)[f].float())
-            rows.append({"kind": "random", "rank": j, "param": pname, "layer": layer_of(pname), "row": f // cols,
-                         "col": f % cols, "flat_index": f, "weight": w, **zero_one(pname, f)})
+            rows.append({"kind": "random", "rank": j, "param": pname, "layer": layer_of(pname),
+                         **index_names(tuple(p.shape), f), "flat_index": f, "weight": w, **zero_one(pname, f)})
 
     table = [{"kind": r["kind"], "layer": r["layer"], "row": r["row"], "col": r["col"], "weight": r["weight"],
               "activation": r.get("activation", math.nan), "input_activation": r.get("input_activation", math.nan),
@@ -132,7 +136,6 @@ def main(argv: list[str]) -> int:
         "elapsed_s": time.perf_counter() - t0,
     }
     df = pd.DataFrame(rows, columns=CSV_COLUMNS)
-    out = Path(cfg.out_dir)
     atomic_write(out / "detect.csv", lambda tmp: df.to_csv(tmp, index=False))
     atomic_write_json(out / "detect.json", payload)
     print(f"outputs: {out / 'detect.json'}, {out / 'detect.csv'}")

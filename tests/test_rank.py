@@ -1,15 +1,23 @@
-"""Selection against naive references: one big Python sort (score, parameter order, flat index) for global,
-per-tensor and per-row sorts for the other modes; heavy ties and NaN scores; the K-grid prefix property;
-Random-K uniform, without replacement and seeded; K out of range; Jaccard against Python sets."""
+"""Selection against naive references (issue 10 semantics: top_k ranks only informative scores, finite and
+> 0, and stops at the metric's support; bottom_k ranks finite scores; NaN is never selected; ties are broken
+by a seeded hash of (seed, parameter, flat index), not by index).
+
+The references are one big Python sort for global and per-tensor / per-row sorts for the other modes; heavy
+ties, NaN and infinite scores; the K-grid prefix property; seeded, uniform tie-breaks; Random-K uniform,
+without replacement and seeded; candidate masks; K beyond the candidates; Jaccard against Python sets."""
 
 import itertools
 import math
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 
-from superweight.config import ConfigError
-from superweight.rank import jaccard, rank, sample_without_replacement
+from superweight.config import ConfigError, RunConfig
+from superweight.params import eligible_parameters
+from superweight.selection import (jaccard, ks_distance, match_quality, rank, sample_without_replacement, tie_hash,
+                                   tied_counts)
+from superweight.validation import check_capabilities
 
 
 def tie_scores(seed: int = 0, nan_frac: float = 0.05) -> dict[str, torch.Tensor]:
@@ -26,43 +34,64 @@ def tie_scores(seed: int = 0, nan_frac: float = 0.05) -> dict[str, torch.Tensor]
     return out  # dict order (b, a, c, d) is the parameter order, deliberately not alphabetical
 
 
+def informative(s: float, selection: str) -> bool:
+    """top_k: finite and > 0; bottom_k: finite. NaN and +-inf never."""
+    if not math.isfinite(s):
+        return False
+    return s > 0 if selection == "top_k" else True
+
+
 def sort_key(s: float, selection: str) -> float:
-    """Larger is selected first; NaN ranks last (as the lowest possible key)."""
-    if math.isnan(s):
-        return -math.inf
+    """Larger is selected first."""
     return s if selection == "top_k" else -s
 
 
-def naive_global(scores, k, selection):
-    entries = []
-    for pid, (name, t) in enumerate(scores.items()):
-        for f, s in enumerate(t.reshape(-1).tolist()):
-            entries.append((name, f, s, pid))
-    entries.sort(key=lambda e: (-sort_key(e[2], selection), e[3], e[1]))  # Python's sort is stable too
-    return [(n, f) for n, f, _, _ in entries[:k]]
-
-
-def naive_per_layer(scores, k, selection):
+def entries(scores, selection, seed, mask=None):
+    """Every candidate as (name, flat, score, u) with u the documented seeded tie-break key."""
     out = []
-    for name, t in scores.items():
-        vals = t.reshape(-1).tolist()
-        order = sorted(range(len(vals)), key=lambda f: (-sort_key(vals[f], selection), f))
-        out.extend((name, f) for f in order[:k])
+    for pid, (name, t) in enumerate(scores.items()):
+        u = tie_hash(seed, pid, torch.arange(t.numel())).tolist()
+        m = mask[name].reshape(-1).tolist() if mask is not None else [True] * t.numel()
+        for f, s in enumerate(t.reshape(-1).tolist()):
+            if informative(s, selection) and m[f]:
+                out.append((name, f, s, u[f]))
     return out
 
 
-def naive_per_row(scores, k, selection):
+def naive_sorted(cands, selection):
+    """By (key desc, u asc): Python's sort of the documented order."""
+    return sorted(cands, key=lambda e: (-sort_key(e[2], selection), e[3]))
+
+
+def naive_global(scores, k, selection, seed=0, mask=None):
+    return [(n, f) for n, f, _, _ in naive_sorted(entries(scores, selection, seed, mask), selection)[:k]]
+
+
+def naive_per_layer(scores, k, selection, seed=0):
+    out = []
+    for name in scores:
+        sub = [e for e in entries(scores, selection, seed) if e[0] == name]
+        out.extend((n, f) for n, f, _, _ in naive_sorted(sub, selection)[:k])
+    return out
+
+
+def naive_per_row(scores, k, selection, seed=0):
     out = []
     for name, t in scores.items():
-        m = t.reshape(t.shape[0], -1) if t.ndim >= 2 else t.reshape(1, -1)
-        for r, row in enumerate(m.tolist()):
-            order = sorted(range(len(row)), key=lambda c: (-sort_key(row[c], selection), c))
-            out.extend((name, r * len(row) + c) for c in order[:k])
+        cols = t.numel() // (t.shape[0] if t.ndim >= 2 else 1)
+        sub = [e for e in entries(scores, selection, seed) if e[0] == name]
+        for r in range(t.numel() // cols):
+            row = [e for e in sub if e[1] // cols == r]
+            out.extend((n, f) for n, f, _, _ in naive_sorted(row, selection)[:k])
     return out
 
 
 def pairs(r):
     return [(r.names[p], f) for p, f in zip(r.pid.tolist(), r.flat.tolist())]
+
+
+def flat_scores(scores):
+    return {(n, f): s for n, t in scores.items() for f, s in enumerate(t.reshape(-1).tolist())}
 
 
 def same_floats(a: list[float], b: list[float]) -> bool:
@@ -73,24 +102,51 @@ def same_floats(a: list[float], b: list[float]) -> bool:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_global_matches_naive_sort(selection, seed):
     scores = tie_scores(seed)
+    fs = flat_scores(scores)
     total = sum(t.numel() for t in scores.values())
+    cands = entries(scores, selection, seed)
+    support = len(cands)
+    assert 0 < support < total  # the fixture has zeros, NaN and infinities outside the candidates
+    by_key = sorted((sort_key(s, selection) for _, _, s, _ in cands), reverse=True)
     for k in (1, 7, 40, 90, total):
-        r = rank(scores, k, "global", selection)
-        want = naive_global(scores, k, selection)
-        assert pairs(r) == want, (k, selection)
-        assert r.group_rank.tolist() == list(range(k))
-        # scores reported are the original values, NaN included
-        flat_scores = {(n, f): s for n, t in scores.items() for f, s in enumerate(t.reshape(-1).tolist())}
-        assert same_floats(r.score.tolist(), [flat_scores[p] for p in want])
+        r = rank(scores, k, "global", selection, seed=seed)
+        n = min(k, support)
+        assert len(r) == n  # stops at the support: never padded with zeros, NaN or infinities
+        assert r.group_rank.tolist() == list(range(n))
+        got = pairs(r)
+        assert len(set(got)) == n
+        keys = [sort_key(fs[p], selection) for p in got]
+        # the selected multiset of scores is the naive sort's top-K multiset
+        assert sorted(keys, reverse=True) == by_key[:n]
+        # in ranking order (non-increasing key)
+        assert keys == sorted(keys, reverse=True)
+        # every candidate strictly above the K-th score is selected; the tied boundary is filled from the tied class
+        kth = by_key[n - 1]
+        above = {(nm, f) for nm, f, s, _ in cands if sort_key(s, selection) > kth}
+        tied = {(nm, f) for nm, f, s, _ in cands if sort_key(s, selection) == kth}
+        assert above <= set(got)
+        assert set(got) - above <= tied
+        assert len(set(got) - above) == n - len(above)
+        # the exact order is (key desc, seeded hash asc)
+        assert got == naive_global(scores, k, selection, seed)
+        # scores reported are the original values; never NaN or infinite
+        assert same_floats(r.score.tolist(), [fs[p] for p in got])
+        assert all(math.isfinite(fs[p]) for p in got)
+        if selection == "top_k":
+            assert r.support == support and all(fs[p] > 0 for p in got)
 
 
 @pytest.mark.parametrize("selection", ["top_k", "bottom_k"])
-def test_nan_scores_rank_last(selection):
-    scores = {"w": torch.tensor([float("nan"), 1.0, float("nan"), 2.0, 0.5])}
-    r = rank(scores, 5, "global", selection)
+def test_nan_and_infinite_scores_never_selected(selection):
+    scores = {"w": torch.tensor([float("nan"), 1.0, float("nan"), 2.0, 0.5, float("inf"), float("-inf"), 0.0])}
+    r = rank(scores, 8, "global", selection)
     order = r.flat.tolist()
-    assert order[-2:] == [0, 2]
-    assert order[:3] == ([3, 1, 4] if selection == "top_k" else [4, 1, 3])
+    if selection == "top_k":  # 0 carries no information either
+        assert order == [3, 1, 4] and r.support == 3
+    else:
+        assert order == [7, 4, 1, 3]
+    for mode in ("per_layer", "per_row"):
+        assert rank(scores, 8, mode, selection).flat.tolist() == order
 
 
 def test_float64_scores_keep_precision():
@@ -104,14 +160,20 @@ def test_float64_scores_keep_precision():
 @pytest.mark.parametrize("selection", ["top_k", "bottom_k"])
 def test_per_layer_and_per_row_match_naive(selection):
     scores = tie_scores(4)
-    for k in (1, 3, 5):
-        r = rank(scores, k, "per_layer", selection)
-        assert sorted(pairs(r)) == sorted(naive_per_layer(scores, k, selection))
-        # in group order: within each tensor, rank 0..k-1
-        assert pairs(r) == naive_per_layer(scores, k, selection)
-        rr = rank(scores, k, "per_row", selection)
-        assert pairs(rr) == naive_per_row(scores, k, selection)
-    assert pairs(rank(scores, 11, "per_layer", selection)) == naive_per_layer(scores, 11, selection)
+    fs = flat_scores(scores)
+    for seed in (0, 5):
+        for k in (1, 3, 5):
+            r = rank(scores, k, "per_layer", selection, seed=seed)
+            want = naive_per_layer(scores, k, selection, seed)
+            # in group order: within each tensor, rank 0..k-1
+            assert pairs(r) == want
+            for name in scores:  # per tensor: the multiset of the naive top-k
+                got = sorted(sort_key(fs[p], selection) for p in pairs(r) if p[0] == name)
+                ref = sorted(sort_key(s, selection) for n, _, s, _ in entries(scores, selection, seed) if n == name)
+                assert got == sorted(ref, reverse=True)[:k][::-1]
+            rr = rank(scores, k, "per_row", selection, seed=seed)
+            assert pairs(rr) == naive_per_row(scores, k, selection, seed)
+        assert pairs(rank(scores, 11, "per_layer", selection, seed=seed)) == naive_per_layer(scores, 11, selection, seed)
 
 
 @pytest.mark.parametrize("mode", ["global", "per_layer", "per_row"])
@@ -123,16 +185,70 @@ def test_k_grid_prefix(mode, selection):
     kmax = {"global": 90, "per_layer": 11, "per_row": 5}[mode]
     full = rank(scores, kmax, mode, selection, seed=3)
     prev = set()
+    sizes = []
     for k in sorted({1, 2, kmax // 2, kmax}):
         sel = full.take(k)
         cur = set(pairs(sel))
         assert prev <= cur
         assert len(cur) == len(sel)
+        sizes.append(len(sel))
         if selection != "random_k":  # deterministic: the same as ranking directly at k
             assert pairs(sel) == pairs(rank(scores, k, mode, selection, seed=3))
         prev = cur
+    assert sizes[0] >= 1 and sizes == sorted(sizes)
     if mode == "global":
         assert pairs(full.take(10)) == pairs(full)[:10]
+
+
+def _count_uniform(counts: dict, n_cells: int, n: int) -> float:
+    exp = n / n_cells
+    return sum((c - exp) ** 2 / exp for c in counts.values()) + exp * (n_cells - len(counts))
+
+
+def test_tie_break_depends_on_seed_and_is_uniform():
+    """All 5 scores tied, K=2: the ordered pair taken is uniform over the 20 ordered pairs across seeds
+    (chi-square over 2000 seeds, 19 dof, bound mean + 5 sd), deterministic for one seed."""
+    scores = {"x": torch.full((2,), 2.0), "y": torch.full((3, 1), 2.0)}
+    for selection in ("top_k", "bottom_k"):
+        counts: dict = {}
+        n = 2000
+        for seed in range(n):
+            key = tuple(pairs(rank(scores, 2, "global", selection, seed=seed)))
+            assert len(set(key)) == 2
+            counts[key] = counts.get(key, 0) + 1
+        assert len(counts) == 20
+        chi2 = _count_uniform(counts, 20, n)
+        assert chi2 < 19 + 5 * math.sqrt(38), (selection, chi2)
+        assert pairs(rank(scores, 2, "global", selection, seed=11)) == pairs(rank(scores, 2, "global", selection, seed=11))
+
+
+@pytest.mark.parametrize("mode", ["global", "per_layer", "per_row"])
+def test_boundary_ties_uniform_over_the_tied_class(mode):
+    """Scores [9, 3, 3, 3, 3, 1] and K=3: 9 always, then 2 of the 4 tied 3s; the 6 subsets are equally
+    likely across seeds (chi-square, 5 dof, 3000 seeds, bound mean + 5 sd); the 1 is never taken."""
+    scores = {"w": torch.tensor([[9.0, 3.0, 3.0, 3.0, 3.0, 1.0]])}
+    counts: dict = {}
+    n = 3000
+    for seed in range(n):
+        r = rank(scores, 3, mode, "top_k", seed=seed)
+        got = r.flat.tolist()
+        assert got[0] == 0 and len(got) == 3
+        assert set(got[1:]) <= {1, 2, 3, 4}
+        assert tied_counts(scores, r) == 4
+        key = frozenset(got[1:])
+        counts[key] = counts.get(key, 0) + 1
+    assert len(counts) == 6
+    chi2 = _count_uniform(counts, 6, n)
+    assert chi2 < 5 + 5 * math.sqrt(10), chi2
+
+
+def test_tie_break_is_not_by_index():
+    """With index tie-breaks, the first tied entries would always win; seeded hashes pick others too."""
+    scores = {"w": torch.ones(100)}
+    firsts = [tuple(rank(scores, 5, "global", "top_k", seed=s).flat.tolist()) for s in range(20)]
+    assert len(set(firsts)) == 20
+    assert sum(set(f) == {0, 1, 2, 3, 4} for f in firsts) <= 1
+    assert max(max(f) for f in firsts) > 50
 
 
 def test_random_k_global_ordered_pairs_uniform():
@@ -171,6 +287,8 @@ def test_sample_without_replacement_rejection_path_uniform():
     exp = 2000 * 3 / 40
     chi2 = float(((inc - exp) ** 2 / exp).sum())
     assert chi2 < 39 + 5 * math.sqrt(78), chi2
+    with pytest.raises(ConfigError):
+        sample_without_replacement(3, 4, torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("mode", ["global", "per_layer", "per_row"])
@@ -180,16 +298,17 @@ def test_random_k_seeded_without_replacement(mode):
     a = rank(scores, k, mode, "random_k", seed=5)
     b = rank(scores, k, mode, "random_k", seed=5)
     c = rank(scores, k, mode, "random_k", seed=6)
+    d = rank(scores, k, mode, "random_k", seed=5, draw=1)
     assert pairs(a) == pairs(b)
     assert pairs(a) != pairs(c)
+    assert pairs(a) != pairs(d)  # another control draw of the same seed
     assert len(set(pairs(a))) == len(a)
     for name, f in pairs(a):
         assert 0 <= f < scores[name].numel()
     # random_k ignores the scores (same draw for other scores of the same shapes), reports the real ones
     other = {n: torch.randn(t.shape) for n, t in scores.items()}
     assert pairs(rank(other, k, mode, "random_k", seed=5)) == pairs(a)
-    flat_scores = {(n, f): s for n, t in scores.items() for f, s in enumerate(t.reshape(-1).tolist())}
-    assert same_floats(a.score.tolist(), [flat_scores[p] for p in pairs(a)])
+    assert same_floats(a.score.tolist(), [flat_scores(scores)[p] for p in pairs(a)])
 
 
 def test_per_row_random_uniform_within_row():
@@ -202,22 +321,99 @@ def test_per_row_random_uniform_within_row():
     assert chi2 < 3 + 5 * math.sqrt(6), chi2
 
 
-def test_k_out_of_range():
+@pytest.mark.parametrize("mode", ["global", "per_layer", "per_row"])
+@pytest.mark.parametrize("selection", ["top_k", "bottom_k", "random_k"])
+def test_selections_drawn_only_from_the_mask(mode, selection):
+    """mask_fn (the weights a perturbation can change) bounds every selection; the masked-out weights hold
+    the highest (top_k) and lowest (bottom_k) scores, so a selection ignoring the mask would take them."""
+    g = torch.Generator().manual_seed(0)
+    scores = {"p.weight": torch.rand(4, 6, generator=g) + 0.1, "q.weight": torch.rand(3, 6, generator=g) + 0.1}
+    mask = {n: torch.rand(t.shape, generator=g) < 0.6 for n, t in scores.items()}
+    for n in scores:
+        scores[n][~mask[n]] = torch.where(torch.rand(int((~mask[n]).sum()), generator=g) < 0.5, 100.0, 1e-6)
+    k = {"global": 30, "per_layer": 12, "per_row": 4}[mode]
+    for seed in range(3):
+        r = rank(scores, k, mode, selection, seed=seed, mask_fn=lambda n: mask[n])
+        assert len(r) > 0
+        for n, f in pairs(r):
+            assert bool(mask[n].reshape(-1)[f]), (n, f)
+        assert r.n_candidates == sum(int(m.sum()) for m in mask.values())
+        if mode == "global":
+            assert len(r) == min(k, r.n_candidates)
+            if selection != "random_k":
+                assert pairs(r) == naive_global(scores, k, selection, seed, mask)
+
+
+def test_k_beyond_the_candidates_stops_at_the_support():
+    """rank() never pads: K above the candidates returns the candidates (top_k: the support). The K range
+    of a run is checked once, up front, against the eligible weights (validation.check_capabilities)."""
     scores = tie_scores(0)
     total = sum(t.numel() for t in scores.values())
     for sel in ("top_k", "bottom_k", "random_k"):
-        with pytest.raises(ConfigError, match=f"valid: 1..{total}"):
-            rank(scores, total + 1, "global", sel)
-        with pytest.raises(ConfigError, match="valid: 1..11"):
-            rank(scores, 12, "per_layer", sel)
-        with pytest.raises(ConfigError, match="row length"):
-            rank(scores, 8, "per_row", sel)
+        r = rank(scores, total + 1, "global", sel)
+        n_cand = len(entries(scores, sel, 0)) if sel != "random_k" else total
+        assert len(r) == n_cand and len(set(pairs(r))) == n_cand
+        pl = rank(scores, 12, "per_layer", sel)
+        for n, t in scores.items():
+            cand = sum(1 for e in entries(scores, sel, 0) if e[0] == n) if sel != "random_k" else t.numel()
+            assert sum(1 for p in pairs(pl) if p[0] == n) == min(12, cand)
+        pr = rank(scores, 12, "per_row", sel)  # longer than every row
+        assert len(pr) == (len(entries(scores, sel, 0)) if sel != "random_k" else total)
         with pytest.raises(ConfigError, match=">= 1"):
             rank(scores, 0, "global", sel)
     with pytest.raises(ConfigError, match="valid choices: global, per_layer, per_row"):
         rank(scores, 1, "per_head", "top_k")
     with pytest.raises(ConfigError, match="valid choices: top_k, bottom_k, random_k"):
         rank(scores, 1, "global", "middle_k")
+
+
+def test_k_out_of_range_is_a_config_error_up_front():
+    model = make_tiny_llama()  # hidden 16, intermediate 32, 2 layers, 2 heads, 1 KV head
+    params = eligible_parameters(model)
+    total = sum(p.numel() for p in params.values())
+    smallest = min(p.numel() for p in params.values())
+    row = min(p.shape[1] for p in params.values())
+    cfg = RunConfig()
+    cfg.score.metrics, cfg.perturb.names = ["magnitude"], ["zero"]
+    for modes, k, needle in ((["global"], total + 1, f"valid: 1..{total}"),
+                             (["per_layer"], smallest + 1, f"valid: 1..{smallest}"),
+                             (["per_row"], row + 1, "row length")):
+        cfg.select.modes, cfg.select.topk = modes, [1, k]
+        with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+            check_capabilities(cfg, model, params)
+        cfg.select.topk = [1, k - 1]
+        check_capabilities(cfg, model, params)
+
+
+def test_matched_k_same_module_type_similar_magnitude_disjoint_from_top():
+    g = torch.Generator().manual_seed(0)
+    values = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(8, 16, generator=g) for i in range(2)}
+    values["model.layers.0.self_attn.q_proj.weight"] = torch.randn(8, 8, generator=g)
+    scores = {n: v.abs() * torch.rand(v.shape, generator=g) for n, v in values.items()}
+    top = rank(scores, 20, "global", "top_k", seed=0)
+    m = rank(scores, 20, "global", "matched_k", seed=0, draw=0, top=top, values=lambda n: values[n])
+    m2 = rank(scores, 20, "global", "matched_k", seed=0, draw=1, top=top, values=lambda n: values[n])
+    assert len(m) == 20 and pairs(m) != pairs(m2)
+    assert not set(pairs(m)) & set(pairs(top))
+    assert len(set(pairs(m))) == len(m)
+    widths = m.stats["width"].tolist()
+    for (tn, tf), (mn, mf), w in zip(pairs(top), pairs(m), widths):
+        assert tn.split(".")[-2] == mn.split(".")[-2]  # same module type
+        a, b = float(values[tn].reshape(-1)[tf].abs()), float(values[mn].reshape(-1)[mf].abs())
+        assert b <= a * (1 + w) * (1 + 1e-6) and a <= b * (1 + w) * (1 + 1e-6), (a, b, w)
+    assert sum(w <= 0.05 for w in widths) >= 10  # most matches within ±5%
+    assert m.group_rank.tolist() == top.group_rank.tolist()  # the K grid nests
+    q = match_quality(m.take(10))
+    assert 0 <= q["match_ks"] <= 1 and q["match_max_width"] == max(widths[:10])
+    with pytest.raises(ValueError):
+        rank(scores, 5, "global", "matched_k")
+
+
+def test_ks_distance():
+    assert ks_distance([1, 2, 3], [1, 2, 3]) == 0.0
+    assert ks_distance([1, 2], [3, 4]) == 1.0
+    assert ks_distance([1, 2, 3, 4], [3, 4, 5, 6]) == pytest.approx(0.5)
+    assert math.isnan(ks_distance([], [1]))
 
 
 def test_jaccard_against_sets():
@@ -243,6 +439,7 @@ def test_jaccard_against_sets():
 def test_by_param_groups_sorted_indices():
     scores = tie_scores(2)
     r = rank(scores, 50, "global", "top_k")
+    assert r.support >= 50
     bp = r.by_param()
     assert sum(v.numel() for v in bp.values()) == 50
     assert sorted((n, f) for n, v in bp.items() for f in v.tolist()) == sorted(pairs(r))

@@ -278,7 +278,7 @@ def hutchinson_diag(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     for n, p, a in zip(names, ps, acc):
         a.div_(B * P)
         if ctx.cfg.saliency == "obd":
-            a.mul_(p.detach().to(a.device, torch.float32).square()).mul_(0.5)
+            a.mul_(p.detach().to(a.device, torch.float32).square()).mul_(0.5).abs_()  # |1/2 d w^2|: ranked by magnitude
         else:
             a.abs_()
         out[n] = a.to(ctx.score_dtype)

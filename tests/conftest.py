@@ -68,13 +68,15 @@ def smollm():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
+def smollm_tokenizer(smollm):
+    """The real SmolLM2 tokenizer (as `load_model` returns it for the embedded default)."""
+    return smollm[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm_tokenizer):
     """A local HF model dir: a tiny random Llama with the real SmolLM2 tokenizer (fast CLI end-to-end)."""
-    from transformers import AutoTokenizer
-
-    from superweight.models import _embedded_dir
-
-    tok = AutoTokenizer.from_pretrained(_embedded_dir("smollm2-135m", None))
+    tok = smollm_tokenizer
     d = tmp_path_factory.mktemp("tiny-llama")
     model = make_tiny_llama(vocab_size=len(tok), hidden=32, layers=2, seed=1)
     model.save_pretrained(d)

@@ -50,6 +50,11 @@ def test_split_is_disjoint_and_seeds_choose_calibration(tmp_path):
     w = build_windows(cfg, CharTokenizer(), cache_dir=str(tmp_path / "cache"))
     assert w.tokens.shape[1] == 16 and w.eval_tokens.shape == (10, 16)
     ev = set(w.eval_idx.tolist())
+    # evaluation windows are spread evenly over the corpus, not its first windows
+    n = w.tokens.shape[0]
+    gaps = [b - a for a, b in zip(sorted(ev), sorted(ev)[1:])]
+    assert min(ev) < n / 10 and max(ev) > n * 0.9 and max(gaps) - min(gaps) <= 1
+    assert sorted(set(w.pool_idx.tolist()) | ev) == list(range(n))
     for seed in range(5):
         c = w.calib_idx(seed).tolist()
         assert len(c) == 5 and len(set(c)) == 5 and not ev & set(c)
@@ -66,9 +71,9 @@ def test_split_is_disjoint_and_seeds_choose_calibration(tmp_path):
 
 
 def test_shipped_corpora_load_offline():
-    docs = CORPORA["boolq"]()
+    docs = CORPORA["boolq"]().docs
     assert 2500 < len(docs) < 3300 and len(set(docs)) == len(docs)
     assert sum(len(d.split()) for d in docs) > 200_000
-    lam = CORPORA["lambada"]()
+    lam = CORPORA["lambada"]().docs
     assert len(lam) == 5153
     assert load_documents(DataConfig(max_documents=7)) == docs[:7]

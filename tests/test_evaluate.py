@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from superweight.config import DataConfig
-from superweight.data import build_windows, tokenize_stream
-from superweight.evaluate import evaluate_lm, strided_windows
+from superweight.data import build_windows, spread, strided_windows, tokenize_stream
+from superweight.evaluation import evaluate_lm
 
 
 def reference_loop(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float, int]:
@@ -49,6 +49,12 @@ def test_matches_plain_loop(model_and_windows):
     assert res.ppl == pytest.approx(ppl, rel=1e-5)
     assert res.acc == acc  # argmax over the same logits: exact
     assert res.nonfinite is False
+    # per-window sums (for paired confidence intervals): each window against the plain loop on its own
+    assert res.window_tokens == [23] * 9
+    assert math.fsum(res.window_nll) / sum(res.window_tokens) == pytest.approx(res.nll, rel=1e-12)
+    for i in range(ids.size(0)):
+        w_nll, _, _, w_count = reference_loop(model, ids[i : i + 1], ids[i : i + 1])
+        assert res.window_nll[i] == pytest.approx(w_nll * w_count, rel=1e-5)
 
 
 def test_batch_size_does_not_change_numbers(model_and_windows):
@@ -113,12 +119,8 @@ def test_strided_perplexity_with_full_stride_context(model_and_windows):
     assert res.nll == pytest.approx(nll / 29, rel=1e-5)
 
 
-def test_calibration_and_evaluation_windows_disjoint(tmp_path):
-    from transformers import AutoTokenizer
-
-    from superweight.models import _embedded_dir
-
-    tok = AutoTokenizer.from_pretrained(_embedded_dir("smollm2-135m", None))
+def test_calibration_and_evaluation_windows_disjoint(tmp_path, smollm_tokenizer):
+    tok = smollm_tokenizer
     lines = [f"Document {i} talks about topic {i * 7 % 13} and number {i * i}." for i in range(80)]
     path = tmp_path / "docs.txt"
     path.write_text("\n".join(lines))
@@ -129,7 +131,8 @@ def test_calibration_and_evaluation_windows_disjoint(tmp_path):
     assert w.tokens.shape == (n, 16)
     assert torch.equal(w.tokens.reshape(-1), stream[: n * 16])  # windows = consecutive slices of the stream
     ev = set(w.eval_idx.tolist())
-    assert ev == set(range(5))
+    assert ev == set(spread(n, 5).tolist())  # spread evenly over the corpus
+    assert min(ev) < n / 5 and max(ev) > n * 4 / 5
     assert ev.isdisjoint(w.pool_idx.tolist()) and len(ev) + len(w.pool_idx) == n
     spans_eval = {p for i in ev for p in range(16 * i, 16 * i + 16)}
     for seed in (0, 1, 2):

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from superweight.config import ConfigError, PerturbConfig
-from superweight.evaluate import evaluate_lm
-from superweight.models import param_hash
-from superweight.perturb import (
-    PERTURBATIONS, bit_flip, check_storage, gauss_noise, parse_bits, perturbed, sign_flip, xor_bits, zero,
+from superweight.config import ConfigError, PerturbConfig, RunConfig
+from superweight.evaluation import evaluate_lm
+from superweight.params import param_hash
+from superweight.perturbation import (
+    PERTURBATIONS, bit_flip, changeable, gauss_noise, parse_bits, perturbed, sign_flip, supports, xor_bits, zero,
 )
+from superweight.validation import check_capabilities
 
 IV = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
       torch.bfloat16: torch.int16, torch.int8: torch.int8, torch.uint8: torch.uint8}
@@ -309,6 +310,43 @@ def test_restore_after_nan_and_eval_records_nonfinite():
     assert again.as_dict() == base.as_dict()
 
 
+def test_change_counts_hand_computed():
+    """changed counts value changes (-0.0 == 0.0), delta_w_l2 / delta_w_linf / mean_abs_w over the selection."""
+    params = {"w": torch.nn.Parameter(torch.tensor([0.5, -2.0, 3.25, 0.0, 1.0]), requires_grad=False)}
+    with perturbed(params, {"w": torch.tensor([0, 1, 2])}, "zero", PerturbConfig()) as info:
+        assert info["n"] == 3 and info["changed"] == 3 and info["bits_changed"] == 3 and info["nonfinite"] == 0
+        assert info["delta_w_l2"] == pytest.approx(math.sqrt(0.25 + 4.0 + 3.25**2))
+        assert info["delta_w_linf"] == 3.25
+        assert info["mean_abs_w"] == pytest.approx(5.75 / 3)
+    # a sign flip of 0.0 gives -0.0: its bits change, its value does not
+    with perturbed(params, {"w": torch.tensor([3, 4])}, "sign_flip", PerturbConfig(scale=1.0)) as info:
+        assert params["w"].view(-1)[3].item() == 0.0 and str(params["w"].view(-1)[3].item()) == "-0.0"
+        assert info["changed"] == 1 and info["bits_changed"] == 2
+        assert info["delta_w_l2"] == pytest.approx(2.0) and info["delta_w_linf"] == 2.0
+        assert info["mean_abs_w"] == pytest.approx(0.5)
+    with perturbed(params, {"w": torch.tensor([3])}, "zero", PerturbConfig()) as info:
+        assert info["changed"] == 0 and info["bits_changed"] == 0 and info["delta_w_l2"] == 0.0
+    assert params["w"].tolist() == [0.5, -2.0, 3.25, 0.0, 1.0]
+
+
+def test_changeable_masks():
+    """Selections are drawn from the weights a perturbation can change: zero, sign_flip and relative
+    gauss_noise cannot change w = 0; absolute gauss_noise and bit_flip change any weight."""
+    w = torch.tensor([0.0, -0.0, 1.0, -2.5])
+    nz = [False, False, True, True]
+    assert changeable("zero", w, PerturbConfig()).tolist() == nz
+    assert changeable("sign_flip", w, PerturbConfig()).tolist() == nz
+    assert changeable("gauss_noise", w, PerturbConfig(relative=True)).tolist() == nz
+    assert changeable("gauss_noise", w, PerturbConfig(relative=False)).tolist() == [True] * 4
+    assert changeable("bit_flip", w, PerturbConfig()).tolist() == [True] * 4
+    # the masks are right: every weight outside the mask is left as it is by the perturbation
+    for name in PERTURBATIONS:
+        cfg = _cfg(name)
+        out = PERTURBATIONS[name].fn(w, cfg, torch.Generator().manual_seed(0))
+        outside = ~changeable(name, w, cfg)
+        assert torch.equal(out[outside], w[outside]), name
+
+
 def test_perturbed_rejects_unknown_name(tiny_llama):
     with pytest.raises(ConfigError, match="valid choices: .*bit_flip"):
         with perturbed(dict(tiny_llama.named_parameters()), {}, "melt", PerturbConfig()):
@@ -327,10 +365,17 @@ def test_float_only_perturbations_refuse_int8(name):
         with perturbed(params, {"w1": torch.tensor([0, 1]), "w2": torch.tensor([2])}, name, _cfg(name)):
             pass
     assert param_hash(model) == before
+    # declared capabilities, and the up-front check of a run against the model's storage
+    assert not supports(name, torch.int8) and supports(name, torch.bfloat16)
+    assert all(supports(n, dt) for n in ("zero", "bit_flip") for dt in (torch.int8, torch.float32, torch.bfloat16))
+    assert PERTURBATIONS.names(quantized=True) == ["zero", "bit_flip"]
+    cfg = RunConfig()
+    cfg.score.metrics, cfg.select.topk = ["magnitude"], [1]
+    cfg.perturb.names = ["zero", name]
     with pytest.raises(ConfigError, match=name):
-        check_storage(["zero", name], {torch.bfloat16, torch.int8})
-    check_storage(["zero", "bit_flip", "sign_flip", "gauss_noise"], {torch.float32, torch.bfloat16})
-    check_storage(["zero", "bit_flip"], {torch.int8})
+        check_capabilities(cfg, model, params)
+    cfg.perturb.names = ["zero", "bit_flip"]
+    check_capabilities(cfg, model, params)
 
 
 def test_int8_zero_and_xor_on_stored_values():
@@ -363,8 +408,10 @@ def test_bitsandbytes_int8params_cpu():
     before = param_hash(lin)
     codes = lin.weight.data.clone().view(-1)
     idx = torch.tensor([0, 33, 100])
-    with pytest.raises(ConfigError, match="int8"):
-        check_storage(["sign_flip"], {lin.weight.dtype})
+    cfg = RunConfig()
+    cfg.score.metrics, cfg.select.topk, cfg.perturb.names = ["magnitude"], [1], ["sign_flip"]
+    with pytest.raises(ConfigError, match="8-bit"):
+        check_capabilities(cfg, lin, params)
     with perturbed(params, {"weight": idx}, "bit_flip", PerturbConfig(prob=1.0, bits="sign")):
         now = lin.weight.data.view(-1)
         assert now[idx].tolist() == [v - 128 if v >= 0 else v + 128 for v in codes[idx].tolist()]

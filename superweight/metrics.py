@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ConfigError, ScoreConfig
+from .experts import ExpertInputNorms
 from .outliers import OUTLIER_RATIO, find_outliers
 from .params import autocast_ctx, checkpointing_active, input_device, owner, weight_kind, weight_values
 from .registry import Registry
@@ -285,19 +286,23 @@ def hutchinson_diag(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     return out
 
 
-@register_metric("act_mag", quantized=True, weight_kinds=("linear", "conv1d"), memory="forward")
+@register_metric("act_mag", quantized=True, weight_kinds=("linear", "conv1d", "experts"), memory="forward")
 def act_mag(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """Wanda's score s_ij = |w_ij| · ‖x_j‖₂, x_j the j-th input feature of the weight's Linear over all
     calibration tokens (‖x_j‖₂ = sqrt(sum_tokens x_j²), accumulated in fp32 by forward hooks, no autograd).
-    nn.Linear weights are [out, in] (column j); GPT-2 Conv1D weights are [in, out] (row j). Other module
-    types raise ConfigError."""
-    owners = {}
+    nn.Linear weights are [out, in] (column j); GPT-2 Conv1D weights are [in, out] (row j). Fused expert
+    weights [E, out, in]: s_eij = |w_eij| · ‖x_j‖₂ over the tokens routed to expert e, i.e. the inputs each
+    expert actually received (experts.ExpertInputNorms); an expert that got no token scores 0."""
+    dense, fused = {}, []
     for n in ctx.params:
-        owners[n] = (owner(ctx.model, n)[1], _in_features_axis(ctx.model, n, "act_mag"))
+        if weight_kind(ctx.model, n) == "experts":
+            fused.append(n)
+        else:
+            dense[n] = (owner(ctx.model, n)[1], _in_features_axis(ctx.model, n, "act_mag"))
     sumsq: dict[str, torch.Tensor] = {}
     handles = []
 
-    def make_hook(n, axis):
+    def make_hook(n):
         def hook(mod, args, kwargs, output):
             x = args[0] if args else kwargs.get("input", kwargs.get("x"))
             s = x.detach().reshape(-1, x.shape[-1]).float().square().sum(0)
@@ -308,18 +313,23 @@ def act_mag(ctx: ScoreContext) -> dict[str, torch.Tensor]:
 
         return hook
 
+    experts = ExpertInputNorms(ctx.model, fused)
     try:
-        for n, (mod, axis) in owners.items():
-            handles.append(mod.register_forward_hook(make_hook(n, axis), with_kwargs=True))
-        _forward_all(ctx, "act_mag")
+        for n, (mod, _) in dense.items():
+            handles.append(mod.register_forward_hook(make_hook(n), with_kwargs=True))
+        with experts:
+            _forward_all(ctx, "act_mag")
     finally:
         for h in handles:
             h.remove()
     out = {}
     for n, p in ctx.params.items():
-        axis = owners[n][1]
+        if n not in dense:
+            out[n] = experts.scores(ctx.model, n).to(ctx.buffer_like(p).device, ctx.score_dtype)
+            continue
+        mod, axis = dense[n]
         buf = ctx.buffer_like(p).float()
-        buf.copy_(weight_values(p, owners[n][0]).abs())
+        buf.copy_(weight_values(p, mod).abs())
         if n in sumsq:
             norm = sumsq.pop(n).sqrt_()
             buf.mul_(norm.unsqueeze(0) if axis == 1 else norm.unsqueeze(1))
@@ -336,7 +346,8 @@ def act_outlier(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     tokens) at each candidate W[c, j*] of an MLP down projection, where c is the channel of a massive output
     activation (|y| > max(score.outlier_threshold, OUTLIER_RATIO · the layer's median token max)) and j* the
     largest-|input| channel at that token; every other weight scores 0 and is outside the metric's support (Top-K
-    stops at the candidates; it is never padded with ties)."""
+    stops at the candidates; it is never padded with ties). Mixture-of-experts: the same rule on each expert's
+    down projection, per routed token (candidate = down_proj[expert][c, j*])."""
     cands, _ = find_outliers(ctx.model, ctx.batches, ctx.cfg.outlier_threshold, OUTLIER_RATIO, ctx.params,
                              ctx.device, ctx.progress)
     out = {n: ctx.buffer_like(p) for n, p in ctx.params.items()}

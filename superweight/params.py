@@ -17,10 +17,13 @@ import torch
 from .config import ConfigError
 
 _LAYER_RX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
-# MoE routers: a [num_experts, hidden] weight deciding which experts a token visits (Mixtral `mlp.gate`,
-# Qwen-MoE / OLMoE `mlp.gate`, Switch `router`). Not scored by default: zeroing a router weight reroutes
-# tokens rather than removing a computation, a different question (score.include=... opts them in).
-ROUTER_RX = re.compile(r"\.(?:mlp|block_sparse_moe|moe)\.(?:gate|router)(?:\.layer|\.classifier)?\.weight$")
+# MoE routers: a [num_experts, hidden] weight deciding which experts a token visits (Mixtral / Qwen-MoE /
+# OLMoE `mlp.gate`, gpt-oss `mlp.router`, Qwen-MoE's `shared_expert_gate`). Not scored by default: changing
+# a router weight reroutes tokens rather than scaling a feature channel (a different question), and gradient
+# metrics see only the smooth top-k path, not the expert choice. score.include=... opts them in.
+ROUTER_RX = re.compile(r"(?:^|\.)(?:gate|router|shared_expert_gate)\.weight$")
+# Fused mixture-of-experts weights: one 3-D parameter [E, out, in] per projection of a block's `experts` module
+EXPERT_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
 
 
 def layer_of(name: str) -> int:
@@ -84,7 +87,7 @@ def eligible_parameters(model, include: str | None = None, exclude: str | None =
     """The weights we score and perturb.
 
     Default: every >=2-D weight inside the transformer blocks (attention and MLP matrices, fused 3-D expert
-    weights), MoE routers excluded (see ROUTER_RX). Embeddings, lm_head, norms and routers are opt-in via
+    weights), MoE routers and fused expert biases excluded (see ROUTER_RX). Embeddings, lm_head, norms and routers are opt-in via
     `include` (a regex over names). Tied parameters appear once."""
     out = {}
     rx_in = re.compile(include) if include else None
@@ -93,7 +96,7 @@ def eligible_parameters(model, include: str | None = None, exclude: str | None =
         if rx_in is not None:
             ok = bool(rx_in.search(name))
         else:
-            ok = p.ndim >= 2 and layer_of(name) >= 0 and not is_router(name)
+            ok = p.ndim >= 2 and layer_of(name) >= 0 and not is_router(name) and not name.endswith("_bias")
         if ok and rx_ex is not None and rx_ex.search(name):
             ok = False
         if ok:
@@ -182,7 +185,7 @@ def weight_kind(model, name: str) -> str:
     if attr == "weight" and is_conv1d(mod):
         return "conv1d"
     p = getattr(mod, attr, None)
-    if isinstance(p, torch.Tensor) and p.ndim == 3 and "expert" in mod_name.rsplit(".", 1)[-1]:
+    if attr in EXPERT_WEIGHTS and isinstance(p, torch.Tensor) and p.ndim == 3 and isinstance(getattr(mod, "num_experts", None), int):
         return "experts"
     return "other"
 

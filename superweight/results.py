@@ -13,6 +13,7 @@ evaluation windows (jointly for all rows, since they share windows): every sourc
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -32,16 +33,49 @@ GAP_COLUMNS = ["perturbation", "mode", "metric", "k", "control", "gap_nll", "gap
 BOOTSTRAP = 2000
 
 
+def _t_central(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with integer df (Abramowitz & Stegun 26.7.3-4, a finite series)."""
+    th = math.atan(t / math.sqrt(df))
+    c2, s = math.cos(th) ** 2, math.sin(th)
+    if df % 2:  # odd: (2/pi) (th + sin th cos th (1 + 2/3 cos^2 + 2·4/(3·5) cos^4 + ...))
+        total, term = 0.0, 1.0
+        for j in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= c2 * (2 * j) / (2 * j + 1)
+        return 2 / math.pi * (th + s * math.cos(th) * total) if df > 1 else 2 / math.pi * th
+    total, term = 0.0, 1.0  # even: sin th (1 + 1/2 cos^2 + 1·3/(2·4) cos^4 + ...)
+    for j in range(1, df // 2 + 1):
+        total += term
+        term *= c2 * (2 * j - 1) / (2 * j)
+    return s * total
+
+
+@functools.lru_cache(maxsize=None)
 def _t975(df: int) -> float:
-    """Two-sided 95% Student-t quantile (exact table for small df, normal beyond)."""
-    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-             10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+    """Two-sided 95% Student-t quantile t(0.975, df), exact to ~1e-9 (bisection on the closed-form CDF);
+    beyond df = 20,000 the Cornish-Fisher term z + (z^3 + z) / (4 df)."""
     if df <= 0:
         return float("nan")
-    for k in sorted(table):
-        if df <= k:
-            return table[k]
-    return 1.960
+    if df > 20_000:
+        z = 1.959963984540054
+        return z + (z ** 3 + z) / (4 * df)
+    lo, hi = 0.0, 1000.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_central(mid, df) < 0.95 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def past_support(row: dict) -> bool:
+    """A Top-K row past its metric's support: Top-K stopped at `support` < K weights (never padded), so it
+    is no Top-K at that K and is left out of the gaps and the effects (the row itself stays in results.csv)."""
+    if row.get("selection") != "top_k":
+        return False
+    try:
+        sup = float(row.get("support"))
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(sup) and int(row["k"]) > sup
 
 
 def per_window_delta(row: dict, baseline: dict) -> np.ndarray | None:
@@ -103,13 +137,16 @@ def gaps(rows: list[dict], baseline: dict, n_boot: int = BOOTSTRAP, seed: int = 
     hierarchical bootstrap over seeds, control draws and evaluation windows (module docstring).
 
     Rows from several runs can be pooled (a sweep that puts each seed in its own run) as long as they share
-    the evaluation windows (the same data config). Rows without per-window data give the point estimate only."""
+    the evaluation windows (the same data config). Rows without per-window data give the point estimate only.
+    A K past a metric's support has no Top-K at that K (`past_support`): no gap."""
     if not rows:
         return pd.DataFrame(columns=GAP_COLUMNS)
     base_n = np.asarray(baseline.get("window_tokens") or [], float)
     out = []
     by: dict[tuple, dict] = {}
     for r in rows:
+        if past_support(r):
+            continue
         key = (r["perturbation"], r["mode"], r["metric"], int(r["k"]))
         d = per_window_delta(r, baseline)
         by.setdefault(key, {}).setdefault(r["selection"], {}).setdefault(int(r["seed"]), []).append(
@@ -149,19 +186,18 @@ def _bootstrap_gap(top: list[np.ndarray] | None, ctl: list[list[np.ndarray]], n:
     if (top is not None and not all(np.all(np.isfinite(t)) for t in top)) or \
             not all(np.all(np.isfinite(c)) for cs in ctl for c in cs):
         return float("nan"), float("nan")
-    T = np.stack(top) if top is not None else np.zeros((S, W))
-    D = [np.stack(cs) for cs in ctl]  # per seed [draws, W]
-    stats = np.empty(n_boot)
-    for b in range(n_boot):
-        ss = rng.integers(0, S, S)
-        ww = rng.integers(0, W, W)
-        wn = n[ww]
-        acc = 0.0
-        for s in ss:
-            dd = rng.integers(0, D[s].shape[0], D[s].shape[0])
-            c = D[s][np.ix_(dd, ww)].mean(0)
-            acc += float(np.sum((T[s, ww] - c) * wn) / np.sum(wn))
-        stats[b] = acc / S
+    T = np.stack(top) if top is not None else np.zeros((S, W))  # [S, W]
+    D = max(len(cs) for cs in ctl)
+    C = np.stack([np.stack(cs + [cs[-1]] * (D - len(cs))) for cs in ctl])  # [S, D, W] (short seeds padded)
+    nd = np.asarray([len(cs) for cs in ctl])
+    # one vectorized draw of every level for all resamples at once: seeds [B, S], draws [B, S, D], windows [B, W]
+    ss = rng.integers(0, S, (n_boot, S))
+    dd = np.floor(rng.random((n_boot, S, D)) * nd[ss][..., None]).astype(np.int64)
+    ww = rng.integers(0, W, (n_boot, W))
+    c = C[ss[:, :, None, None], dd[:, :, :, None], ww[:, None, None, :]].mean(2)  # [B, S, W]
+    t = T[ss[:, :, None], ww[:, None, :]]  # [B, S, W]
+    wn = n[ww][:, None, :]  # [B, 1, W]
+    stats = (((t - c) * wn).sum(2) / wn.sum(2)).mean(1)  # [B]
     if top is None:
         stats = -stats
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
@@ -183,6 +219,8 @@ def effects(rows: list[dict], baseline: dict, n_boot: int = 1000, seed: int = 1)
     base_ppl = float(baseline["ppl"])
     by: dict[tuple, dict] = {}
     for r in rows:
+        if past_support(r):
+            continue
         key = (r["perturbation"], r["mode"], r["metric"], r["selection"], int(r["k"]))
         by.setdefault(key, {}).setdefault(int(r["seed"]), []).append((per_window_delta(r, baseline), float(r["delta_nll"])))
     rng = np.random.default_rng(seed)

@@ -94,3 +94,23 @@ def test_family_full_experiment_and_detector(family, tokenizer, tmp_path, one_th
     assert rc == 0
     det = json.loads((tmp_path / "det" / "detect.json").read_text())
     assert det["layers"], "the detector hooks at least one down projection"
+
+
+def test_8bit_model_end_to_end_after_forwards(tokenizer, tmp_path, one_thread):
+    """bitsandbytes 8-bit on the CPU: Linear8bitLt moves its row scales from weight.SCB to state.SCB at the first
+    forward; the baseline evaluation runs before scoring, so every metric below reads the weights after forwards.
+    Gradient metrics are refused before anything is written (8-bit weights have no weight gradients)."""
+    pytest.importorskip("bitsandbytes")
+    build("llama", tokenizer, tmp_path / "model")
+    base = args(tmp_path / "model", tmp_path / "out", tmp_path / "cache", "quantize=8bit",
+                "metric=magnitude,act_mag,act_outlier", "perturb=zero,bit_flip", "perturb.bits=sign")
+    exp = make_experiment(parse_config(base), progress=False)
+    df = run_experiment(exp).table
+    p = next(p for n, p in exp.params.items())
+    assert p.dtype == torch.int8 and getattr(p, "SCB", None) is None, "the scales moved to state.SCB"
+    assert set(df["metric"]) == {"magnitude", "act_mag", "act_outlier"}
+    top = df[(df["selection"] == "top_k") & (df["metric"] == "magnitude") & (df["perturbation"] == "zero")]
+    assert (top["changed"] == top["n_selected"]).all() and (top["delta_nll"] != 0).any()
+    out = tmp_path / "out2"
+    rc = main(["run", *args(tmp_path / "model", out, tmp_path / "cache", "quantize=8bit", "metric=grad_x_weight")])
+    assert rc == 2 and not out.exists()

@@ -1,10 +1,11 @@
 """Paper figures from several runs (the `superweight figures` command is commands/figures.py). A SOURCE is
   * a run's out_dir (it holds results.csv), or a directory of runs such as a sweep dir (searched for
     out_dirs; `wandb/` folders are not descended into);
-  * an offline W&B run directory (`.../wandb/offline-run-*`): its logged artifacts are read back;
-  * `wandb:ENTITY/PROJECT[/GROUP]` or `wandb:ENTITY/PROJECT --sweep ID` (online): the finished runs only;
-    of each, the version of its `results`, `rankings` and `manifest` artifacts that it logged last, read
-    from the artifact files (no table truncation).
+  * a finished offline W&B run directory (`.../wandb/offline-run-*`): its logged artifacts are read back;
+  * `wandb:ENTITY/PROJECT[/GROUP]` or `wandb:ENTITY/PROJECT --sweep ID` (online): the finished runs only
+    (state `finished`: no running, crashed, preempted or stopped run); of each, the latest version it
+    logged of its `results`, `rankings` and `manifest` artifacts, read from the artifact files (no table
+    truncation; the results table also carries every result config key as a column).
 
 The runs are pooled. Runs whose configs differ in anything other than the plotted axes (metric,
 perturbation, seeds) and bookkeeping (out_dir, wandb, plots, resume, cache_dir) are *variants*
@@ -50,16 +51,32 @@ def find_run_dirs(root: str | Path) -> list[Path]:
     return found
 
 
+KINDS = ("results", "rankings", "manifest")  # the artifact types figures read
+
+
+def _version(art) -> int:
+    """`v12` -> 12 (an artifact version), -1 when unknown."""
+    try:
+        return int(str(art.version).lstrip("v"))
+    except (TypeError, ValueError):
+        return -1
+
+
 def materialize_offline_run(run_dir: Path, dest: Path) -> Path:
-    """Copy the artifact files of an offline W&B run into an out_dir-like folder."""
+    """Copy the artifact files of a finished offline W&B run into an out_dir-like folder (the last version
+    of each artifact type it logged)."""
     rec = read_offline_run(run_dir)
+    if rec["exit_code"] != 0:
+        state = "has no end (killed)" if rec["exit_code"] is None else f"ended with exit code {rec['exit_code']}"
+        raise ConfigError(f"offline W&B run '{run_dir}' {state}, so it is not a result; rerun it to finish, or "
+                          "give its out_dir")
     out = dest / run_dir.name
     out.mkdir(parents=True, exist_ok=True)
-    for art in rec["artifacts"]:
-        if art["type"] in ("results", "rankings", "manifest"):
-            for name, local in art["files"].items():
-                if local and Path(local).is_file():
-                    shutil.copyfile(local, out / name)
+    latest = {a["type"]: a for a in rec["artifacts"] if a["type"] in KINDS}
+    for art in latest.values():
+        for name, local in art["files"].items():
+            if local and Path(local).is_file():
+                shutil.copyfile(local, out / name)
     if not (out / "results.csv").exists():
         raise ConfigError(f"offline W&B run '{run_dir}' has no results artifact")
     if not (out / "manifest.json").exists():
@@ -67,27 +84,30 @@ def materialize_offline_run(run_dir: Path, dest: Path) -> Path:
     return out
 
 
-def download_wandb_runs(spec: str, dest: Path, sweep: str | None = None) -> list[Path]:
-    """Download the artifacts of the runs of ENTITY/PROJECT[/GROUP] (or of one sweep) via wandb.Api."""
+def download_wandb_runs(spec: str, dest: Path, sweep: str | None = None, api=None) -> list[Path]:
+    """Download the artifacts of the finished runs of ENTITY/PROJECT[/GROUP] (or of one sweep) via wandb.Api:
+    of each run, the latest version it logged of each of its results/rankings/manifest artifacts, read from
+    the artifact files (tables are never truncated)."""
     import wandb
 
     parts = spec.split("/")
     if len(parts) not in (2, 3) or not all(parts):
         raise ConfigError(f"bad W&B source 'wandb:{spec}'; use wandb:ENTITY/PROJECT or wandb:ENTITY/PROJECT/GROUP")
-    filters = {}
+    filters = {"state": "finished"}  # a crashed, running, preempted or stopped run is not a result
     if len(parts) == 3:
         filters["group"] = parts[2]
     if sweep:
         filters["sweep"] = sweep
-    filters["state"] = "finished"  # a crashed, running or preempted run is not a result
-    api = wandb.Api()
+    api = api if api is not None else wandb.Api()
     out = []
     for run in api.runs(f"{parts[0]}/{parts[1]}", filters=filters):
-        d = dest / run.id
+        if run.state != "finished":
+            continue
         latest: dict[str, object] = {}
-        for art in run.logged_artifacts():  # the last version this run logged of each type
-            if art.type in ("results", "rankings", "manifest"):
+        for art in run.logged_artifacts():  # a resumed run may have logged several versions: the newest wins
+            if art.type in KINDS and (art.type not in latest or _version(art) > _version(latest[art.type])):
                 latest[art.type] = art
+        d = dest / run.id
         for art in latest.values():
             art.download(root=str(d))
         if (d / "results.csv").exists():
@@ -95,7 +115,7 @@ def download_wandb_runs(spec: str, dest: Path, sweep: str | None = None) -> list
                 (d / "manifest.json").write_text(json.dumps({"config": from_dict(dict(run.config)).to_dict()}))
             out.append(d)
     if not out:
-        raise ConfigError(f"no W&B runs with a results artifact in '{spec}'" + (f" sweep {sweep}" if sweep else ""))
+        raise ConfigError(f"no finished W&B runs with a results artifact in '{spec}'" + (f" sweep {sweep}" if sweep else ""))
     return out
 
 

@@ -1,32 +1,38 @@
 """W&B sweep files, expanded and run exactly as `wandb agent` runs them (the `superweight sweep` command
 is commands/sweep.py):
 
-  * the same YAML works unchanged with `wandb sweep SWEEP.yaml` + `wandb agent ID` on GPU VMs;
+  * the same YAML works unchanged with `wandb sweep SWEEP.yaml` + `wandb agent ID` on GPU VMs (give it a
+    `project:`, or the project comes from the checkout's folder name);
   * `method: grid` expands like the W&B sweep controller: parameters sorted by name, the Cartesian
     product of their `values` (int_uniform / q_uniform become value lists) in that order, `run_cap`
     runs at most; `method: random` draws `run_cap` (or --count) runs with a seeded RNG (--seed, default 0);
     `bayes` needs the W&B server;
   * each run is the agent's command line: `command` with `${env}` -> /usr/bin/env, `${interpreter}` ->
     python (this interpreter's directory goes first on PATH), `${program}`, and `${args}` -> one
-    `--name=value` per parameter (name order, Python str() of the value, e.g. `--topk=[1, 10]`);
+    `--name=value` per parameter (name order, Python str() of the value, e.g. `--select.topk=[1, 10]`);
   * every run gets its own out_dir `<sweep dir>/<readable params>-<config hash>` (sweep dir default
     `outputs/sweeps/<sweep name>-<hash of the YAML>`), all runs share the W&B group `<name>-<hash>`,
-    and a run whose manifest.json says it was published with the same config is skipped, so a killed
-    sweep resumes where it stopped (the interrupted run itself resumes from its progress log).
+    and a run whose progress log ends `finished` (same config and code) is skipped, so a killed sweep
+    resumes where it stopped (the interrupted run itself resumes from its progress log).
 
 Parameters are named by their full dotted config keys (`score.metrics`, `perturb.names`, `model.name`):
 the W&B config of a run is flat with those keys, and the agent overrides exactly the keys it sweeps. An
-alias (`metric`) or a section (`perturb`) would replace a whole nested setting under the agent: refused
-(`check_param_names`) by `superweight sweep` and by a run started under an agent.
+alias (`metric`) or a section (`perturb`) would put a second, conflicting key into the config under the
+agent; a value that is not what the run parses it to (`score.metrics: magnitude` for the list
+`[magnitude]`, `perturb.bits: 30` for the text `'30'`) would show the runs table something the run did not
+use. Both are refused (`check_param_names`, `check_param_values`) by `superweight sweep` (also --dry-run)
+and by a run started under an agent, before anything is written or any W&B run exists. List options are
+swept as lists: `score.metrics: {values: [[magnitude], [grad_x_weight]]}`.
 
-Each local run is started the way the agent starts one: WANDB_SWEEP_ID (the local sweep's group),
-WANDB_RUN_ID (a stable id per parameter set, so a rerun resumes the same W&B run) and
-WANDB_SWEEP_PARAM_PATH (a `config-<run id>.yaml` with the run's parameters, which wandb applies over
-the run's config), then the YAML's command line: local and agent runs record identical configs. The run
-finds its out_dir and group through the environment (SUPERWEIGHT_SWEEP_DIR, SUPERWEIGHT_SWEEP_GROUP).
-Under a real `wandb agent` a run given no out_dir writes to `$SUPERWEIGHT_SWEEP_ROOT/<sweep id>/<params>-<hash>`
-(default root `outputs/sweeps`): point SUPERWEIGHT_SWEEP_ROOT at a shared filesystem so that a run W&B
-requeues on another VM resumes from the rows already finished.
+Each local run is started the way the agent starts one: WANDB_RUN_ID (a stable id per parameter set, so a
+rerun resumes the same W&B run) and WANDB_SWEEP_PARAM_PATH (`<sweep dir>/wandb/sweep-<group>/config-<run
+id>.yaml` in the agent's format, which wandb applies over the run's config), then the YAML's command line:
+local and agent runs record identical configs. WANDB_SWEEP_ID is left unset (a local sweep has no id on the
+W&B server, which would refuse the run); the run finds its out_dir and group through SUPERWEIGHT_SWEEP_DIR
+and SUPERWEIGHT_SWEEP_GROUP. Under a real `wandb agent` a run given no out_dir writes to
+`$SUPERWEIGHT_SWEEP_ROOT/<sweep id>/<params>-<hash>` (default root `outputs/sweeps`): point
+SUPERWEIGHT_SWEEP_ROOT at a shared filesystem so that a run W&B requeues on another VM resumes from the rows
+already finished (without one it starts over, into the same W&B run).
 
 Runs sharing (model, data, metric, seed) reuse one cached score set (content-addressed, under
 SUPERWEIGHT_CACHE or cache_dir=); point that at a shared filesystem to share it between agents on VMs.
@@ -41,16 +47,13 @@ import math
 import os
 import random
 import re
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from .arguments import ALIASES, FIELDS, canonical_key, parse_config
 from .config import ConfigError, RunConfig, config_hash, is_result_key, to_flat
-from .io import read_jsonl
+from .io import atomic_write_text, read_jsonl
 from .progress import PROGRESS_FILE
 from .resources import code_version
 from .validation import validate
@@ -76,8 +79,9 @@ def check_param_names(names, where: str) -> None:
         if name in FIELDS:
             continue
         if name in ALIASES:
-            raise ConfigError(f"{where}: sweep parameter '{name}' is an alias; name it '{ALIASES[name]}' (under "
-                              "wandb agent an alias would replace a whole config section)")
+            raise ConfigError(f"{where}: sweep parameter '{name}' is an alias; name it '{ALIASES[name]}' (the W&B "
+                              f"config's key; under wandb agent the config would hold both '{name}' and "
+                              f"'{ALIASES[name]}')")
         if name in SECTIONS:
             raise ConfigError(f"{where}: sweep parameter '{name}' is a config section; name one of its keys, e.g. "
                               f"'{next(k for k in FIELDS if k.startswith(name + '.'))}'")
@@ -290,14 +294,63 @@ def apply_sweep_env(cfg: RunConfig, env=None) -> RunConfig:
     return cfg
 
 
-def agent_param_names(env=None) -> list[str]:
-    """The parameter names of the run `wandb agent` started (its WANDB_SWEEP_PARAM_PATH file), or []."""
+def _same(a, b) -> bool:
+    """A sweep value equals the parsed config value as W&B would store it (1 == 1.0; lists elementwise)."""
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b)
+                and all(_same(x, y) for x, y in zip(a, b)))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    return a == b
+
+
+def _yaml_value(v) -> str:
+    return yaml.safe_dump(v, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def check_param_values(params: dict, cfg: RunConfig, where: str) -> None:
+    """Each swept value is exactly what the run parses it to (module docstring): one line naming the first
+    that is not, and how to write it."""
+    flat = to_flat(cfg)
+    for name, value in params.items():
+        if name not in flat or _same(value, flat[name]):
+            continue
+        hint = (f"; sweep a list option as lists, e.g. values: [[a], [b]]" if isinstance(flat[name], list)
+                and not isinstance(value, list) else "")
+        raise ConfigError(f"{where}: sweep parameter '{name}' is {_yaml_value(value)} in the W&B config but the run "
+                          f"uses {_yaml_value(flat[name])}; write it as {_yaml_value(flat[name])}{hint}")
+
+
+def agent_params(env=None) -> dict:
+    """{name: value} of the run `wandb agent` started (its WANDB_SWEEP_PARAM_PATH file), or {}."""
     env = os.environ if env is None else env
     path = env.get("WANDB_SWEEP_PARAM_PATH")
-    if not path or not Path(path).is_file():
-        return []
+    if not path:
+        return {}
+    if not Path(path).is_file():
+        raise ConfigError(f"wandb agent: WANDB_SWEEP_PARAM_PATH '{path}' does not exist")
     data = yaml.safe_load(Path(path).read_text()) or {}
-    return [k for k in data if k != "wandb_version"]
+    return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in data.items() if k != "wandb_version"}
+
+
+def check_agent_run(cfg: RunConfig, env=None) -> None:
+    """Under an agent (or a local sweep run like one): the swept names are full config keys and their values
+    are what the run parsed. Raises ConfigError before anything is written or any W&B run exists."""
+    params = agent_params(env)
+    check_param_names(params, "wandb agent")
+    check_param_values(params, cfg, "wandb agent")
+
+
+def write_param_file(path: str | Path, params: dict) -> Path:
+    """The parameter file exactly as wandb agent writes it (config_util.save_config_file_from_dict)."""
+    body = yaml.dump({k: {"value": v} for k, v in params.items()}, Dumper=yaml.SafeDumper,
+                     default_flow_style=False, allow_unicode=True, sort_keys=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "wandb_version: 1\n\n" + body if params else "wandb_version: 1")
+    return path
 
 
 def is_finished(out_dir: str | Path, cfg: RunConfig) -> bool:
@@ -322,7 +375,12 @@ def plan(path: str | Path, count: int | None = None, seed: int = 0, sweep_dir: s
         cmd = command_line(sweep, params)
         args = agent_args(params)
         try:
-            cfg = validate(apply_sweep_env(parse_config(args), {ENV_DIR: str(root), ENV_GROUP: group}))
+            cfg = parse_config(args)
+        except ConfigError as e:
+            raise ConfigError(f"sweep run {i + 1} ({' '.join(args)}): {e}") from None
+        check_param_values(params, cfg, f"sweep file '{path}'")
+        try:
+            cfg = validate(apply_sweep_env(cfg, {ENV_DIR: str(root), ENV_GROUP: group}))
         except ConfigError as e:
             raise ConfigError(f"sweep run {i + 1} ({' '.join(args)}): {e}") from None
         runs.append({"params": params, "command": cmd, "out_dir": cfg.out_dir, "finished": is_finished(cfg.out_dir, cfg),

@@ -3,15 +3,22 @@
 `WandbTracker` is the experiment's tracker (experiment.Tracker): the run is live from before the model
 loads until the end, and an interrupted run comes back into the same W&B run.
 
-* `start`   wandb.init after the config and capabilities are validated. `run.config` is the FLAT dotted
-            config (`model.name`, `perturb.scale`, ...), the same keys a sweep YAML names, so `wandb agent`
-            overriding a swept key changes only that key. The run id is the agent's (WANDB_RUN_ID) or the one
-            in out_dir/wandb_run.json when the config hash matches (a rerun resumes the same run).
-* `log_row` one history step per finished row: `row` (counter), `progress`, `eta_s` and `row/<column>`.
+* `start`   wandb.init after the config and capabilities are validated (bad input creates no run).
+            `run.config` is the FLAT dotted config (`model.name`, `perturb.scale`, ...), the keys a sweep
+            YAML names, so `wandb agent` overriding a swept key changes only that key; the keys that say
+            where a run ran rather than what it is (out_dir, cache_dir, wandb.dir, wandb.group) are left out
+            (summary `meta/*`, the W&B group), so a run started by the agent and the same run started by
+            `superweight sweep` have identical configs. The run id is the agent's (WANDB_RUN_ID) or the one
+            in out_dir/wandb_run.json when the config hash matches (a rerun resumes the same run). Under an
+            agent (WANDB_SWEEP_ID) project/entity/id come from the sweep, as wandb.init requires.
+* `log_row` one history step per finished row: `row` (counter, the x axis of `row/*`), `progress`,
+            `eta_s` and `row/<column>`. Rows a resumed online run already has (its starting step) are not
+            logged twice; an offline rerun's record logs every row, so it alone holds the whole history.
 * `log_stage` stage timings into the summary as they happen (`stage/<name>_s`); system metrics by W&B.
 * `finish`  the summary (results.summary_metrics: baseline, deltas, gaps with CIs, headline), plots as
             images/charts (committed with the last row's step), and artifacts with lineage:
-              results-<model>   results.csv, gaps.csv, perturbation_results.json, results table
+              results-<model>   results.csv, gaps.csv, perturbation_results.json, results table (with a
+                                column per result config key, so merged tables tell runs apart)
               rankings-<model>  rankings.csv, selections.safetensors, stability*.csv
               plots-<model>     plots/*
               manifest-<model>  manifest.json
@@ -20,15 +27,21 @@ loads until the end, and an interrupted run comes back into the same W&B run.
                                        identical content = one version, so the runs of a sweep that share a
                                        score set share one artifact digest (uploaded, or a file:// reference to
                                        the shared cache with wandb.scores=reference)
-            declared with `use_artifact` online (the lineage graph shows who shares it); offline, where
-            use_artifact is unavailable, logged by each run (same digest), named in `inputs/*` of the summary.
-* `fail`    a crash marks the run failed with the error; SIGTERM with wandb.requeue_on_sigterm marks it
-            preempting (the agent requeues it) and exits non-zero; Ctrl-C exits 130 with a resume hint.
+            declared with `use_artifact` online (the version with that key alias when it exists, else this
+            run's draft: the lineage graph shows who shares it); offline, where use_artifact raises, logged by
+            each run (same digest), named in `inputs/*` of the summary.
+* `fail`    a crash marks the run failed (exit code 1, `meta/error`); SIGTERM exits 143 and, with
+            wandb.requeue_on_sigterm=true, first marks the run preempting, so the sweep requeues it (W&B cannot
+            tell a preempted VM from a UI Stop: both reach the run as SIGTERM from the agent, hence the
+            explicit option); Ctrl-C exits 130.
+
+Signals: `interrupt(exc)` (what `superweight run`'s SIGTERM/SIGINT handlers call) raises at once, or, while a
+W&B call is in flight (`shielded()`), right after it returns, so a signal never tears a record.
 
 Mode: `auto` = WANDB_MODE when set, else online when credentials exist (WANDB_API_KEY or a netrc entry),
 else offline; `disabled` logs nothing. Offline runs go to `<wandb.dir or out_dir>/wandb/offline-run-*` and
-`wandb sync` uploads the whole history later. A W&B failure raises (non-zero exit); the result files are
-already on disk. Nothing secret is logged (manifest.scrub).
+`wandb sync` uploads the whole history later. A W&B failure raises TrackingError (non-zero exit); the
+result files are already on disk. Nothing secret is logged (manifest.scrub).
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ import math
 import netrc
 import os
 import re
-import subprocess
+import struct
 import sys
 import time
 from pathlib import Path
@@ -47,7 +60,7 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
-from .config import is_result_key, to_flat
+from .config import TrackConfig, is_result_key, to_flat
 from .io import atomic_write_json
 from .manifest import scrub
 from .resources import cache_root
@@ -58,6 +71,13 @@ RUN_FILE = "wandb_run.json"
 ROW_KEYS = ("metric", "seed", "mode", "selection", "draw", "k", "perturbation", "n_selected", "support", "ppl", "nll",
             "acc", "delta_ppl", "delta_nll", "delta_nll_lo", "delta_nll_hi", "ppl_ratio", "changed", "delta_w_l2",
             "mean_abs_w")
+# where a run ran, not what it is: summary meta/<key> (and the W&B group), never run.config
+LOCAL_KEYS = ("out_dir", "cache_dir", "wandb.dir", "wandb.group")
+ARTIFACT_FILES = {
+    "results": ["results.csv", "gaps.csv", "perturbation_results.json"],
+    "rankings": ["rankings.csv", "selections.safetensors", "stability.csv", "stability_summary.csv"],
+    "manifest": ["manifest.json"],
+}
 
 
 class Preempted(SystemExit):
@@ -65,6 +85,43 @@ class Preempted(SystemExit):
 
     def __init__(self):
         super().__init__(143)
+
+
+class TrackingError(RuntimeError):
+    """W&B failed (init, logging or upload): the command exits non-zero; result files stay on disk."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# signals: never inside a W&B call
+# ---------------------------------------------------------------------------------------------------
+_SHIELD = {"depth": 0, "pending": None}
+
+
+@contextlib.contextmanager
+def shielded(drop: bool = False):
+    """Defer an exception a signal handler raises through `interrupt` until the W&B calls inside finish;
+    `drop=True` discards it (while the run is already being closed)."""
+    _SHIELD["depth"] += 1
+    try:
+        yield
+    finally:
+        _SHIELD["depth"] -= 1
+        if drop and _SHIELD["depth"] == 0:
+            _SHIELD["pending"] = None
+    exc = _SHIELD["pending"]
+    if exc is not None and _SHIELD["depth"] == 0:
+        _SHIELD["pending"] = None
+        raise exc
+
+
+def interrupt(exc: BaseException) -> None:
+    """Raise exc now, or after the W&B call in flight; a second signal while one waits raises at once
+    (a Ctrl-C pressed twice still stops a hung call)."""
+    if _SHIELD["depth"] and _SHIELD["pending"] is None:
+        _SHIELD["pending"] = exc
+        return
+    _SHIELD["pending"] = None
+    raise exc
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -136,6 +193,19 @@ def slug(s: str, n: int = 60) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s).strip("/")).strip("_")[:n] or "model"
 
 
+def model_slug(name: str) -> str:
+    """The model part of artifact names: a hub id or alias as written (org_name), a local path by its
+    last component (the same model on two VMs gets the same collection)."""
+    p = Path(str(name))
+    local = str(name).startswith(("/", ".", "~")) or p.suffix == ".gguf"
+    return slug(p.name if local else str(name))
+
+
+def run_config(cfg) -> dict:
+    """run.config: the flat dotted config without LOCAL_KEYS (scrubbed)."""
+    return scrub({k: v for k, v in to_flat(cfg).items() if k not in LOCAL_KEYS})
+
+
 def config_columns(cfg) -> dict:
     """The result-relevant config keys as columns for merged results tables (model, dtype, prob, bits, ...)."""
     skip = ("score.metrics", "perturb.names", "seeds", "select.topk", "select.modes", "select.controls")
@@ -144,6 +214,11 @@ def config_columns(cfg) -> dict:
         if is_result_key(k) and k not in skip:
             out[k] = json.dumps(v) if isinstance(v, (list, dict)) else v
     return out
+
+
+def _sweep_id() -> str | None:
+    """The W&B sweep id (wandb agent), or the local sweep's group (`superweight sweep`)."""
+    return os.environ.get("WANDB_SWEEP_ID") or os.environ.get("SUPERWEIGHT_SWEEP_GROUP") or None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,7 +233,9 @@ class WandbTracker:
         self.mode = resolve_mode(cfg.wandb.mode)
         self.run = None
         self.t0 = time.perf_counter()
-        self.first_row: int | None = None
+        self.logged_before = 0  # rows the (resumed, online) W&B run already has
+        self.computed = 0  # rows logged by this process after the resumed ones (for the ETA)
+        self.resumed_rows = 0
         self.pending = False  # the last row's step is left open for the final media
         self._info: dict = {"mode": self.mode}
 
@@ -166,9 +243,22 @@ class WandbTracker:
     def start(self, exp) -> None:
         if self.mode == "disabled":
             return
+        try:
+            with shielded():
+                self._init(exp)
+        except BaseException as e:
+            if self.run is not None:
+                self.fail(e)
+            if isinstance(e, Exception) and not isinstance(e, TrackingError):
+                raise TrackingError(f"wandb.init failed: {type(e).__name__}: {' '.join(str(e).split())}"[:500]) from e
+            raise
+
+    def _init(self, exp) -> None:
         import wandb
 
         cfg, chash = self.cfg, exp.chash
+        log = getattr(exp, "log", None)
+        self.resumed_rows = sum(1 for k in getattr(log, "done", {}) if k and k[0] == "row")
         wdir = (Path(cfg.wandb.dir) if cfg.wandb.dir else self.out).resolve()  # absolute: a shared wandb-core
         wdir.mkdir(parents=True, exist_ok=True)                              # service may run in another cwd
         prev = {}
@@ -176,52 +266,77 @@ class WandbTracker:
             prev = json.loads((self.out / RUN_FILE).read_text()) if (self.out / RUN_FILE).exists() else {}
         except json.JSONDecodeError:
             prev = {}
-        run_id = os.environ.get("WANDB_RUN_ID") or (prev.get("id") if prev.get("config_hash") == chash else None)
+        kwargs = {}
+        if not os.environ.get("WANDB_SWEEP_ID"):  # under an agent wandb.init ignores (and warns about) these
+            default = TrackConfig().project
+            kwargs["project"] = (os.environ.get("WANDB_PROJECT") or default) if cfg.wandb.project == default \
+                else cfg.wandb.project
+            kwargs["entity"] = cfg.wandb.entity
+            if not os.environ.get("WANDB_RUN_ID") and prev.get("config_hash") == chash:
+                kwargs["id"] = prev.get("id")
         self.staging = (wdir / "wandb" / "staging").resolve()
         with _env(WANDB_DATA_DIR=str(self.staging)):
             self.run = wandb.init(
-                mode=self.mode, project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group,
-                tags=list(cfg.wandb.tags) or None, name=cfg.wandb.name or self.out.resolve().name,
-                config=scrub(to_flat(cfg)), dir=str(wdir), id=run_id, resume="allow", job_type="experiment",
-                save_code=False, reinit="finish_previous",
+                mode=self.mode, group=cfg.wandb.group, tags=list(cfg.wandb.tags) or None,
+                name=cfg.wandb.name or self.out.resolve().name, config=run_config(cfg), dir=str(wdir),
+                resume="allow", job_type="experiment", save_code=False, reinit="finish_previous", **kwargs,
             )
         run = self.run
         run.define_metric("row")
         run.define_metric("row/*", step_metric="row")
+        self.logged_before = int(run.starting_step or 0) if run.resumed else 0
         self._info = {"mode": self.mode, "id": run.id, "project": run.project, "entity": run.entity or None,
                       "path": "/".join(p for p in (run.entity, run.project, run.id) if p),
-                      "url": run.url if self.mode == "online" else None, "sweep_id": os.environ.get("WANDB_SWEEP_ID"),
+                      "url": run.url if self.mode == "online" else None, "sweep_id": _sweep_id(),
                       "dir": str(Path(run.dir).parent.resolve()), "config_hash": chash}
         atomic_write_json(self.out / RUN_FILE, self._info)
+        flat = to_flat(cfg)
         run.summary["meta/config_hash"] = chash
         run.summary["meta/out_dir"] = str(self.out.resolve())
+        for k in LOCAL_KEYS[1:]:
+            if flat.get(k) is not None:
+                run.summary[f"meta/{k}"] = flat[k]
+        run.summary["meta/requeue_on_sigterm"] = bool(cfg.wandb.requeue_on_sigterm)
 
     def info(self) -> dict:
         return {k: v for k, v in self._info.items() if k != "config_hash"}
 
     def log_row(self, row: dict, done: int, total: int) -> None:
-        if self.run is None:
+        if self.run is None or done <= self.logged_before:
             return
-        if self.first_row is None:
-            self.first_row = done
-        new = done - self.first_row + 1
-        rate = (time.perf_counter() - self.t0) / max(new, 1)
-        item = {"row": done, "progress": done / max(total, 1), "eta_s": rate * (total - done)}
+        if done > self.resumed_rows:
+            self.computed += 1
+        rate = (time.perf_counter() - self.t0) / max(self.computed, 1)
+        item = {"row": done, "progress": done / max(total, 1),
+                "eta_s": round(rate * (total - done), 1) if self.computed else None}
         for k in ROW_KEYS:
             if k in row and row[k] is not None:
                 v = row[k]
                 item[f"row/{k}"] = v if isinstance(v, str) else _num(v)
         last = done >= total
-        self.run.log(item, commit=not last)
+        with shielded():
+            self.run.log({k: v for k, v in item.items() if v is not None}, commit=not last)
         self.pending = last
 
     def log_stage(self, name: str, seconds: float) -> None:
         if self.run is not None:
-            self.run.summary[f"stage/{name}_s"] = round(seconds, 3)
+            with shielded():
+                self.run.summary[f"stage/{name}_s"] = round(seconds, 3)
 
     def finish(self, result) -> None:
         if self.run is None:
             return
+        try:
+            with shielded():
+                self._publish(result)
+                self.run.finish(exit_code=0)
+                self.run = None
+        except Exception as e:
+            if isinstance(e, TrackingError):
+                raise
+            raise TrackingError(f"publishing to W&B failed: {type(e).__name__}: {' '.join(str(e).split())}"[:500]) from e
+
+    def _publish(self, result) -> None:
         import wandb
 
         run, out, cfg = self.run, self.out, self.cfg
@@ -241,20 +356,17 @@ class WandbTracker:
                 for js in sorted(plot_dir.glob("*.json")):
                     media[f"charts/{js.stem}"] = wandb.Plotly(pio.read_json(str(js)))
             if media or self.pending:
-                run.log(media, commit=True)  # the last row's step, when this run logged it
-            model = slug(cfg.model.name)
+                run.log(media, commit=True)  # into the last row's step, when this process logged it
+            self.pending = False
+            model = model_slug(cfg.model.name)
             aliases = [f"cfg-{result.config_hash}", f"run-{run.id}"]
-            if os.environ.get("WANDB_SWEEP_ID"):
-                aliases.append(f"sweep-{os.environ['WANDB_SWEEP_ID']}")
+            if _sweep_id():
+                aliases.append(f"sweep-{slug(_sweep_id(), 100)}")
             meta = {"out_dir": str(out.resolve()), "config_hash": result.config_hash, "run": run.id,
-                    "config": scrub(to_flat(cfg))}
+                    "config": run_config(cfg)}
             cols = config_columns(cfg)
             table = df.assign(**{k: [v] * len(df) for k, v in cols.items()}) if len(df) else df
-            files = {
-                "results": ["results.csv", "gaps.csv", "perturbation_results.json"],
-                "rankings": ["rankings.csv", "selections.safetensors", "stability.csv", "stability_summary.csv"],
-                "manifest": ["manifest.json"],
-            }
+            files = dict(ARTIFACT_FILES)
             if plot_dir.is_dir():
                 files["plots"] = [str(p.relative_to(out)) for p in sorted(plot_dir.iterdir()) if p.is_file()]
             for kind, names in files.items():
@@ -269,11 +381,8 @@ class WandbTracker:
                     if not result.gaps.empty:
                         art.add(_table(result.gaps), "gaps_table")
                 run.log_artifact(art, aliases=aliases)
-            inputs = self.declare_inputs(result, model)
-            for k, v in inputs.items():
+            for k, v in self.declare_inputs(result, model).items():
                 run.summary[f"inputs/{k}"] = v
-        self.run.finish(exit_code=0)
-        self.run = None
 
     def declare_inputs(self, result, model: str) -> dict:
         """The score sets this run read or computed, as artifacts named by their cache key (module docstring)."""
@@ -281,110 +390,159 @@ class WandbTracker:
 
         if self.cfg.wandb.scores == "none":
             return {}
-        keys = result.extra.get("score_keys", {})
         root = cache_root(self.cfg.cache_dir) / "scores"
         names = {}
-        for tag, key in keys.items():
+        for tag, key in result.extra.get("score_keys", {}).items():
             path = root / f"{key}.safetensors"
             if not path.is_file():
                 continue
-            metric, _, seed = tag.partition(".seed")
-            art = wandb.Artifact(f"scores-{model}-{slug(metric)}", type="scores",
-                                 metadata={"cache_key": key, "metric": metric, "seed": int(seed),
-                                           "model_fingerprint": result.model.get("fingerprint")})
-            if self.cfg.wandb.scores == "reference":
-                art.add_reference(path.resolve().as_uri(), name=path.name)
+            metric, _, seed = tag.rpartition(".seed")
+            name, alias = f"scores-{model}-{slug(metric)}", f"key-{key}"
+            aliases = [alias, f"seed{seed}"]
+
+            def draft():
+                art = wandb.Artifact(name, type="scores",
+                                     metadata={"cache_key": key, "metric": metric, "seed": int(seed),
+                                               "model_fingerprint": result.model.get("fingerprint")})
+                if self.cfg.wandb.scores == "reference":
+                    art.add_reference(path.resolve().as_uri(), name=path.name)
+                else:
+                    art.add_file(str(path), name="scores.safetensors")
+                return art
+
+            if self.mode == "offline":  # use_artifact raises offline; the same content gives the same digest
+                self.run.log_artifact(draft(), aliases=aliases)
             else:
-                art.add_file(str(path), name="scores.safetensors")
-            aliases = [f"key-{key[:16]}", f"seed{seed}"]
-            if self.mode == "offline":  # use_artifact needs a server; the same content gives the same digest
-                self.run.log_artifact(art, aliases=aliases)
-            else:
-                self.run.use_artifact(art, aliases=aliases)
-            names[tag] = f"{art.name}:key-{key[:16]}"
+                try:  # the version another run logged: no re-hash, no upload
+                    self.run.use_artifact(f"{name}:{alias}", type="scores")
+                except (wandb.errors.CommError, ValueError):
+                    self.run.use_artifact(draft(), aliases=aliases)  # logs it, then declares it used
+            names[tag] = f"{name}:{alias}"
         return names
 
     def fail(self, exc: BaseException) -> None:
+        """Close the run with the reason (never raises: the original exception is what matters)."""
         if self.run is None:
             return
-        run = self.run
-        self.run = None
-        if isinstance(exc, Preempted):
-            if self.cfg.wandb.requeue_on_sigterm:
-                run.mark_preempting()
-            run.summary["meta/stopped"] = "SIGTERM"
-            run.finish(exit_code=143)
-        elif isinstance(exc, KeyboardInterrupt):
-            run.summary["meta/stopped"] = "interrupted"
-            run.finish(exit_code=130)
-        else:
-            run.summary["meta/error"] = f"{type(exc).__name__}: {exc}"[:1000]
-            run.finish(exit_code=1)
+        run, self.run = self.run, None
+        try:
+            with shielded(drop=True):
+                if isinstance(exc, Preempted):
+                    requeue = bool(self.cfg.wandb.requeue_on_sigterm)
+                    if requeue:
+                        run.mark_preempting()
+                    run.summary["meta/stopped"] = "SIGTERM, requeued" if requeue else "SIGTERM"
+                    run.finish(exit_code=143)
+                elif isinstance(exc, KeyboardInterrupt):
+                    run.summary["meta/stopped"] = "interrupted"
+                    run.finish(exit_code=130)
+                else:
+                    run.summary["meta/error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:1000]
+                    run.finish(exit_code=1)
+        except Exception as e:  # W&B itself is what failed: say so, keep the original error
+            print(f"superweight: W&B could not record the end of the run: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------
 # reading an offline run back (tests, figures from offline runs)
 # ---------------------------------------------------------------------------------------------------
-def _new_id() -> str:
-    import secrets
-    import string
-
-    alphabet = string.ascii_lowercase + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(8))
+_BLOCK, _HEADER = 32768, 7  # the .wandb record log: LevelDB log blocks after a 7-byte ':W&B' header
 
 
-def _wandb_cli() -> list[str]:
-    exe = Path(sys.executable).parent / "wandb"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "wandb"]
+def _record_bytes(data: bytes):
+    """The records of a .wandb log (FULL, or FIRST + MIDDLE* + LAST chunks); a torn tail is dropped."""
+    pos, buf = _HEADER, b""
+    while pos + _HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _HEADER:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        start, end = pos + _HEADER, pos + _HEADER + length
+        if kind == 0 or end > len(data):
+            break  # zero fill or a record cut off by a kill
+        chunk, pos = data[start:end], end
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+        elif kind == 4:
+            yield buf + chunk
+            buf = b""
+
+
+def _item_key(item) -> str:
+    return ".".join(item.nested_key) if len(item.nested_key) else item.key
+
+
+def _item_value(item):
+    which = item.WhichOneof("value") if "value" in item.DESCRIPTOR.oneofs_by_name else None
+    if which == "none":
+        return None
+    if which == "json":
+        return json.loads(item.json)
+    if which is not None:
+        return getattr(item, which)
+    return json.loads(item.value_json) if item.value_json else None
 
 
 def read_offline_run(run_dir: str | Path) -> dict:
-    """Parse an offline run's .wandb record log with `wandb leet inspect --json` (wandb's own reader).
+    """Parse an offline run's run-*.wandb record log (wandb's protobuf records, read directly).
 
-    Returns {"run": run record, "config": merged config, "summary": merged summary updates,
-    "history": [history items], "artifacts": [{"name", "type", "metadata", "files": {path: local_path}}],
-    "tables": {key: DataFrame}, "exit_code": int | None}."""
+    Returns {"run": run record (run_id, project, run_group, tags, display_name, sweep_id, resumed, ...),
+    "config": merged config, "summary": merged summary, "history": [history items], "artifacts":
+    [{"name", "type", "aliases", "digest", "metadata", "files": {path: local_path}}], "used": [use_artifact
+    records], "tables": {summary key: DataFrame}, "preempting": bool, "exit_code": int | None}."""
+    from google.protobuf.json_format import MessageToDict
+    from wandb.proto import wandb_internal_pb2 as pb
+
     run_dir = Path(run_dir)
-    logs = sorted(run_dir.glob("run-*.wandb")) if run_dir.is_dir() else []
-    if run_dir.is_dir() and not logs:
+    logs = sorted(run_dir.glob("run-*.wandb")) if run_dir.is_dir() else [run_dir]
+    if not logs or not logs[0].is_file():
         raise RuntimeError(f"no run-*.wandb record log in {run_dir}")
-    target = logs[0] if logs else run_dir  # the record log itself: no `latest-run` lookup
-    proc = subprocess.run([*_wandb_cli(), "leet", "inspect", "--json", str(target)], capture_output=True,
-                          text=True, timeout=120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"wandb leet inspect failed on {run_dir}: {proc.stderr.strip()[:500]}")
-    out = {"run": {}, "config": {}, "summary": {}, "history": [], "artifacts": [], "tables": {}, "exit_code": None}
-    for line in proc.stdout.splitlines():
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        rec = json.loads(line)
-        t = rec.get("type")
-        body = rec.get(t, {})
+    data = logs[0].read_bytes()
+    if data[:4] != b":W&B":
+        raise RuntimeError(f"{logs[0]} is not a W&B record log")
+    out = {"run": {}, "config": {}, "summary": {}, "history": [], "artifacts": [], "used": [], "tables": {},
+           "preempting": False, "exit_code": None}
+    for raw in _record_bytes(data):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        t = rec.WhichOneof("record_type")
         if t == "run":
+            body = MessageToDict(rec.run, preserving_proto_field_name=True)
+            body.pop("config", None)
+            body.pop("summary", None)
             out["run"] = body
-            out["config"].update((body.get("config") or {}).get("update", {}))
+            out["config"].update({_item_key(i): _item_value(i) for i in rec.run.config.update})
         elif t == "config":
-            out["config"].update(body.get("update", {}))
+            out["config"].update({_item_key(i): _item_value(i) for i in rec.config.update})
         elif t == "summary":
-            out["summary"].update(body.get("update", {}))
+            out["summary"].update({_item_key(i): _item_value(i) for i in rec.summary.update})
+            for i in rec.summary.remove:
+                out["summary"].pop(_item_key(i), None)
         elif t == "history":
-            out["history"].append(body.get("item", {}))
+            out["history"].append({_item_key(i): _item_value(i) for i in rec.history.item})
         elif t == "artifact":
-            files = {c["path"]: c.get("local_path") for c in body.get("manifest", {}).get("contents", [])}
-            meta = body.get("metadata")
-            out["artifacts"].append({"name": body.get("name"), "type": body.get("type"), "files": files,
-                                     "metadata": json.loads(meta) if isinstance(meta, str) and meta else meta})
+            a = rec.artifact
+            out["artifacts"].append({
+                "name": a.name, "type": a.type, "aliases": list(a.aliases), "digest": a.digest,
+                "metadata": json.loads(a.metadata) if a.metadata else None,
+                "files": {c.path: c.local_path or c.ref or None for c in a.manifest.contents}})
+        elif t == "use_artifact":
+            out["used"].append({"name": rec.use_artifact.name, "type": rec.use_artifact.type})
+        elif t == "preempting":
+            out["preempting"] = True
         elif t == "exit":
-            out["exit_code"] = body.get("exit_code", 0)
+            out["exit_code"] = rec.exit.exit_code
     out["config"].pop("_wandb", None)
     files_dir = run_dir / "files"
     for key, val in out["summary"].items():
-        if key.endswith(".path") and out["summary"].get(key[:-5] + "._type") == "table-file":
-            p = files_dir / val
-            if p.exists():
-                tab = json.loads(p.read_text())
-                out["tables"][key[:-5]] = pd.DataFrame(tab["data"], columns=tab["columns"])
+        if isinstance(val, dict) and val.get("_type") == "table-file" and (files_dir / val.get("path", "")).is_file():
+            tab = json.loads((files_dir / val["path"]).read_text())
+            out["tables"][key] = pd.DataFrame(tab["data"], columns=tab["columns"])
     return out
 
 

@@ -13,27 +13,37 @@ from ..experiment import Experiment, Result
 from ..outputs import RunOutputs
 from ..progress import now
 from ..results import summary_table
-from ..sweep import agent_param_names, apply_sweep_env, check_param_names
-from ..tracking import Preempted, WandbTracker
+from ..sweep import apply_sweep_env, check_agent_run
+from ..tracking import Preempted, TrackingError, WandbTracker, interrupt
 from .base import register
 
 
 @contextlib.contextmanager
-def sigterm_raises():
-    """SIGTERM (wandb agent stopping a run, a VM being preempted, `kill`) raises Preempted in the main thread,
-    so the run finishes its W&B record (failed, or preempting with wandb.requeue_on_sigterm) and exits 143."""
-    def handler(signum, frame):
-        raise Preempted()
+def signals_raise():
+    """SIGTERM (wandb agent stopping a run, a VM being preempted, `kill`) raises Preempted and SIGINT (Ctrl-C,
+    or W&B's own stop of a run from the UI) KeyboardInterrupt in the main thread, never inside a W&B call
+    (tracking.interrupt), so the run closes its W&B record (preempting with wandb.requeue_on_sigterm, else
+    stopped) and exits 143 / 130. A second SIGTERM while the run closes is ignored."""
+    state = {"term": False}
+
+    def on_term(signum, frame):
+        if not state["term"]:
+            state["term"] = True
+            interrupt(Preempted())
+
+    def on_int(signum, frame):
+        interrupt(KeyboardInterrupt())
 
     try:
-        old = signal.signal(signal.SIGTERM, handler)
+        old = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, on_term), (signal.SIGINT, on_int))}
     except ValueError:  # not the main thread (tests): leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def make_experiment(cfg: RunConfig, progress: bool = True) -> Experiment:
@@ -45,10 +55,18 @@ def make_experiment(cfg: RunConfig, progress: bool = True) -> Experiment:
 
 def run_experiment(exp: Experiment) -> Result:
     """Run it and mark it finished (the record `superweight sweep` checks) once W&B has its final state."""
-    with sigterm_raises():
+    with signals_raise():
         result = exp.run()
     exp.log.record(("finished",), {"at": now()})
     return result
+
+
+def _rows_done(exp: Experiment) -> str:
+    log = getattr(exp, "log", None)
+    if log is None:
+        return "before the first row"
+    done = sum(1 for k in log.done if k and k[0] == "row")
+    return f"after {done}/{exp.n_rows()} rows"
 
 
 @register("run", usage="usage: superweight run [key=value | --key value ...] [config=FILE.yaml]")
@@ -56,15 +74,24 @@ def main(argv: list[str]) -> int:
     """Score every eligible weight with each metric, select Top-K and the controls at each K, perturb, evaluate
     and restore; write out_dir and log the W&B run. Rerunning the same command resumes."""
     _, cfg = parse_command(list(argv))
-    if os.environ.get("WANDB_SWEEP_ID"):  # started by wandb agent (or a local sweep run exactly like it)
-        check_param_names(agent_param_names(), "wandb agent")
+    if os.environ.get("WANDB_SWEEP_PARAM_PATH"):  # started by wandb agent (or a local sweep run exactly like it)
+        check_agent_run(cfg)
     exp = make_experiment(cfg)
     try:
         result = run_experiment(exp)
     except Preempted:
-        how = "marked preempting (W&B requeues it)" if cfg.wandb.requeue_on_sigterm else "stopped"
-        print(f"superweight: SIGTERM: run {how}; rerun the same command to resume", file=sys.stderr)
+        how = "marked preempting, W&B requeues it" if cfg.wandb.requeue_on_sigterm else "stopped"
+        print(f"superweight: SIGTERM {_rows_done(exp)}: run {how}; rerun the same command to resume "
+              f"(out_dir {cfg.out_dir})", file=sys.stderr)
         return 143
+    except KeyboardInterrupt:
+        print(f"superweight: interrupted {_rows_done(exp)}; rerun the same command to resume (out_dir {cfg.out_dir})",
+              file=sys.stderr)
+        return 130
+    except TrackingError as e:
+        print(f"superweight: W&B error: {e}; the rows so far are in {cfg.out_dir} (rerun the same command to "
+              "resume and publish again, or set wandb.mode=offline / wandb.mode=disabled)", file=sys.stderr)
+        return 1
     print(summary_table(result.table, result.gaps))
     print(f"outputs: {exp.out.resolve()}")
     return 0

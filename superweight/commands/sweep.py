@@ -10,12 +10,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from ..arguments import parse_command
 from ..config import ConfigError
-from ..io import atomic_write_json, atomic_write_text
-from ..sweep import ENV_DIR, ENV_GROUP, plan
+from ..io import atomic_write_json
+from ..sweep import ENV_DIR, ENV_GROUP, plan, write_param_file
 from .base import register
 
 
@@ -31,13 +29,18 @@ class SweepOptions:
     online: bool = False  # log to W&B online (default: offline runs under each out_dir; `wandb sync` uploads them)
 
 
+def param_path(root: Path, group: str, run_id: str) -> Path:
+    """Where wandb agent puts a run's parameter file (<WANDB_DIR>/wandb/sweep-<id>/config-<run id>.yaml)."""
+    return (Path(root) / "wandb" / f"sweep-{group}" / f"config-{run_id}.yaml").resolve()
+
+
 @register("sweep", usage="usage: superweight sweep SWEEP.yaml [--dry-run] [--count N] [--seed S] [--sweep-dir DIR] "
                          "[--online]", options=SweepOptions, run_config=False)
 def main(argv: list[str]) -> int:
     """Expands the YAML like the W&B sweep controller (grid: Cartesian product in parameter-name order;
     random: seeded draws), validates every run before the first starts, and starts each run the way the agent
-    does (WANDB_SWEEP_ID, WANDB_RUN_ID, WANDB_SWEEP_PARAM_PATH, then the YAML's command line). Finished runs
-    are skipped, so a killed sweep resumes."""
+    does (WANDB_RUN_ID, WANDB_SWEEP_PARAM_PATH in the agent's format, then the YAML's command line), with the
+    YAML's project/entity. Finished runs are skipped, so a killed sweep resumes."""
     o, _ = parse_command(list(argv), SweepOptions, positional="path")
     if len(o.path) != 1:
         raise ConfigError("give one sweep YAML file; usage: superweight sweep sweeps/smoke.yaml [--dry-run]"
@@ -47,11 +50,12 @@ def main(argv: list[str]) -> int:
     path = o.path[0]
     p = plan(path, o.count, o.seed, o.sweep_dir)
     root: Path = p["dir"]
-    env_vars = {ENV_DIR: str(root), ENV_GROUP: p["group"], "WANDB_SWEEP_ID": p["group"]}
+    env_vars = {ENV_DIR: str(root), ENV_GROUP: p["group"]}  # no WANDB_SWEEP_ID: no such sweep on the server
     if not o.online:
         env_vars["WANDB_MODE"] = "offline"
-    if p["sweep"].get("project"):
-        env_vars["WANDB_PROJECT"] = str(p["sweep"]["project"])
+    for key in ("project", "entity"):
+        if p["sweep"].get(key):
+            env_vars[f"WANDB_{key.upper()}"] = str(p["sweep"][key])
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env_vars.items())
     n = len(p["runs"])
     todo = [r for r in p["runs"] if not r["finished"]]
@@ -59,7 +63,9 @@ def main(argv: list[str]) -> int:
     if o.dry_run:
         for i, r in enumerate(p["runs"], 1):
             state = "done" if r["finished"] else "todo"
-            print(f"[{i}/{n} {state}] {prefix} WANDB_RUN_ID={r['run_id']} {shlex.join(r['command'])}")
+            print(f"[{i}/{n} {state}] {prefix} WANDB_RUN_ID={r['run_id']} "
+                  f"WANDB_SWEEP_PARAM_PATH={shlex.quote(str(param_path(root, p['group'], r['run_id'])))} "
+                  f"{shlex.join(r['command'])}")
         return 0
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "sweep.json", {
@@ -67,7 +73,7 @@ def main(argv: list[str]) -> int:
         "runs": [{"params": r["params"], "out_dir": r["out_dir"], "run_id": r["run_id"], "command": r["command"]}
                  for r in p["runs"]],
     })
-    base = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # each run its own wandb-core
+    base = {k: v for k, v in os.environ.items() if k not in ("WANDB_SERVICE", "WANDB_SWEEP_ID")}  # own wandb-core
     base.update(env_vars)
     base["PATH"] = str(Path(sys.executable).parent) + os.pathsep + base.get("PATH", "")
     failed = []
@@ -75,8 +81,7 @@ def main(argv: list[str]) -> int:
         if r["finished"]:
             print(f"[{i}/{n}] finished, skipping: {r['out_dir']}")
             continue
-        param_file = root / f"config-{r['run_id']}.yaml"  # what wandb agent writes for its run
-        atomic_write_text(param_file, yaml.safe_dump({"wandb_version": 1, **{k: {"value": v} for k, v in r["params"].items()}}))
+        param_file = write_param_file(param_path(root, p["group"], r["run_id"]), r["params"])
         env = {**base, "WANDB_RUN_ID": r["run_id"], "WANDB_SWEEP_PARAM_PATH": str(param_file.resolve())}
         print(f"[{i}/{n}] {shlex.join(r['command'])}", flush=True)
         rc = subprocess.run(r["command"], env=env).returncode

@@ -31,7 +31,8 @@ from ..config import ConfigError, PerturbConfig
 from ..data import build_windows
 from ..evaluation import evaluate_lm
 from ..io import atomic_write, atomic_write_json
-from ..models import bos_every_window, load_model, model_context, model_info
+from ..experts import expert_down_params
+from ..models import bos_every_window, build_fake_model, load_model, load_model_config, model_context, model_info
 from ..outliers import OUTLIER_RATIO, find_outliers, outlier_modules
 from ..params import eligible_parameters, index_names, layer_of
 from ..perturbation import perturbed
@@ -51,6 +52,13 @@ CSV_COLUMNS = ["kind", "rank", "param", "layer", "row", "col", "flat_index", "we
                "input_activation", "score", "occurrences", "ppl", "nll", "acc", "delta_ppl", "ppl_ratio"]
 
 
+def check_down_projections(model, params) -> None:
+    if not outlier_modules(model, params) and not expert_down_params(model, params):
+        raise ConfigError("no MLP down projection among the eligible parameters (names ending in down_proj, "
+                          "mlp.c_proj, fc2 or w2, or fused experts' down_proj); valid: a model with such modules and "
+                          "score.include matching them")
+
+
 def _fmt_table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
     """Plain aligned text table; cols = [(key, format spec)]."""
     cells = [[k for k, _ in cols]] + [[format(r[k], f) if f else str(r[k]) for k, f in cols] for r in rows]
@@ -68,13 +76,16 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"option '{key}' must be an integer >= 0, got {getattr(o, key)}")
     opts = {"candidates": o.candidates, "random": o.random}
     cfg = validate(cfg)
+    # what can fail on bad input fails on a model built from its config alone, before anything is written
+    _, fake = build_fake_model(load_model_config(cfg.model, cfg.cache_dir), torch.float32, cfg.model.attn_implementation,
+                               cfg.model.trust_remote_code)
+    check_down_projections(fake, eligible_parameters(fake, cfg.score.include, cfg.score.exclude))
+    del fake
     out = prepare_out_dir(cfg.out_dir)
     t0 = time.perf_counter()
     model, tok, device = load_model(cfg.model, cfg.cache_dir)
     params = eligible_parameters(model, cfg.score.include, cfg.score.exclude)
-    if not outlier_modules(model, params):
-        raise ConfigError("no MLP down projection among the eligible parameters (names ending in down_proj, "
-                          "mlp.c_proj, fc2 or w2); valid: a model with such modules and score.include matching them")
+    check_down_projections(model, params)
     windows = build_windows(cfg.data, tok, cfg.cache_dir, context=model_context(model),
                             bos_every_window=bos_every_window(model))
     seed = cfg.seeds[0]

@@ -17,8 +17,10 @@ import pytest
 import torch
 
 from superweight.config import ConfigError, RunConfig
+from superweight.commands.plan import main
+from superweight.memory import MemoryTracker, estimate, parse_size
 from superweight.metrics import METRICS
-from superweight.plan import MemoryTracker, build_fake_model, estimate, main, parse_size
+from superweight.models import build_fake_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -29,9 +31,9 @@ import torch
 torch.set_num_threads(1)
 from transformers import AutoModelForCausalLM, LlamaConfig
 from superweight.config import ScoreConfig
-from superweight.evaluate import evaluate_lm
+from superweight.evaluation import evaluate_lm
 from superweight.metrics import METRICS, ScoreContext
-from superweight.models import eligible_parameters
+from superweight.params import eligible_parameters
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -180,24 +180,32 @@ def gaps(rows: list[dict], baseline: dict, n_boot: int = BOOTSTRAP, seed: int = 
 def _bootstrap_gap(top: list[np.ndarray] | None, ctl: list[list[np.ndarray]], n: np.ndarray, n_boot: int,
                    rng: np.random.Generator) -> tuple[float, float]:
     """Percentile 95% interval of the mean over seeds s of the token-weighted mean over windows of
-    (top_s − mean over draws d of ctl_s,d), resampling seeds, then draws within each seed, then windows.
-    top=None: the interval of the mean of ctl alone (one selection's ΔNLL)."""
+    (top_s − mean over draws d of ctl_s,d), resampling seeds, then draws within each resampled seed
+    (independently for every pick), then windows (the same windows for every seed: they are shared).
+    top=None: the interval of the mean of ctl alone (one selection's ΔNLL). Vectorized over resamples."""
     S, W = len(ctl), n.size
     if (top is not None and not all(np.all(np.isfinite(t)) for t in top)) or \
             not all(np.all(np.isfinite(c)) for cs in ctl for c in cs):
         return float("nan"), float("nan")
-    T = np.stack(top) if top is not None else np.zeros((S, W))  # [S, W]
-    D = max(len(cs) for cs in ctl)
-    C = np.stack([np.stack(cs + [cs[-1]] * (D - len(cs))) for cs in ctl])  # [S, D, W] (short seeds padded)
+    T = np.stack(top).astype(float) if top is not None else np.zeros((S, W))
     nd = np.asarray([len(cs) for cs in ctl])
-    # one vectorized draw of every level for all resamples at once: seeds [B, S], draws [B, S, D], windows [B, W]
-    ss = rng.integers(0, S, (n_boot, S))
-    dd = np.floor(rng.random((n_boot, S, D)) * nd[ss][..., None]).astype(np.int64)
-    ww = rng.integers(0, W, (n_boot, W))
-    c = C[ss[:, :, None, None], dd[:, :, :, None], ww[:, None, None, :]].mean(2)  # [B, S, W]
-    t = T[ss[:, :, None], ww[:, None, :]]  # [B, S, W]
-    wn = n[ww][:, None, :]  # [B, 1, W]
-    stats = (((t - c) * wn).sum(2) / wn.sum(2)).mean(1)  # [B]
+    D = int(nd.max())
+    C = np.zeros((S, D, W))
+    for s, cs in enumerate(ctl):
+        C[s, : len(cs)] = np.stack(cs)
+    stats = np.empty(n_boot)
+    chunk = max(1, 4_000_000 // (S * D * W))
+    for start in range(0, n_boot, chunk):
+        B = min(chunk, n_boot - start)
+        ss = rng.integers(0, S, (B, S))  # seeds
+        ww = rng.integers(0, W, (B, W))  # windows
+        k = nd[ss]  # draws of each picked seed
+        dd = np.minimum((rng.random((B, S, D)) * k[..., None]).astype(np.int64), k[..., None] - 1)
+        valid = np.arange(D)[None, None, :] < k[..., None]
+        c = (C[ss[..., None], dd] * valid[..., None]).sum(2) / k[..., None]  # [B, S, W]
+        diff = np.take_along_axis(T[ss] - c, np.broadcast_to(ww[:, None, :], (B, S, W)), axis=2)
+        wn = n[ww]  # [B, W]
+        stats[start : start + B] = ((diff * wn[:, None, :]).sum(2) / wn.sum(1)[:, None]).mean(1)
     if top is None:
         stats = -stats
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))

@@ -29,6 +29,7 @@ running buffer, so extra memory is O(K) beyond one tensor's temporaries.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,8 +64,11 @@ class Ranking:
     def take(self, k: int) -> "Ranking":
         """The K-selection: entries ranked < k in their group (a prefix for global mode)."""
         m = self.group_rank < k
+        keep = m.numpy()
+        stats = {key: v[keep] if isinstance(v, np.ndarray) and v.shape[:1] == keep.shape else v
+                 for key, v in self.stats.items()}  # per-entry arrays follow their entries
         return Ranking(self.names, self.shapes, self.pid[m], self.flat[m], self.score[m], self.group_rank[m],
-                       self.mode, self.selection, self.support, self.n_candidates, self.stats)
+                       self.mode, self.selection, self.support, self.n_candidates, stats)
 
     def by_param(self) -> dict[str, torch.Tensor]:
         """{param name: sorted flat indices} for perturbation."""
@@ -88,10 +92,18 @@ def _i64(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
-def tie_hash(seed: int, pid: int, flat: torch.Tensor, salt: int = 0) -> torch.Tensor:
-    """u(seed, parameter, flat index): splitmix64 of the composite key, as a non-negative int64 (63 bits).
-    A pseudo-random, seeded, order-independent secondary key: among equal scores the smaller u ranks first."""
-    x = (flat.to(torch.int64) + (int(pid) << _SHIFT)) ^ _i64((int(seed) * 0x9E3779B97F4A7C15) + salt * 0xD1B54A32D192ED03)
+def name_key(name: str) -> int:
+    """A 64-bit key of a parameter name (stable across processes and parameter orders)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def tie_hash(seed: int, param: str | int, flat: torch.Tensor, salt: int = 0) -> torch.Tensor:
+    """u(seed, parameter, flat index): splitmix64 of (flat index, parameter name key, seed, salt), as a
+    non-negative int64 (63 bits). A pseudo-random, seeded secondary key: among equal scores the smaller u
+    ranks first. Keyed by the parameter's *name* (an int is taken as the key itself), so the tie-breaks do
+    not depend on the order of the score dict nor on which other tensors are scored."""
+    pkey = name_key(param) if isinstance(param, str) else int(param)
+    x = flat.to(torch.int64) ^ _i64(pkey ^ ((int(seed) * 0x9E3779B97F4A7C15) + salt * 0xD1B54A32D192ED03))
     x = x + _i64(0x9E3779B97F4A7C15)
     x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _i64(0xBF58476D1CE4E5B9)
     x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _i64(0x94D049BB133111EB)
@@ -227,7 +239,7 @@ def _ranked_global(scores, k, selection, seed, mask_fn) -> Ranking:
             kth = torch.topk(x, k, sorted=False).values.min()
             keep = torch.nonzero(x >= kth).squeeze(1)
             cand, x = cand[keep], x[keep]
-        u = tie_hash(seed, pid, cand)
+        u = tie_hash(seed, n, cand)
         if cand.numel() > k:
             pos = _best(x, u, k)
             cand, x, u = cand[pos], x[pos], u[pos]
@@ -308,7 +320,7 @@ def rank_per_layer(scores, k, selection, seed=0, draw=0, mask_fn: Mask | None = 
             cand = torch.nonzero(ok).squeeze(1)
             n_cand += cand.numel()
             n_inf += cand.numel()
-            pos = _best(x[cand], tie_hash(seed, pid, cand), min(k, cand.numel()))
+            pos = _best(x[cand], tie_hash(seed, n, cand), min(k, cand.numel()))
             i = cand[pos].cpu()
         P.append(torch.full((i.numel(),), pid, dtype=torch.int64))
         I.append(i)
@@ -336,11 +348,11 @@ def rank_per_row(scores, k, selection, seed=0, draw=0, mask_fn: Mask | None = No
             m = mask_fn(n) if mask_fn is not None else None
             ok = m.reshape(-1).cpu() if m is not None else torch.ones(s.numel(), dtype=torch.bool)
             x = torch.zeros(s.numel(), dtype=torch.float64)
-            u = tie_hash(seed, pid, flat_all, salt=1 + draw)
+            u = tie_hash(seed, n, flat_all, salt=1 + draw)
         else:
             x, ok = _candidates(scores, n, selection, mask_fn)
             x, ok = x.cpu(), ok.cpu()
-            u = tie_hash(seed, pid, flat_all)
+            u = tie_hash(seed, n, flat_all)
         n_cand += int(ok.sum())
         x = torch.where(ok, x, torch.full_like(x, float("-inf"))).reshape(rows, cols)
         u = u.reshape(rows, cols)
@@ -386,7 +398,9 @@ def matched_k(scores, k, mode, seed=0, draw=0, mask_fn=None, top: Ranking | None
     candidate), none of them in Top-K and each drawn once. Group rank = its Top-K target's, so the K grid nests."""
     if top is None or values is None:
         raise ValueError("matched_k needs the Top-K ranking and the weight values")
-    return match_magnitudes(top, values, seed, draw, mask_fn)
+    r = match_magnitudes(top, values, seed, draw, mask_fn)
+    r.score = _gather(scores, r.names, r.pid, r.flat)  # each matched weight's own score (auditable)
+    return r
 
 
 WIDTHS = (0.01, 0.05, 0.2, 1.0, float("inf"))
@@ -500,11 +514,13 @@ def tied_counts(scores: dict[str, torch.Tensor], sel: Ranking, mask_fn: Mask | N
     all candidates (1 = no tie at the boundary). Only meaningful for top_k / bottom_k in global mode."""
     if len(sel) == 0:
         return 0
-    v = float(sel.score[-1])
+    last = int(torch.argmax(sel.group_rank)) if sel.mode == "global" else len(sel) - 1
+    # the boundary score in its own dtype (sel.score is float32: an fp64 or integer score would not compare)
+    v = scores[sel.names[int(sel.pid[last])]].detach().reshape(-1)[int(sel.flat[last])]
     n = 0
     for name in sel.names:
         s = scores[name].detach().reshape(-1)
-        hit = s == v if v == v else torch.isnan(s)
+        hit = s == v.to(s.device) if not torch.isnan(v) else torch.isnan(s)
         m = mask_fn(name) if mask_fn is not None else None
         if m is not None:
             hit &= m.reshape(-1).to(hit.device)

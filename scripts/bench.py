@@ -33,12 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from superweight.cache import ScoreCache, score_key  # noqa: E402
 from superweight.config import ModelConfig, PerturbConfig, ScoreConfig  # noqa: E402
-from superweight.evaluate import evaluate_lm  # noqa: E402
-from superweight.metrics import METRICS, ScoreContext, autocast_ctx, grads_only_for, lm_loss  # noqa: E402
-from superweight.models import eligible_parameters, fingerprint, input_device, load_model  # noqa: E402
-from superweight.perturb import perturbed  # noqa: E402
-from superweight.plan import MemoryTracker  # noqa: E402
-from superweight.rank import rank  # noqa: E402
+from superweight.evaluation import evaluate_lm  # noqa: E402
+from superweight.memory import MemoryTracker  # noqa: E402
+from superweight.metrics import METRICS, ScoreContext, grads_only_for, lm_loss  # noqa: E402
+from superweight.models import load_model  # noqa: E402
+from superweight.params import autocast_ctx, eligible_parameters, fingerprint, input_device  # noqa: E402
+from superweight.perturbation import perturbed  # noqa: E402
+from superweight.selection import rank  # noqa: E402
 
 
 def sync(device) -> None:

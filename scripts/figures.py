@@ -9,7 +9,7 @@
 
 import sys
 
-from superweight.cli import main
+from superweight.commands import main
 
 if __name__ == "__main__":
     sys.exit(main(["figures", *sys.argv[1:]]))

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .experts import find_expert_outliers
 from .params import autocast_ctx, input_device, is_conv1d, is_linear, layer_of, weight_values
 
-OUTLIER_MODULE_RX = re.compile(r"(?:^|\.)(?:down_proj|mlp\.c_proj|fc2|w2)$")
+OUTLIER_MODULE_RX = re.compile(r"(?:^|\.)(?:down_proj|mlp\.c_proj|fc2|w2|dense_4h_to_h|fc_out)$")
 
 
 @dataclass

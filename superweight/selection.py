@@ -341,7 +341,7 @@ def rank_per_row(scores, k, selection, seed=0, draw=0, mask_fn: Mask | None = No
     n_cand = 0
     for pid, n in enumerate(names):
         s = scores[n]
-        rows = s.shape[0] if s.ndim >= 2 else 1
+        rows = s.numel() // s.shape[-1] if s.ndim >= 2 else 1  # 3-D experts [E, out, in]: one group per expert row
         cols = s.numel() // rows
         flat_all = torch.arange(s.numel())
         if selection == "random_k":

@@ -199,6 +199,6 @@ def check_capabilities(cfg: RunConfig, model, params: dict[str, torch.Tensor], q
             raise ConfigError(f"topk={kmax} with mode=per_layer is larger than the smallest eligible tensor "
                               f"{name} ({n} weights); valid: 1..{n}")
     if "per_row" in cfg.select.modes:
-        name, n = min(((nm, p[0].numel() if p.ndim >= 2 else p.numel()) for nm, p in params.items()), key=lambda x: x[1])
+        name, n = min(((nm, p.shape[-1] if p.ndim >= 2 else p.numel()) for nm, p in params.items()), key=lambda x: x[1])
         if kmax > n:
             raise ConfigError(f"topk={kmax} with mode=per_row is larger than the row length {n} of {name}; valid: 1..{n}")

@@ -49,8 +49,8 @@ def sort_key(s: float, selection: str) -> float:
 def entries(scores, selection, seed, mask=None):
     """Every candidate as (name, flat, score, u) with u the documented seeded tie-break key."""
     out = []
-    for pid, (name, t) in enumerate(scores.items()):
-        u = tie_hash(seed, pid, torch.arange(t.numel())).tolist()
+    for name, t in scores.items():
+        u = tie_hash(seed, name, torch.arange(t.numel())).tolist()
         m = mask[name].reshape(-1).tolist() if mask is not None else [True] * t.numel()
         for f, s in enumerate(t.reshape(-1).tolist()):
             if informative(s, selection) and m[f]:
@@ -240,6 +240,21 @@ def test_boundary_ties_uniform_over_the_tied_class(mode):
     assert len(counts) == 6
     chi2 = _count_uniform(counts, 6, n)
     assert chi2 < 5 + 5 * math.sqrt(10), chi2
+
+
+@pytest.mark.parametrize("mode", ["global", "per_layer", "per_row"])
+@pytest.mark.parametrize("selection", ["top_k", "bottom_k"])
+def test_tie_breaks_do_not_depend_on_the_parameter_order(mode, selection):
+    """The tie hash is keyed by the parameter's name: reordering the score dict, or scoring fewer tensors,
+    selects the same weights of each tensor."""
+    scores = tie_scores(3)
+    rev = dict(reversed(list(scores.items())))
+    k = {"global": 40, "per_layer": 6, "per_row": 3}[mode]
+    a, b = rank(scores, k, mode, selection, seed=2), rank(rev, k, mode, selection, seed=2)
+    assert sorted(pairs(a)) == sorted(pairs(b))
+    if mode != "global":
+        one = {"a.weight": scores["a.weight"]}
+        assert pairs(rank(one, k, mode, selection, seed=2)) == [p for p in pairs(a) if p[0] == "a.weight"]
 
 
 def test_tie_break_is_not_by_index():

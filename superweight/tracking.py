@@ -197,7 +197,7 @@ def model_slug(name: str) -> str:
     """The model part of artifact names: a hub id or alias as written (org_name), a local path by its
     last component (the same model on two VMs gets the same collection)."""
     p = Path(str(name))
-    local = str(name).startswith(("/", ".", "~")) or p.suffix == ".gguf"
+    local = str(name).startswith(("/", ".", "~")) or p.suffix == ".gguf" or p.exists()
     return slug(p.name if local else str(name))
 
 
@@ -415,7 +415,7 @@ class WandbTracker:
             else:
                 try:  # the version another run logged: no re-hash, no upload
                     self.run.use_artifact(f"{name}:{alias}", type="scores")
-                except (wandb.errors.CommError, ValueError):
+                except Exception:  # not found (ValueError) or a lookup error: the draft path reports real failures
                     self.run.use_artifact(draft(), aliases=aliases)  # logs it, then declares it used
             names[tag] = f"{name}:{alias}"
         return names

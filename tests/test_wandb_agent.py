@@ -297,8 +297,8 @@ def test_sigterm_requeue_marks_preempting_and_the_rerun_finishes_the_same_run(ti
     assert "SIGTERM after" in stderr and "marked preempting" in stderr
     (first,) = records(out)
     n = len(first["history"])
-    print(f"\nSIGTERM record: {n} history rows ({done} in .progress.jsonl), preempting={first['preempting']}, "
-          f"exit_code={first['exit_code']}, run id {first['run']['run_id']}")
+    note = (f"SIGTERM record: {n} history rows ({done} in .progress.jsonl), preempting={first['preempting']}, "
+            f"exit_code={first['exit_code']}, run id {first['run']['run_id']}")
     assert first["preempting"] and first["exit_code"] == 143
     assert done - 1 <= n <= done and [h["row"] for h in first["history"]] == list(range(1, n + 1))
     assert first["summary"]["meta/stopped"] == "SIGTERM, requeued"
@@ -310,8 +310,9 @@ def test_sigterm_requeue_marks_preempting_and_the_rerun_finishes_the_same_run(ti
     assert commands.main(["run", *args]) == 0
     assert "resuming: " in capsys.readouterr().out
     first_again, second = records(out)
-    print(f"rerun: run id {second['run']['run_id']}, {len(second['history'])} history rows, "
-          f"exit_code={second['exit_code']}")
+    with capsys.disabled():
+        print(f"\n{note}\nrerun: run id {second['run']['run_id']}, {len(second['history'])} history rows, "
+              f"exit_code={second['exit_code']}")
     assert second["run"]["run_id"] == first["run"]["run_id"] == json.loads((out / "wandb_run.json").read_text())["id"]
     assert second["exit_code"] == 0 and not second["preempting"]
     assert [h["row"] for h in second["history"]] == list(range(1, 33))  # offline: the rerun's record is complete

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .params import EXPERT_WEIGHTS, input_device, layer_of
+from .params import EXPERT_WEIGHTS, autocast_ctx, input_device, layer_of
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,7 +351,8 @@ def find_expert_outliers(model, batches: list[torch.Tensor], threshold: float, r
                     typ = float(torch.cat(tokmax[p]).median()) if tokmax[p] else 0.0
                     thresholds[p] = max(float(threshold), float(ratio) * typ)
             for ids in batches:
-                model(input_ids=ids.to(dev), use_cache=False)
+                with autocast_ctx(dev):  # the same numerics as the dense detector (bf16 autocast on CUDA)
+                    model(input_ids=ids.to(dev), use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -121,31 +121,12 @@ class Experiment:
             self.load()
             self.baseline = self.log.get(("baseline",)) or self.log.record(("baseline",), self.evaluate())
             print(f"baseline: ppl={self.baseline['ppl']:.3f} nll={self.baseline['nll']:.4f} acc={self.baseline['acc']:.4f}")
-            self.rows, self.rankings, self.summaries, memo = [], {}, {}, {}
+            self.rows, self.rankings, self.summaries = [], {}, {}
             bar = tqdm(total=self.n_rows(), desc="perturb+evaluate", unit="row", disable=not self.progress)
-            for metric in cfg.score.metrics:
-                for seed in cfg.seeds:
-                    scores = self.scores(metric, seed)
-                    for mode in cfg.select.modes:
-                        for perts in mask_groups(cfg.perturb.names, cfg.perturb).values():
-                            mask = self.mask_fn(perts[0])
-                            for selection, draw, r in self.selections(metric, seed, mode, scores, mask):
-                                for k in sorted(cfg.select.topk):
-                                    sel = r.take(k)
-                                    for pert in perts:
-                                        key = ("row", metric, seed, mode, selection, draw, k, pert)
-                                        row = self.log.get(key)
-                                        if row is None:
-                                            row = self.log.record(key, self.perturb_evaluate(
-                                                sel, scores, mask, pert, seed, memo,
-                                                dict(metric=metric, seed=seed, mode=mode, selection=selection,
-                                                     draw=draw, k=k, perturbation=pert)))
-                                        self.rows.append(row)
-                                        bar.update()
-                                        self.tracker.log_row(row, bar.n, bar.total)
-                    self.summarize_scores(metric, seed, scores)
-                    del scores
-            bar.close()
+            try:
+                self.loop(bar)
+            finally:
+                bar.close()  # a stop message never lands on the bar's line
             self.timings["total_s"] = time.perf_counter() - t0
             result = self.collect()
             self.sink.write(result)
@@ -155,6 +136,32 @@ class Experiment:
         except BaseException as e:
             self.tracker.fail(e)
             raise
+
+    def loop(self, bar) -> None:
+        """for metric, seed: scores -> for mode, candidate set, selection (and draw), K, perturbation: one row."""
+        cfg, memo = self.cfg, {}
+        for metric in cfg.score.metrics:
+            for seed in cfg.seeds:
+                scores = self.scores(metric, seed)
+                for mode in cfg.select.modes:
+                    for perts in mask_groups(cfg.perturb.names, cfg.perturb).values():
+                        mask = self.mask_fn(perts[0])
+                        for selection, draw, r in self.selections(metric, seed, mode, scores, mask):
+                            for k in sorted(cfg.select.topk):
+                                sel = r.take(k)
+                                for pert in perts:
+                                    key = ("row", metric, seed, mode, selection, draw, k, pert)
+                                    row = self.log.get(key)
+                                    if row is None:
+                                        row = self.log.record(key, self.perturb_evaluate(
+                                            sel, scores, mask, pert, seed, memo,
+                                            dict(metric=metric, seed=seed, mode=mode, selection=selection,
+                                                 draw=draw, k=k, perturbation=pert)))
+                                    self.rows.append(row)
+                                    bar.update()
+                                    self.tracker.log_row(row, bar.n, bar.total)
+                self.summarize_scores(metric, seed, scores)
+                del scores
 
     # ---- setup: everything that can fail on bad input happens before the weights load -----------------
     def setup(self) -> None:

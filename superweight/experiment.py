@@ -75,7 +75,7 @@ class Result:
     config_hash: str
     baseline: dict
     rows: list[dict]
-    rankings: dict[tuple, Ranking]  # (metric, seed, mode, selection, draw) -> the K_max ranking
+    rankings: dict[tuple, Ranking]  # (metric, seed, mode, selection, draw[, other candidate set]) -> K_max ranking
     stability: list[dict]
     gaps: pd.DataFrame
     score_summaries: dict[str, dict[str, torch.Tensor]]
@@ -144,9 +144,10 @@ class Experiment:
             for seed in cfg.seeds:
                 scores = self.scores(metric, seed)
                 for mode in cfg.select.modes:
-                    for perts in mask_groups(cfg.perturb.names, cfg.perturb).values():
+                    for g, perts in enumerate(mask_groups(cfg.perturb.names, cfg.perturb).values()):
                         mask = self.mask_fn(perts[0])
-                        for selection, draw, r in self.selections(metric, seed, mode, scores, mask):
+                        group = () if g == 0 else ("+".join(perts),)  # rankings of a 2nd candidate set: own key
+                        for selection, draw, r in self.selections(metric, seed, mode, scores, mask, group):
                             for k in sorted(cfg.select.topk):
                                 sel = r.take(k)
                                 for pert in perts:
@@ -253,22 +254,24 @@ class Experiment:
         self.cache.put(key, scores, {"metric": metric, "seed": seed, "model": self.info.name})
         return scores
 
-    def selections(self, metric: str, seed: int, mode: str, scores, mask):
+    def selections(self, metric: str, seed: int, mode: str, scores, mask, group: tuple = ()):
         """(selection, draw, K_max ranking): Top-K first, then each control; random controls draw
-        select.control_draws times. A metric whose support is below the largest K warns once."""
+        select.control_draws times. A metric whose support is below the largest K warns once. Rankings are
+        kept under (metric, seed, mode, selection, draw) for the first candidate set of the perturbations and
+        with the set's perturbations appended (`group`) for any other."""
         kmax = max(self.cfg.select.topk)
         top = rank(scores, kmax, mode, "top_k", seed, mask_fn=mask)
         if top.support is not None and top.support < kmax and (metric, mode) not in getattr(self, "_warned", set()):
             self._warned = getattr(self, "_warned", set()) | {(metric, mode)}
             print(f"superweight: warning: {metric} gives {top.support} informative scores (its support) below "
                   f"K={kmax}: its Top-K stops at {top.support} (rows marked with `support`)", file=sys.stderr)
-        self.rankings[(metric, seed, mode, "top_k", 0)] = top
+        self.rankings[(metric, seed, mode, "top_k", 0, *group)] = top
         yield "top_k", 0, top
         for control in self.cfg.select.controls:
             spec = SELECTIONS.get(control)
             for draw in range(self.cfg.select.control_draws if spec.random else 1):
                 r = rank(scores, kmax, mode, control, seed, draw, mask_fn=mask, top=top, values=self.values)
-                self.rankings[(metric, seed, mode, control, draw)] = r
+                self.rankings[(metric, seed, mode, control, draw, *group)] = r
                 yield control, draw, r
 
     def evaluate(self) -> dict:
@@ -314,8 +317,8 @@ class Experiment:
         """Stability (Top-K sets within each metric's support) and gaps, as a Result."""
         cfg = self.cfg
         sets = {}
-        for (metric, seed, mode, selection, draw), r in self.rankings.items():
-            if selection == "top_k":
+        for (metric, seed, mode, selection, draw, *group), r in self.rankings.items():
+            if selection == "top_k" and not group:  # stability of the first candidate set's Top-K
                 sets[(metric, seed, mode)] = {k: r.take(k) for k in cfg.select.topk
                                               if r.support is None or k <= r.support}
         stab = stability_pairs(sets, cfg.score.metrics, cfg.seeds, cfg.select.modes, cfg.select.topk, jaccard)

@@ -18,6 +18,7 @@ import pandas as pd
 from safetensors.torch import save_file
 
 from .io import atomic_write, atomic_write_json
+from .experiment import mask_groups
 from .manifest import build_manifest
 from .params import layer_of, module_type
 from .plots import run_figures, save_figures
@@ -45,10 +46,13 @@ class RunOutputs:
         eff = effects(result.rows, result.baseline)
         atomic_write(out / "effects.csv", lambda tmp: eff.to_csv(tmp, index=False))
         rank_rows, sel = [], {}
-        for (metric, seed, mode, selection, draw), r in result.rankings.items():
+        first = "+".join(next(iter(mask_groups(cfg.perturb.names, cfg.perturb).values())))
+        for (metric, seed, mode, selection, draw, *group), r in result.rankings.items():
+            cands = group[0] if group else first  # the perturbations whose candidate set it was drawn from
             for row in ranking_rows(r, result.values, cfg.select.save_top):
-                rank_rows.append({"metric": metric, "seed": seed, "mode": mode, "selection": selection, "draw": draw, **row})
-            tag = f"{metric}.seed{seed}.{mode}.{selection}.draw{draw}"
+                rank_rows.append({"metric": metric, "seed": seed, "mode": mode, "selection": selection, "draw": draw,
+                                  "candidates": cands, **row})
+            tag = f"{metric}.seed{seed}.{mode}.{selection}.draw{draw}" + (f".{group[0]}" if group else "")
             sel[f"{tag}.pid"], sel[f"{tag}.flat"] = r.pid.contiguous(), r.flat.contiguous()
         rdf = pd.DataFrame(rank_rows)
         atomic_write(out / "rankings.csv", lambda tmp: rdf.to_csv(tmp, index=False))

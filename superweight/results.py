@@ -125,8 +125,8 @@ def results_frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame([{k: v for k, v in r.items() if k not in PER_WINDOW} for r in rows])
     if df.empty:
         return pd.DataFrame(columns=RESULT_COLUMNS)
-    cols = [c for c in RESULT_COLUMNS if c in df.columns] + [c for c in df.columns if c not in RESULT_COLUMNS]
-    return df[cols]
+    # the fixed schema whatever the controls (NaN where a row has no value, e.g. match_ks without matched_k)
+    return df.reindex(columns=RESULT_COLUMNS + [c for c in df.columns if c not in RESULT_COLUMNS])
 
 
 # ---------------------------------------------------------------------------------------------------

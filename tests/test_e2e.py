@@ -33,9 +33,8 @@ def test_cli_run_writes_every_output(tiny_model_dir, tmp_path):
               "sensitivity_scores.safetensors"):
         assert (out / f).is_file(), f
     df = pd.read_csv(out / "results.csv")
-    # the schema columns first, in order (match_ks: see test_results_csv_has_the_fixed_schema, BUGS.md #4)
-    schema = [c for c in RESULT_COLUMNS if c != "match_ks"]
-    assert [c for c in df.columns if c in schema] == schema and list(df.columns[: len(schema)]) == schema
+    assert list(df.columns[: len(RESULT_COLUMNS)]) == RESULT_COLUMNS  # the fixed schema, whatever the controls
+    assert df["match_ks"].isna().all()  # no matched_k in this run
     # one row per metric x seed x K x mode x selection (random_k: select.control_draws = 2 draws) x perturbation
     assert len(df) == 3 * 2 * 3 * 2 * (1 + 2 + 1) * 2
     assert set(df["selection"]) == {"top_k", "random_k", "bottom_k"}
@@ -137,8 +136,16 @@ def test_recorded_selections_are_the_perturbed_ones(half_zero_model_dir, tmp_pat
     assert (zero_rows["changed"] == zero_rows["n_selected"]).all()  # drawn from w != 0
     flip_rows = df[(df.perturbation == "bit_flip") & (df.selection == "random_k")]
     assert len(zero_rows) == len(flip_rows) == 2
-    # every recorded random_k selection that a zero row used holds only nonzero weights
+    # every recorded random_k selection that a zero row used holds only nonzero weights; bit_flip's (drawn from
+    # every weight, half of them zeros) is recorded under its own key
+    def zeros(r):
+        return sum(float(exp.values(r.names[p]).reshape(-1)[f]) == 0 for p, f in zip(r.pid.tolist(), r.flat.tolist()))
+
     for draw in (0, 1):
-        r = result.rankings[("magnitude", 0, "global", "random_k", draw)]
-        vals = [float(exp.values(r.names[p]).reshape(-1)[f]) for p, f in zip(r.pid.tolist(), r.flat.tolist())]
-        assert all(v != 0 for v in vals), sum(v == 0 for v in vals)
+        assert zeros(result.rankings[("magnitude", 0, "global", "random_k", draw)]) == 0
+        assert zeros(result.rankings[("magnitude", 0, "global", "random_k", draw, "bit_flip")]) > 50
+    rk = pd.read_csv(tmp_path / "run" / "rankings.csv")
+    rnd = rk[(rk.selection == "random_k") & (rk.draw == 0)]
+    assert set(rnd["candidates"]) == {"zero", "bit_flip"}
+    assert (rnd.loc[rnd.candidates == "zero", "value"] != 0).all()
+    assert (rnd.loc[rnd.candidates == "bit_flip", "value"] == 0).sum() > 50

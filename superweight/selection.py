@@ -404,16 +404,127 @@ def matched_k(scores, k, mode, seed=0, draw=0, mask_fn=None, top: Ranking | None
 
 
 WIDTHS = (0.01, 0.05, 0.2, 1.0, float("inf"))
+POOL = 1 << 18  # candidates per module type sampled uniformly to serve the dense |w| windows
+CHUNK = 1 << 22  # elements per step of a pass over a tensor (bounds its temporaries)
+GATHER_WIDTH = 0.2  # an exact pass gathers the windows at this width at least (serves the narrower ones too)
+
+
+@dataclass
+class _Sorted:
+    """Candidates (|w| ascending, float64) with their parameter id and flat index."""
+
+    val: np.ndarray
+    pid: np.ndarray
+    flat: np.ndarray
+
+    @staticmethod
+    def of(vals, pids, flats) -> "_Sorted":
+        v = np.concatenate(vals) if vals else np.empty(0)
+        p = np.concatenate(pids) if pids else np.empty(0, np.int64)
+        f = np.concatenate(flats) if flats else np.empty(0, np.int64)
+        o = np.argsort(v, kind="stable")
+        return _Sorted(v[o], p[o], f[o])
+
+    def pick(self, lo: float, hi: float, taken: set, gen: np.random.Generator) -> tuple[int, int] | None:
+        """A uniformly random entry with lo <= |w| <= hi that is not taken, or None."""
+        s, b = int(np.searchsorted(self.val, lo, "left")), int(np.searchsorted(self.val, hi, "right"))
+        if b <= s:
+            return None
+        for _ in range(8):  # rejection: taken entries are rare inside a window
+            j = s + int(gen.integers(b - s))
+            key = (int(self.pid[j]), int(self.flat[j]))
+            if key not in taken:
+                return key
+        free = [(int(p), int(f)) for p, f in zip(self.pid[s:b], self.flat[s:b]) if (int(p), int(f)) not in taken]
+        return free[int(gen.integers(len(free)))] if free else None
+
+
+def _abs_values(values, name) -> torch.Tensor:
+    return values(name).detach().reshape(-1).abs()
+
+
+def _type_pool(values, mask_fn, names, pids, gen) -> tuple[_Sorted, bool]:
+    """(candidates, exact): every candidate of these tensors when they hold at most POOL weights, else a
+    uniform random sample of them (POOL positions drawn with replacement, non-candidates and repeats
+    dropped: every candidate is equally likely to be in it, so a uniform pick inside a |w| window of the
+    sample is a uniform pick inside that window)."""
+    sizes = np.asarray([int(np.prod(values(names[p]).shape)) for p in pids], dtype=np.int64)
+    exact = int(sizes.sum()) <= POOL
+    vals, ps, fs = [], [], []
+    if exact:
+        for pid in pids:
+            w = _abs_values(values, names[pid])
+            m = mask_fn(names[pid]) if mask_fn is not None else None
+            idx = torch.nonzero(m.reshape(-1)).squeeze(1) if m is not None else torch.arange(w.numel(), device=w.device)
+            vals.append(w[idx.to(w.device)].double().cpu().numpy())
+            fs.append(idx.cpu().numpy().astype(np.int64))
+            ps.append(np.full(idx.numel(), pid, dtype=np.int64))
+        return _Sorted.of(vals, ps, fs), True
+    pos = np.sort(gen.integers(0, int(sizes.sum()), POOL))
+    pos = pos[np.concatenate([[True], pos[1:] != pos[:-1]])]  # repeats dropped
+    ends = np.cumsum(sizes)
+    which = np.searchsorted(ends, pos, side="right")
+    for j, pid in enumerate(pids):
+        sel = which == j
+        if not sel.any():
+            continue
+        flat = torch.from_numpy(pos[sel] - (ends[j] - sizes[j]))
+        w = _abs_values(values, names[pid])
+        m = mask_fn(names[pid]) if mask_fn is not None else None
+        if m is not None:
+            flat = flat[m.reshape(-1)[flat.to(m.device)].cpu()]
+        vals.append(w[flat.to(w.device)].double().cpu().numpy())
+        fs.append(flat.numpy().astype(np.int64))
+        ps.append(np.full(flat.numel(), pid, dtype=np.int64))
+    return _Sorted.of(vals, ps, fs), False
+
+
+def _gather_windows(values, mask_fn, names, pids, windows: list[tuple[float, float]]) -> _Sorted:
+    """Every candidate whose |w| lies in one of the windows: one chunked pass over the tensors, testing each
+    weight against the union of the windows (merged, sorted: bucketize, inside = an odd bucket)."""
+    merged: list[list[float]] = []
+    for lo, hi in sorted(windows):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    bounds = np.asarray([x for lo_hi in merged for x in lo_hi], dtype=np.float64)
+    # float32 bounds widened outwards (the exact test is in float64 on what is gathered)
+    b32 = bounds.astype(np.float32)
+    b32[0::2] = np.nextafter(b32[0::2], np.float32(-np.inf))
+    b32[1::2] = np.nextafter(b32[1::2], np.float32(np.inf))
+    vals, ps, fs = [], [], []
+    for pid in pids:
+        w = _abs_values(values, names[pid])
+        m = mask_fn(names[pid]) if mask_fn is not None else None
+        b = torch.from_numpy(b32).to(w.device)
+        for s in range(0, w.numel(), CHUNK):
+            x = w[s : s + CHUNK].float()
+            inside = torch.bucketize(x, b, right=True) % 2 == 1
+            if m is not None:
+                inside &= m.reshape(-1)[s : s + CHUNK].to(inside.device)
+            idx = torch.nonzero(inside).squeeze(1)
+            if idx.numel():
+                v = w[s : s + CHUNK][idx].double().cpu().numpy()
+                i = np.searchsorted(bounds, v, side="right")
+                ok = (i % 2 == 1) | ((i > 0) & (bounds[np.maximum(i - 1, 0)] == v))  # exact, closed windows
+                vals.append(v[ok])
+                fs.append(idx.cpu().numpy().astype(np.int64)[ok] + s)
+                ps.append(np.full(int(ok.sum()), pid, dtype=np.int64))
+    return _Sorted.of(vals, ps, fs)
 
 
 def match_magnitudes(top: Ranking, values: Callable[[str], torch.Tensor], seed: int, draw: int,
                      mask_fn: Mask | None) -> Ranking:
+    """matched_k (see `matched_k`). Per module type, targets in rank order; at each width a target first
+    draws from a uniform random sample of the type's candidates (`_type_pool`; dense windows), and the
+    targets it cannot serve get an exact pass over the type's weights restricted to their windows
+    (`_gather_windows`; sparse windows: the tails of |w|). Either way the match is uniform over the free
+    candidates of its window. Cost: O(POOL log POOL) per type plus at most two passes over the type's
+    weights (windows at ±20%, then ±100%, for the targets left); never a sort of all weights."""
     names, shapes = top.names, top.shapes
     tp, tf = top.pid.tolist(), top.flat.tolist()
-    tv = []  # |w| of each target
-    for p, f in zip(tp, tf):
-        tv.append(float(values(names[p]).reshape(-1)[f].abs().float()))
-    tv = np.asarray(tv, dtype=np.float64)
+    tv = np.asarray([float(values(names[p]).reshape(-1)[f].abs().float()) for p, f in zip(tp, tf)], dtype=np.float64)
     mtype = [module_type(n) for n in names]
     by_type: dict[str, list[int]] = {}
     for pid, t in enumerate(mtype):
@@ -423,54 +534,49 @@ def match_magnitudes(top: Ranking, values: Callable[[str], torch.Tensor], seed: 
     out_f = np.full(len(tp), -1, dtype=np.int64)
     width_used = np.zeros(len(tp))
     gen = np.random.default_rng([int(seed), int(draw), 7_777])
+
+    def window(i: int, width: float) -> tuple[float, float]:
+        a = tv[i]
+        return (a / (1 + width), a * (1 + width)) if np.isfinite(width) else (-np.inf, np.inf)
+
     for t, pids in by_type.items():
-        targets = [i for i, p in enumerate(tp) if mtype[p] == t]
-        if not targets:
+        pending = [i for i, p in enumerate(tp) if mtype[p] == t]
+        if not pending:
             continue
-        # sorted |w| of every candidate of this module type, one tensor at a time (no concatenation)
-        sorted_vals, sorted_idx = {}, {}
-        for pid in pids:
-            w = values(names[pid]).detach().reshape(-1).abs().float().cpu()
-            m = mask_fn(names[pid]) if mask_fn is not None else None
-            cand = torch.nonzero(m.reshape(-1).cpu()).squeeze(1) if m is not None else torch.arange(w.numel())
-            v, o = torch.sort(w[cand])
-            sorted_vals[pid], sorted_idx[pid] = v.numpy(), cand[o].numpy()
-        for i in targets:  # in rank order: a prefix of targets gets the same matches at every K
-            a = tv[i]
-            for width in WIDTHS:
-                lo, hi = (a / (1 + width), a * (1 + width)) if np.isfinite(width) else (-np.inf, np.inf)
-                spans = [(pid, np.searchsorted(sorted_vals[pid], lo, "left"), np.searchsorted(sorted_vals[pid], hi, "right"))
-                         for pid in pids]
-                total = sum(b - s for _, s, b in spans)
-                picked = None
-                for _ in range(8 if total else 0):  # rejection: excluded weights are rare inside a window
-                    r = int(gen.integers(total))
-                    for pid, s, b in spans:
-                        if r < b - s:
-                            f = int(sorted_idx[pid][s + r])
-                            if (pid, f) not in taken:
-                                picked = (pid, f)
-                            break
-                        r -= b - s
-                    if picked:
-                        break
-                if picked is None and total:  # crowded window: take the free ones explicitly
-                    free = [(pid, int(f)) for pid, s, b in spans for f in sorted_idx[pid][s:b] if (pid, int(f)) not in taken]
-                    if free:
-                        picked = free[int(gen.integers(len(free)))]
-                if picked:
-                    out_p[i], out_f[i] = picked
-                    width_used[i] = width
-                    taken.add(picked)
-                    break
+        pool, exact = _type_pool(values, mask_fn, names, pids, gen)
+        near, cover = None, 0.0  # the exact candidates of the windows (at width `cover`) of the targets left
+        for width in WIDTHS:
+            if not pending:
+                break
+            rest = []
+            for i in pending:  # in rank order
+                got = pool.pick(*window(i, width), taken, gen)
+                if got is None:
+                    rest.append(i)
+                else:
+                    out_p[i], out_f[i], width_used[i] = got[0], got[1], width
+                    taken.add(got)
+            if rest and not exact and np.isfinite(width):  # sparse windows: every candidate in them, exactly
+                if near is None or cover < width:  # one pass serves the widths up to 0.2, one more 1.0
+                    cover = max(width, GATHER_WIDTH)
+                    near = _gather_windows(values, mask_fn, names, pids, [window(i, cover) for i in rest])
+                still = []
+                for i in rest:
+                    got = near.pick(*window(i, width), taken, gen)
+                    if got is None:
+                        still.append(i)
+                    else:
+                        out_p[i], out_f[i], width_used[i] = got[0], got[1], width
+                        taken.add(got)
+                rest = still
+            pending = rest
     ok = out_p >= 0
     pid = torch.from_numpy(out_p[ok])
     flat = torch.from_numpy(out_f[ok])
     got = np.asarray([float(values(names[p]).reshape(-1)[f].abs().float()) for p, f in zip(pid.tolist(), flat.tolist())])
     stats = {"target_abs_w": tv[ok], "match_abs_w": got, "width": width_used[ok]}
-    r = Ranking(names, shapes, pid, flat, top.score[torch.from_numpy(ok)], top.group_rank[torch.from_numpy(ok)],
-                top.mode, "matched_k", None, top.n_candidates, stats)
-    return r
+    return Ranking(names, shapes, pid, flat, top.score[torch.from_numpy(ok)], top.group_rank[torch.from_numpy(ok)],
+                   top.mode, "matched_k", None, top.n_candidates, stats)
 
 
 def ks_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -205,6 +205,38 @@ def test_matched_k_is_disjoint_and_matches_magnitudes(planted):
                                                    for p, f in zip(mk.pid.tolist(), mk.flat.tolist())]))
 
 
+@pytest.mark.parametrize("pool", [1 << 18, 256])
+def test_matched_k_is_uniform_inside_the_window(monkeypatch, pool):
+    """One target (|w| = 1) in a type of 2 x 4096 weights: 30 candidates within ±1% (20 in one tensor, 10 in
+    the other) among dense weights elsewhere, and 5 more at exactly 1.01 (closed window). Over 700 draws
+    each candidate is picked ~20 times (chi-square over 35 cells), whether the type is searched exactly
+    (POOL above its size) or through the uniform sample plus the exact pass of the sparse windows."""
+    import superweight.selection as selection
+
+    monkeypatch.setattr(selection, "POOL", pool)
+    g = torch.Generator().manual_seed(0)
+    vals = {f"model.layers.{i}.mlp.down_proj.weight": 0.1 + 0.3 * torch.rand(64, 64, generator=g) for i in range(2)}
+    inside = [(0, f) for f in range(100, 120)] + [(1, f) for f in range(7, 17)] + [(1, f) for f in range(50, 55)]
+    a, b = vals["model.layers.0.mlp.down_proj.weight"].view(-1), vals["model.layers.1.mlp.down_proj.weight"].view(-1)
+    a[0] = 1.0  # the target
+    for pid, f in inside:
+        (a if pid == 0 else b)[f] = 1.01 if f >= 50 and pid == 1 else 1.0 + 0.018 * (torch.rand((), generator=g).item() - 0.5)
+    b[60] = 1.0102  # just outside ±1%
+    scores = {n: torch.zeros_like(v) for n, v in vals.items()}
+    scores["model.layers.0.mlp.down_proj.weight"].view(-1)[0] = 1.0
+    top = rank(scores, 1, "global", "top_k")
+    names = list(vals)
+    counts = {key: 0 for key in inside}
+    for draw in range(700):
+        mk = rank(scores, 1, "global", "matched_k", seed=draw // 100, draw=draw % 100, top=top, values=lambda n: vals[n])
+        key = (names.index(mk.names[int(mk.pid[0])]), int(mk.flat[0]))
+        assert key in counts and mk.stats["width"][0] == 0.01, key
+        counts[key] += 1
+    exp = 700 / len(inside)
+    chi2 = sum((c - exp) ** 2 / exp for c in counts.values())
+    assert chi2 < 70, (chi2, counts)  # 34 df: mean 34, sd 8
+
+
 def test_per_row_matched_k_take_keeps_its_stats(planted):
     """take(k) of a non-prefix (per_row) matched_k selection reports the KS of exactly its own entries."""
     m, params = planted

@@ -256,8 +256,12 @@ def effects(rows: list[dict], baseline: dict, n_boot: int = 1000, seed: int = 1)
 # ---------------------------------------------------------------------------------------------------
 def aggregate_over_seeds(df: pd.DataFrame, value: str) -> pd.DataFrame:
     """Mean, sample std (ddof=1, 0 for one value) and count over seeds (and control draws) of `value` for each
-    (perturbation, mode, metric, selection, k); non-finite values are dropped and counted."""
+    (perturbation, mode, metric, selection, k); non-finite values are dropped and counted. Top-K rows past
+    their metric's support (`past_support`) are left out: the plots drawn from this show no padding."""
     keys = ["perturbation", "mode", "metric", "selection", "k"]
+    if "support" in df.columns and "selection" in df.columns:
+        sup = pd.to_numeric(df["support"], errors="coerce")
+        df = df[~((df["selection"] == "top_k") & sup.notna() & (pd.to_numeric(df["k"]) > sup))]
     d = df[keys + ["seed", value]].copy()
     d[value] = pd.to_numeric(d[value], errors="coerce")
     finite = np.isfinite(d[value].to_numpy(dtype=float))

@@ -22,7 +22,7 @@ from superweight.config import PerturbConfig, RunConfig
 from superweight.experiment import Experiment
 from superweight.params import module_type
 from superweight.perturbation import _change_counts, changeable, perturbed
-from superweight.results import _bootstrap_gap, effects, gaps, paired_ci
+from superweight.results import _bootstrap_gap, aggregate_over_seeds, effects, gaps, paired_ci
 from superweight.selection import ks_distance, match_quality, rank, tied_counts
 
 SUPER = ("model.layers.0.mlp.down_proj.weight", 7, 5)
@@ -517,6 +517,9 @@ def test_run_marks_the_support_warns_once_and_controls_change_k_weights(planted_
     assert 1 <= support < 20 and (ao["support"] == support).all()
     assert (ao["n_selected"] == ao["k"].clip(upper=support)).all()
     assert set(result.gaps[result.gaps.metric == "act_outlier"]["k"]) == {1}  # no gap past the support
+    agg = aggregate_over_seeds(df, "delta_nll")  # what the Δ-vs-K plots draw: no padding either
+    assert set(agg[(agg.metric == "act_outlier") & (agg.selection == "top_k")]["k"]) == {1}
+    assert set(agg[(agg.metric == "act_outlier") & (agg.selection == "random_k")]["k"]) == {1, 20}
     # act_outlier finds the planted weight; its Top-1 is magnitude's Top-1
     r = result.rankings[("act_outlier", 0, "global", "top_k", 0)]
     assert (r.names[int(r.pid[0])], int(r.flat[0])) == (SUPER[0], SUPER[1] * 64 + SUPER[2])

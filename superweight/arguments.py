@@ -146,6 +146,8 @@ def parse_pairs(argv: list[str], extra: dict[str, Any] | None = None, positional
         values: list[str] = []
         for raw_v in values_raw:
             values.extend(split_value(raw_v) if _is_list(tp) else [raw_v])
+        if ckey == "data.eval_windows":  # `all` = every window of the split (the papers' protocol)
+            values = ["0" if v.strip().lower() == "all" else v for v in values]
         if not values:
             if tp is bool:
                 values = ["true"]
@@ -189,6 +191,8 @@ def load_yaml_pairs(path: str) -> list[tuple[str, list[str]]]:
             vals = []
         else:
             vals = split_value(str(v)) if _is_list(tp) else [str(v)]
+        if ckey == "data.eval_windows":
+            vals = ["0" if str(x).strip().lower() == "all" else x for x in vals]
         if not _is_list(tp) and len(vals) != 1:
             if v is None:  # explicit null for an optional field: keep the default
                 continue

@@ -23,16 +23,20 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from superweight.config import parse_config
+from superweight.arguments import parse_config
+from superweight.commands.run import make_experiment, run_experiment
 from superweight.experiment import Experiment
 from superweight.io import read_jsonl
+from superweight.sweep import is_finished
 
-# Compared byte for byte. sensitivity_scores.safetensors is compared by content (tensors bit for bit and the
+# Compared byte for byte. The safetensors files are compared by content (tensors bit for bit and the
 # metadata dict): safetensors writes its metadata map in a per-process hash order, so its header bytes vary.
-OUTPUTS = ["results.csv", "perturbation_results.json", "rankings.csv", "stability.csv", "stability_summary.csv"]
+OUTPUTS = ["results.csv", "perturbation_results.json", "gaps.csv", "effects.csv", "rankings.csv", "stability.csv",
+           "stability_summary.csv"]
 SCORES = "sensitivity_scores.safetensors"
-# 2 metrics x 2 seeds x 2 selections x 1 K x 2 perturbations = 16 rows (+ the baseline entry)
-ROWS = 16
+TENSOR_FILES = [SCORES, "selections.safetensors"]
+# 2 metrics x 2 seeds x (top_k + 2 random_k draws) x 1 K x 2 perturbations = 24 rows (+ the baseline entry)
+ROWS = 24
 WORDS = ("the of and a to in is was he for it with as his on be at by had are but from or have an they which one "
          "you were her all she there would their we him been has when who will more no if out so said what up its "
          "about into than them can only other new some could time these two may then do first any my now such").split()
@@ -114,6 +118,11 @@ def progress_entries(out: Path) -> list[dict]:
     return read_jsonl(out / ".progress.jsonl")
 
 
+def finished(out: Path) -> bool:
+    """The record `superweight run` appends once the run (and its W&B record) is complete."""
+    return any(e.get("key") == ["finished"] for e in progress_entries(out)[1:])
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return corpus_file(tmp_path_factory.mktemp("corpus"))
@@ -124,7 +133,8 @@ def reference(tiny_model_dir, tmp_path_factory, corpus):
     """An uninterrupted run (in-process, its own cache)."""
     d = tmp_path_factory.mktemp("reference")
     cfg = parse_config(run_args(tiny_model_dir, d / "out", d / "cache", corpus))
-    Experiment(cfg, progress=False).run()
+    run_experiment(make_experiment(cfg, progress=False))
+    assert finished(d / "out") and is_finished(d / "out", cfg)
     return d / "out"
 
 
@@ -147,6 +157,7 @@ def test_killed_run_resumes_to_identical_results(tiny_model_dir, tmp_path, refer
     assert "resuming: 5 finished rows" in p.stdout
     assert check_no_half_files(out) == {".progress.jsonl": "progress"}
     assert len(progress_entries(out)) == 1 + 1 + ROWS // 2  # magnitude done, grad_x_weight not started
+    assert not finished(out)
     scores = sorted(q.name for q in (cache / "scores").iterdir())
     assert len(scores) == 1 and not any(n.endswith(".tmp") for n in scores)  # magnitude only (no calibration)
     # a kill in the middle of an append leaves a torn last line: the next run must ignore it, and lose nothing
@@ -162,38 +173,39 @@ def test_killed_run_resumes_to_identical_results(tiny_model_dir, tmp_path, refer
     temps = [n for n, k in kinds.items() if k == "temp"]
     assert len(temps) == 1 and temps[0].startswith(".rankings.csv."), kinds
     assert not (out / "rankings.csv").exists() and not (out / "manifest.json").exists()
-    for name in ("results.csv", "perturbation_results.json"):  # written before the kill: already final
+    for name in ("results.csv", "perturbation_results.json", "gaps.csv", "effects.csv"):  # written before the kill
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
-    assert len(progress_entries(out)) == 2 + ROWS
-    produced["write:rankings.csv"] = f"results.csv + perturbation_results.json final, {temps[0][:15]}... temp"
+    assert len(progress_entries(out)) == 2 + ROWS and not finished(out)
+    produced["write:rankings.csv"] = f"results.csv ... effects.csv final, {temps[0][:15]}... temp"
 
-    # 4. killed after all outputs, before plots/W&B/`published`: the stale temp file is gone
+    # 4. killed after all outputs, before W&B and the `finished` record: the stale temp file is gone
     p = cli(args, kill_at="publish")
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     assert f"resuming: {1 + ROWS} finished rows" in p.stdout
     kinds = check_no_half_files(out)
     assert "temp" not in kinds.values(), kinds
-    assert set(OUTPUTS) | {SCORES, "manifest.json"} <= set(kinds)
-    assert "published" not in json.loads((out / "manifest.json").read_text())
-    produced["publish"] = "all outputs final, manifest without 'published'"
+    assert set(OUTPUTS) | set(TENSOR_FILES) | {"manifest.json"} <= set(kinds)
+    assert not finished(out)  # a sweep would run it again (and publish it)
+    produced["publish"] = "all outputs final, no 'finished' record"
 
     # 5. the rerun completes without evaluating a single perturbation again
     calls = []
-    orig = Experiment._perturb_eval
-    monkeypatch.setattr(Experiment, "_perturb_eval", lambda self, *a: calls.append(a) or orig(self, *a))
-    exp = Experiment(parse_config(args[1:]), progress=False)
-    exp.run()
+    orig = Experiment.perturb_evaluate
+    monkeypatch.setattr(Experiment, "perturb_evaluate", lambda self, *a: calls.append(a) or orig(self, *a))
+    exp = make_experiment(parse_config(args[1:]), progress=False)
+    run_experiment(exp)
     assert f"resuming: {1 + ROWS} finished rows" in capsys.readouterr().out
     assert calls == []
     assert exp.cache.misses == 0 and exp.cache.hits == 4  # every score set came from the cache
     for name in OUTPUTS:
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
-    same_scores_file(out / SCORES, reference / SCORES)
+    for name in TENSOR_FILES:
+        same_scores_file(out / name, reference / name)
     man = json.loads((out / "manifest.json").read_text())
-    assert "published" in man and man["config_hash"] == json.loads((reference / "manifest.json").read_text())["config_hash"]
+    assert finished(out) and man["config_hash"] == json.loads((reference / "manifest.json").read_text())["config_hash"]
     entries = progress_entries(out)
-    assert len(entries) == 2 + ROWS  # the torn line was ended, nothing recorded twice
-    assert len({json.dumps(e.get("key")) for e in entries[1:]}) == 1 + ROWS
+    assert len(entries) == 3 + ROWS  # header, baseline, rows, finished: the torn line was ended, nothing twice
+    assert len({json.dumps(e.get("key")) for e in entries[1:]}) == 2 + ROWS
     check_no_half_files(out)
     print("kill points:", produced)
 
@@ -206,9 +218,10 @@ def test_rerun_with_another_config_starts_over(tiny_model_dir, tmp_path, referen
     cfg = parse_config([f"model={tiny_model_dir}", "metric=magnitude", "topk=1", "controls=random_k", "seeds=0",
                         f"corpus={corpus}", "data.seq_len=16", "data.eval_windows=2", "data.calib_windows=1", "wandb.mode=disabled",
                         "plots=none", f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}"])
-    Experiment(cfg, progress=False).run()
+    run_experiment(make_experiment(cfg, progress=False))
     assert "resuming" not in capsys.readouterr().out
-    assert len(progress_entries(out)) == 1 + 1 + 2  # header, baseline, top_k and random_k: only this config's
+    # header, baseline, top_k and two random_k draws, finished: only this config's
+    assert len(progress_entries(out)) == 1 + 1 + 3 + 1
     assert json.loads((out / "manifest.json").read_text())["config_hash"] != json.loads(
         (reference / "manifest.json").read_text())["config_hash"]
 
@@ -220,12 +233,12 @@ def test_killed_sweep_resumes(tiny_model_dir, tmp_path, corpus):
     sweep = {
         "name": "killtest", "method": "grid",
         "command": ["${env}", "${interpreter}", "-m", "superweight", "run", "${args}"],
-        "parameters": {
-            "model": {"value": str(tiny_model_dir)}, "metric": {"value": "magnitude"},
-            "topk": {"values": [1, 3]}, "seeds": {"value": 0}, "controls": {"value": "random_k"},
-            "corpus": {"value": str(corpus)},
+        "parameters": {  # the W&B config's keys: full dotted names, list options as lists
+            "model.name": {"value": str(tiny_model_dir)}, "score.metrics": {"value": ["magnitude"]},
+            "select.topk": {"values": [[1], [3]]}, "seeds": {"value": [0]}, "select.controls": {"value": ["random_k"]},
+            "data.corpus": {"value": str(corpus)},
             "data.seq_len": {"value": 16}, "data.eval_windows": {"value": 2}, "data.calib_windows": {"value": 1},
-            "wandb.mode": {"value": "disabled"}, "plots": {"value": "none"},
+            "wandb.mode": {"value": "disabled"}, "plots": {"value": ["none"]},
             "cache_dir": {"value": str(tmp_path / "cache")},
         },
     }
@@ -247,21 +260,23 @@ def test_killed_sweep_resumes(tiny_model_dir, tmp_path, corpus):
     finally:
         proc.wait(timeout=300)
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
-    runs = sorted(d for d in sdir.iterdir() if d.is_dir())
+    planned = [Path(r["out_dir"]) for r in json.loads((sdir / "sweep.json").read_text())["runs"]]
+    assert len(planned) == 2
+    runs = [d for d in planned if d.is_dir()]
     assert len(runs) >= 1
     first = [d for d in runs if (d / "manifest.json").exists()]
-    assert len(first) == 1 and "published" in json.loads((first[0] / "manifest.json").read_text())
+    assert len(first) == 1 and finished(first[0])
     for d in runs:
         check_no_half_files(d)
-    before = {n: (first[0] / n).read_bytes() for n in [*OUTPUTS, SCORES, "manifest.json"]}
+    before = {n: (first[0] / n).read_bytes() for n in [*OUTPUTS, *TENSOR_FILES, "manifest.json"]}
 
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "[1/2] finished, skipping" in p.stdout and "2/2 runs finished" in p.stdout
     assert {n: (first[0] / n).read_bytes() for n in before} == before  # untouched
-    runs = sorted(d for d in sdir.iterdir() if d.is_dir())
+    runs = [d for d in planned if d.is_dir()]
     second = [d for d in runs if d != first[0]]
-    assert len(second) == 1 and "published" in json.loads((second[0] / "manifest.json").read_text())
+    assert len(second) == 1 and finished(second[0])
     # the same run done directly (in-process) gives the same bytes
     man = json.loads((second[0] / "manifest.json").read_text())
     direct = tmp_path / "direct"
@@ -269,7 +284,8 @@ def test_killed_sweep_resumes(tiny_model_dir, tmp_path, corpus):
                         "seeds=0", "controls=random_k", f"corpus={corpus}", "data.seq_len=16", "data.eval_windows=2",
                         "data.calib_windows=1", "wandb.mode=disabled", "plots=none", f"out_dir={direct}",
                         f"cache_dir={tmp_path / 'cache'}"])
-    Experiment(cfg, progress=False).run()
+    run_experiment(make_experiment(cfg, progress=False))
     for name in OUTPUTS:
         assert (second[0] / name).read_bytes() == (direct / name).read_bytes(), name
-    same_scores_file(second[0] / SCORES, direct / SCORES)
+    for name in TENSOR_FILES:
+        same_scores_file(second[0] / name, direct / name)

@@ -9,6 +9,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from superweight import plots
+from superweight.results import EFFECT_COLUMNS, aggregate_over_seeds, jaccard_from_rankings
 
 
 def synthetic_results(seeds=(0, 1, 2)):
@@ -28,7 +29,7 @@ def synthetic_results(seeds=(0, 1, 2)):
 def test_aggregate_matches_numpy_and_counts_nonfinite():
     df = synthetic_results()
     df.loc[(df.metric == "magnitude") & (df.selection == "top_k") & (df.k == 100) & (df.seed == 2), "delta_ppl"] = np.inf
-    agg = plots.aggregate_over_seeds(df, "delta_ppl")
+    agg = aggregate_over_seeds(df, "delta_ppl")
     for (metric, sel, k), g in df.groupby(["metric", "selection", "k"]):
         vals = [v for v in g["delta_ppl"] if np.isfinite(v)]
         row = agg[(agg.metric == metric) & (agg.selection == sel) & (agg.k == k)].iloc[0]
@@ -66,6 +67,25 @@ def test_delta_vs_k_draws_seed_means_per_selection_on_log_axis():
     assert (np.array(t.y) - np.array(t.error_y.arrayminus) > 0).all()  # bars stay on the log axis
     with pytest.raises(ValueError):
         plots.delta_vs_k(df, "nonsense")
+
+
+def test_delta_vs_k_with_effects_draws_the_confidence_intervals():
+    """With results.effects (CIs over seeds, draws and windows), each point is the effect's mean and its bars
+    reach the CI's ends."""
+    df = synthetic_results()
+    rows = []
+    for (metric, sel, k), g in df.groupby(["metric", "selection", "k"]):
+        m = float(g["delta_ppl"].mean())
+        rows.append({"perturbation": "zero", "mode": "global", "metric": metric, "selection": sel, "k": k,
+                     "delta_ppl": m, "delta_ppl_lo": m - 1.0 - k / 100, "delta_ppl_hi": m + 2.0})
+    eff = pd.DataFrame(rows).reindex(columns=EFFECT_COLUMNS)
+    fig = plots.delta_vs_k(df, "delta_ppl", effects=eff)
+    t = {(tr.xaxis, tr.name): tr for tr in fig.data}[("x", "Top-K")]
+    e = eff[(eff.metric == "magnitude") & (eff.selection == "top_k")].sort_values("k")
+    np.testing.assert_allclose(t.y, e["delta_ppl"])
+    np.testing.assert_allclose(t.error_y.array, [2.0, 2.0, 2.0])
+    np.testing.assert_allclose(t.error_y.arrayminus, [1.01, 1.1, 2.0])
+    assert "95% CI" in fig.layout.title.text
 
 
 def _score_file(tmp_path):
@@ -115,7 +135,7 @@ def _rankings():
 
 def test_jaccard_from_rankings_and_heatmaps():
     df, sets = _rankings()
-    stab = plots.jaccard_from_rankings(df, k=4)
+    stab = jaccard_from_rankings(df, k=4)
     def J(x, y):
         return len(set(x) & set(y)) / len(set(x) | set(y))
     got = {(r.a, r.b): r.jaccard for r in stab.itertuples()}
@@ -123,13 +143,28 @@ def test_jaccard_from_rankings_and_heatmaps():
     assert got[("a/seed0", "b/seed0")] == pytest.approx(J(sets[("a", 0)], sets[("b", 0)]))
     assert ("a/seed0", "b/seed1") not in got  # different metric and seed: neither kind
     assert set(stab["kind"]) == {"seed", "metric"}
-    assert plots.jaccard_from_rankings(df, k=5).empty  # only 4 rows stored per set
+    assert jaccard_from_rankings(df, k=5).empty  # only 4 rows stored per set
+    # rankings.csv holds every selection: only the Top-K rows are compared
+    ctl = df.assign(selection="random_k", flat_index=df["flat_index"] + 100)
+    both = pd.concat([df.assign(selection="top_k"), ctl], ignore_index=True)
+    pd.testing.assert_frame_equal(jaccard_from_rankings(both, k=4), stab)
     figs = plots.stability_heatmaps(stab)
     z = np.array(figs["stability_seeds"].data[0].z)
     assert z[0, 0] == 1 and z[0, 1] == pytest.approx(J(sets[("a", 0)], sets[("a", 1)]))
     zm = np.array(figs["stability_metrics"].data[0].z)
     mean_ab = (J(sets[("a", 0)], sets[("b", 0)]) + J(sets[("a", 1)], sets[("b", 1)])) / 2
     assert zm[0, 1] == pytest.approx(mean_ab) and zm[1, 0] == pytest.approx(mean_ab)
+
+
+@pytest.mark.xfail(reason="BUGS.md #8", strict=False)
+def test_jaccard_from_rankings_uses_one_candidate_set():
+    """rankings.csv keeps a Top-K per candidate set (`candidates`: perturbations that draw from other weights);
+    stability compares the first candidate set's Top-K, as stability.csv does, never a union of two."""
+    df, _ = _rankings()
+    first = df.assign(selection="top_k", candidates="zero")
+    other = df.assign(selection="top_k", candidates="bit_flip", flat_index=10 + df["rank"])
+    pd.testing.assert_frame_equal(jaccard_from_rankings(pd.concat([first, other], ignore_index=True), k=4),
+                                  jaccard_from_rankings(first, k=4))
 
 
 def test_save_figures_writes_html_json_png_svg(tmp_path):

@@ -19,9 +19,10 @@ import pytest
 import torch
 
 import superweight
+from superweight.arguments import parse_config
 from superweight.cache import ScoreCache
-from superweight.config import ModelConfig, parse_config
-from superweight.experiment import Experiment
+from superweight.commands.run import make_experiment, run_experiment
+from superweight.config import ModelConfig
 from superweight.models import load_model
 
 PKG = Path(superweight.__file__).parent
@@ -156,7 +157,7 @@ def test_no_secret_from_the_environment_in_any_output(tiny_model_dir, tmp_path, 
                         "topk=1,3", "controls=random_k", "data.seq_len=16", "data.eval_windows=2",
                         "data.calib_windows=1", "wandb.mode=offline", "wandb.project=sectest", "plots=none",
                         f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}"])
-    Experiment(cfg, progress=False).run()
+    run_experiment(make_experiment(cfg, progress=False))
     files = [p for p in out.rglob("*") if p.is_file()]
     wandb_files = [p for p in files if "wandb" in p.relative_to(out).parts[0]]
     run_records = [p for p in wandb_files if p.suffix == ".wandb"]

@@ -6,14 +6,17 @@ import itertools
 import json
 import math
 import os
+import re
 import textwrap
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from superweight import cli, sweep
-from superweight.config import ConfigError, parse_config
+from superweight import commands as cli
+from superweight import sweep
+from superweight.arguments import parse_config
+from superweight.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,28 +33,32 @@ program: superweight
 method: grid
 command: ["${env}", "${interpreter}", -m, "${program}", run, "${args}"]
 parameters:
-  topk: {value: [1, 10, 100]}
-  metric: {values: [magnitude, grad_x_weight]}
-  perturb: {values: [zero, sign_flip, gauss_noise]}
-  controls: {value: [random_k, bottom_k]}
+  select.topk: {value: [1, 10, 100]}
+  score.metrics: {values: [[magnitude], [grad_x_weight]]}
+  perturb.names: {values: [[zero], [sign_flip], [gauss_noise]]}
+  select.controls: {value: [random_k, bottom_k]}
   data.eval_windows: {value: 4}
-  seed: {int_uniform_placeholder: 0}
+  data.calib_windows: {int_uniform_placeholder: 0}
 """
 
 
 def test_grid_order_and_agent_command_line(tmp_path):
-    p = write(tmp_path, GRID.replace("seed: {int_uniform_placeholder: 0}", "seed: {min: 0, max: 1}"))
+    p = write(tmp_path, GRID.replace("data.calib_windows: {int_uniform_placeholder: 0}",
+                                     "data.calib_windows: {min: 1, max: 2}"))
     s = sweep.load_sweep(p)
     runs = sweep.expand(s)
     # independent: W&B sorts parameter names and takes the Cartesian product in that order
     names = sorted(s["parameters"])
-    values = {"controls": [["random_k", "bottom_k"]], "data.eval_windows": [4], "metric": ["magnitude", "grad_x_weight"],
-              "perturb": ["zero", "sign_flip", "gauss_noise"], "seed": [0, 1], "topk": [[1, 10, 100]]}
+    values = {"select.controls": [["random_k", "bottom_k"]], "data.eval_windows": [4],
+              "score.metrics": [["magnitude"], ["grad_x_weight"]],
+              "perturb.names": [["zero"], ["sign_flip"], ["gauss_noise"]], "data.calib_windows": [1, 2],
+              "select.topk": [[1, 10, 100]]}
     expect = [dict(zip(names, c)) for c in itertools.product(*[values[n] for n in names])]
     assert runs == expect and len(runs) == 12
     cmd = sweep.command_line(s, runs[0])
-    assert cmd == ["/usr/bin/env", "python", "-m", "superweight", "run", "--controls=['random_k', 'bottom_k']",
-                   "--data.eval_windows=4", "--metric=magnitude", "--perturb=zero", "--seed=0", "--topk=[1, 10, 100]"]
+    assert cmd == ["/usr/bin/env", "python", "-m", "superweight", "run", "--data.calib_windows=1",
+                   "--data.eval_windows=4", "--perturb.names=['zero']", "--score.metrics=['magnitude']",
+                   "--select.controls=['random_k', 'bottom_k']", "--select.topk=[1, 10, 100]"]
     # the args are what wandb agent itself builds
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
@@ -61,6 +68,8 @@ def test_grid_order_and_agent_command_line(tmp_path):
     cfg = parse_config(cmd[5:])
     assert cfg.select.controls == ["random_k", "bottom_k"] and cfg.select.topk == [1, 10, 100]
     assert cfg.score.metrics == ["magnitude"] and cfg.perturb.names == ["zero"] and cfg.data.eval_windows == 4
+    assert cfg.data.calib_windows == 1
+    sweep.check_param_values(runs[0], cfg, "test")  # every swept value is what the run parses
     assert sweep.expand({**s, "run_cap": 5}) == expect[:5]
     assert sweep.expand(s, count=3) == expect[:3]
 
@@ -74,7 +83,7 @@ def test_random_method_is_seeded_and_capped(tmp_path):
           perturb.prob: {distribution: log_uniform_values, min: 0.0001, max: 0.1}
           perturb.scale: {min: 0.5, max: 2.0}
           eval.batch_size: {min: 1, max: 4}
-          perturb: {values: [bit_flip]}
+          perturb.names: {values: [[bit_flip]]}
         """)
     s = sweep.load_sweep(p)
     a, b, c = sweep.expand(s, seed=1), sweep.expand(s, seed=1), sweep.expand(s, seed=2)
@@ -91,14 +100,19 @@ def test_random_method_is_seeded_and_capped(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("method: grid\nparameters: [1, 2\n", "not valid YAML"),
-    ("method: hyperband\nparameters:\n  metric: {values: [magnitude]}\n", "unknown method 'hyperband'"),
-    ("method: bayes\nparameters:\n  metric: {values: [magnitude]}\n", "needs the W&B server"),
-    ("method: grid\nparameters:\n  metrc: {values: [magnitude]}\n", "unknown option 'metrc' (did you mean metric"),
-    ("method: grid\nseed: 3\nparameters:\n  metric: {values: [magnitude]}\n", "unknown key 'seed'"),
+    ("method: hyperband\nparameters:\n  score.metrics: {values: [[magnitude]]}\n", "unknown method 'hyperband'"),
+    ("method: bayes\nparameters:\n  score.metrics: {values: [[magnitude]]}\n", "needs the W&B server"),
+    ("method: grid\nparameters:\n  score.metrc: {values: [[magnitude]]}\n",
+     "unknown option 'score.metrc' (did you mean score.metrics"),
+    ("method: grid\nseed: 3\nparameters:\n  score.metrics: {values: [[magnitude]]}\n", "unknown key 'seed'"),
     ("method: grid\nparameters:\n  perturb.scale: {min: 0.5, max: 2.0}\n", "cannot be used with method grid"),
-    ("method: grid\nparameters:\n  metric: {values: [magnitude, nonsense]}\n", "unknown metric 'nonsense'"),
-    ("method: grid\nparameters:\n  metric: magnitude\n", "must be a mapping"),
+    ("method: grid\nparameters:\n  score.metrics: {values: [[magnitude], [nonsense]]}\n", "unknown metric 'nonsense'"),
+    ("method: grid\nparameters:\n  score.metrics: [magnitude]\n", "must be a mapping"),
     ("method: grid\nparameters:\n  perturb.prob: {distribution: beta}\n", "unsupported distribution 'beta'"),
+    # the W&B config's keys: full dotted names, never an alias or a section; list options swept as lists
+    ("method: grid\nparameters:\n  metric: {values: [[magnitude]]}\n", "'metric' is an alias; name it 'score.metrics'"),
+    ("method: grid\nparameters:\n  select: {values: [[1]]}\n", "'select' is a config section"),
+    ("method: grid\nparameters:\n  score.metrics: {values: [magnitude]}\n", "write it as [magnitude]"),
 ])
 def test_bad_sweep_files_fail_with_one_line(tmp_path, capsys, text, message):
     p = write(tmp_path, "program: superweight\n" + text)
@@ -158,10 +172,11 @@ def tiny_sweep(tiny_model_dir, tmp_path_factory):
         method: grid
         command: ["${{env}}", "${{interpreter}}", -m, "${{program}}", run, "${{args}}"]
         parameters:
-          model: {{value: {tiny_model_dir}}}
-          metric: {{value: grad_x_weight}}
-          perturb: {{values: [zero, sign_flip]}}
-          topk: {{value: [1, 10]}}
+          model.name: {{value: {tiny_model_dir}}}
+          score.metrics: {{value: [grad_x_weight]}}
+          perturb.names: {{values: [[zero], [sign_flip]]}}
+          select.topk: {{value: [1, 10]}}
+          select.controls: {{value: [random_k, bottom_k]}}
           seeds: {{value: [0, 1]}}
           data.eval_windows: {{value: 2}}
           data.calib_windows: {{value: 2}}
@@ -205,7 +220,7 @@ def test_sweep_runs_are_grouped_in_wandb(tiny_sweep):
         assert len(dirs) == 1
         rec = read_offline_run(dirs[0])
         groups.append(rec["run"]["run_group"])
-        assert rec["config"]["perturb"]["names"] == r["config"].perturb.names
+        assert rec["config"]["perturb.names"] == r["config"].perturb.names  # the flat dotted W&B config
     assert groups == [p["group"], p["group"]]
 
 
@@ -216,7 +231,12 @@ def test_rerun_of_a_finished_sweep_runs_nothing(tiny_sweep, capsys, monkeypatch)
     assert "2 runs (2 finished, 0 to run)" in out and out.count("finished, skipping") == 2
     assert cli.main(["sweep", str(tiny_sweep["yaml"]), "--dry-run"]) == 0
     dry = capsys.readouterr().out
-    assert dry.count("done] SUPERWEIGHT_SWEEP_DIR=") == 2 and "WANDB_MODE=offline /usr/bin/env python -m superweight run" in dry
+    assert dry.count("done] SUPERWEIGHT_SWEEP_DIR=") == 2
+    # each line is the agent's environment (run id, parameter file) and then the YAML's command line
+    runs = re.findall(r"WANDB_MODE=offline WANDB_RUN_ID=(\w+) WANDB_SWEEP_PARAM_PATH=(\S+) /usr/bin/env python -m "
+                      r"superweight run ", dry)
+    assert [rid for rid, _ in runs] == [r["run_id"] for r in tiny_sweep["after_all"]["runs"]]
+    assert all(path.endswith(f"config-{rid}.yaml") for rid, path in runs)
 
 
 def test_figures_from_the_sweep_dir(tiny_sweep, capsys):

@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from superweight.evaluate import (
+from superweight.arguments import parse_config
+from superweight.commands.run import make_experiment, run_experiment
+from superweight.evaluation import (
     TASKS, encode_pair, hellaswag_scores, lambada_scores, load_hellaswag, load_lambada, score_continuations,
 )
 
@@ -284,17 +286,14 @@ def tiny_corpus(tmp_path) -> str:
 
 
 def test_experiment_evaluates_tasks_for_baseline_and_every_perturbation(tiny_model_dir, tmp_path):
-    from superweight.config import parse_config
-    from superweight.experiment import Experiment
-
     out = tmp_path / "run"
     cfg = parse_config([f"model={tiny_model_dir}", "metric=magnitude", "topk=1,50", "seeds=0", "controls=random_k",
                         "perturb=zero", "tasks=lambada,hellaswag", "eval.task_limit=3", f"data.corpus={tiny_corpus(tmp_path)}",
                         "data.seq_len=16", "data.eval_windows=2", "data.calib_windows=2", "wandb.mode=disabled", "plots=none",
                         f"out_dir={out}"])
-    exp = Experiment(cfg, progress=False)
-    df = exp.run()
-    assert len(df) == 4
+    exp = make_experiment(cfg, progress=False)
+    df = run_experiment(exp).table
+    assert len(df) == (1 + 2) * 2  # (top_k + 2 random_k draws) x K
     for col in ("lambada/acc", "lambada/ppl", "lambada/ppl_word", "hellaswag/acc", "hellaswag/acc_norm"):
         assert col in exp.baseline and df[col].notna().all(), col
         assert (df[f"delta_{col}"] == df[col] - exp.baseline[col]).all()
@@ -308,18 +307,17 @@ def test_experiment_evaluates_tasks_for_baseline_and_every_perturbation(tiny_mod
 def test_stability_summary_on_a_tiny_run(tiny_model_dir, tmp_path):
     """The stability summary equals a groupby of stability.csv recomputed here, and stability.csv equals
     Jaccard of the Top-K sets in rankings.csv."""
-    from superweight.config import parse_config
-    from superweight.experiment import Experiment
-
     out = tmp_path / "run"
     cfg = parse_config([f"model={tiny_model_dir}", "metric=magnitude,grad_x_weight", "topk=1,5,20", "seeds=0,1,2",
                         "controls=random_k", "perturb=zero", f"data.corpus={tiny_corpus(tmp_path)}", "data.seq_len=16",
                         "data.eval_windows=2", "data.calib_windows=2", "select.save_top=20", "wandb.mode=disabled", "plots=none",
                         f"out_dir={out}"])
-    Experiment(cfg, progress=False).run()
+    run_experiment(make_experiment(cfg, progress=False))
     stab = pd.read_csv(out / "stability.csv")
     summ = pd.read_csv(out / "stability_summary.csv")
     rk = pd.read_csv(out / "rankings.csv")
+    assert set(rk["selection"]) == {"top_k", "random_k"}
+    rk = rk[rk["selection"] == "top_k"]  # stability compares the Top-K sets
     topk = {}
     for (m, s), grp in rk.groupby(["metric", "seed"]):
         grp = grp.sort_values("rank")

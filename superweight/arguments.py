@@ -128,7 +128,7 @@ def parse_pairs(argv: list[str], extra: dict[str, Any] | None = None, positional
         i += 1
         ckey = None if key in ("config", "config_path") else canonical_key(key, extra)
         tp = types.get(ckey)
-        if not eq or (_is_list(tp) and not positional):
+        if not eq or not positional:
             # `--seeds 0 1 2` and `seeds=0 1 2`: values follow until the next key; a bool flag may stand
             # alone; a scalar option takes one value (so positionals may follow it)
             while i < len(argv) and not _looks_like_key(argv[i]):

@@ -1,9 +1,9 @@
 """The experiment as a recipe (`Experiment.run`, one screen):
 
-    setup    validate the config and every capability against a model built from its config alone;
-             create out_dir                                  (bad input: one line, nothing written)
+    setup    validate the config and every capability against a model built from its config alone, and
+             the data with the tokenizer; create out_dir     (bad input: one line, nothing written)
     track    tracker.start()                                 (the W&B run is live from here)
-    load     weights, tokenizer, windows; capabilities again on the real parameters
+    load     weights; capabilities again on the real parameters
     baseline evaluate the unperturbed model once
     loop     for metric, seed: scores (cached)
                for mode, candidate set: Top-K, then the controls (random_k / matched_k: several draws)
@@ -38,8 +38,8 @@ from .data import Windows, build_windows
 from .evaluation import TASKS, evaluate_lm
 from .io import kill_point, remove_stale_temps
 from .metrics import METRICS, ScoreContext, compute_scores
-from .models import (bos_every_window, build_fake_model, load_model, load_model_config, model_context, model_info,
-                     pick_dtype)
+from .models import (bos_every_window, build_fake_model, load_model, load_model_config, load_tokenizer, model_context,
+                     model_info, pick_dtype)
 from .params import eligible_parameters, owner, weight_values
 from .perturbation import PERTURBATIONS, changeable, perturbed
 from .progress import ResumeLog, now
@@ -174,6 +174,10 @@ class Experiment:
                                            pick_dtype(cfg.model.dtype, device), cfg.model.attn_implementation,
                                            cfg.model.trust_remote_code)
         check_capabilities(cfg, fake, eligible_parameters(fake, cfg.score.include, cfg.score.exclude))
+        # the data too (context, corpus size, encoding): only the tokenizer is needed, no weights
+        self.tok = load_tokenizer(cfg.model, cfg.cache_dir)
+        self.windows: Windows = build_windows(cfg.data, self.tok, cfg.cache_dir, context=model_context(fake),
+                                              bos_every_window=bos_every_window(fake))
         del fake, fake_mode
         self.timings["validate_s"] = time.perf_counter() - t
         self.out = prepare_out_dir(cfg.out_dir)
@@ -186,15 +190,13 @@ class Experiment:
     def load(self) -> None:
         cfg = self.cfg
         t = time.perf_counter()
-        self.model, self.tok, self.device = load_model(cfg.model, cfg.cache_dir)
+        self.model, _, self.device = load_model(cfg.model, cfg.cache_dir)
         self.params = eligible_parameters(self.model, cfg.score.include, cfg.score.exclude)
         check_capabilities(cfg, self.model, self.params, quantize="none")  # the real storage now
         self.modules = {n: owner(self.model, n)[1] for n in self.params}
         self.timings["load_s"] = time.perf_counter() - t
         self.tracker.log_stage("load", self.timings["load_s"])
         t = time.perf_counter()
-        self.windows: Windows = build_windows(cfg.data, self.tok, cfg.cache_dir, context=model_context(self.model),
-                                              bos_every_window=bos_every_window(self.model))
         self.info = model_info(self.model, cfg.model, self.params)
         self.cache = ScoreCache(cache_root(cfg.cache_dir), enabled=cfg.score.cache)
         self.timings["data_s"] = time.perf_counter() - t

@@ -261,8 +261,7 @@ def load_model_config(cfg: ModelConfig, cache_dir: str | None = None):
         return AutoConfig.from_pretrained(src, **kw)
     except (OSError, ValueError) as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"model '{cfg.name}' has no readable config ({msg}); valid: an embedded "
-                          "name, a local model dir, a .gguf file, or a hub id when online") from None
+        raise ConfigError(f"model '{cfg.name}' has no readable config ({msg}); valid: {_VALID_MODELS}") from None
 
 
 def build_fake_model(config, dtype: torch.dtype, attn: str = "auto", trust_remote_code: bool = False):
@@ -278,3 +277,22 @@ def build_fake_model(config, dtype: torch.dtype, attn: str = "auto", trust_remot
         model = AutoModelForCausalLM.from_config(config, **kw)
     model.eval()
     return mode, model
+
+
+def load_tokenizer(cfg: ModelConfig, cache_dir: str | None = None):
+    """The model's tokenizer alone (cheap; the embedded models are converted once into the cache), so the
+    data can be checked before any output exists or any weight is read."""
+    from transformers import AutoTokenizer
+
+    src, gguf = resolve_source(cfg)
+    if src in EMBEDDED:
+        src = str(_embedded_dir(src, cache_dir))
+    try:
+        tok = (_gguf_tokenizer(src, gguf) if gguf else
+               AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision))
+    except (OSError, ValueError) as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"model '{cfg.name}' has no readable tokenizer ({msg}); valid: {_VALID_MODELS}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -320,6 +320,8 @@ def jaccard_from_rankings(rankings: pd.DataFrame, k: int, mode: str = "global") 
     r = rankings[(rankings["mode"] == mode) & (rankings["rank"] < k)]
     if "selection" in r.columns:
         r = r[r["selection"] == "top_k"]
+    if "candidates" in r.columns and len(r):  # one candidate set (the first), as stability.csv
+        r = r[r["candidates"] == r["candidates"].iloc[0]]
     sets = {}
     for (metric, seed), g in r.groupby(["metric", "seed"], sort=False):
         if len(g) >= k:

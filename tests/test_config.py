@@ -42,7 +42,7 @@ FORMS = {
 
 
 @pytest.mark.parametrize("form", [
-    pytest.param(f, marks=pytest.mark.xfail(reason="BUGS.md #1", strict=False)) if f == "mixed" else f for f in FORMS])
+    f for f in FORMS])
 def test_all_forms_give_the_same_config(form):
     assert parse_config(FORMS[form]) == _expected()
 

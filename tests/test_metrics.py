@@ -428,7 +428,7 @@ def test_detect_cli_reports_the_planted_weight(planted_model_dir, tmp_path, caps
 @pytest.mark.parametrize("args, needle", [
     (["random=-1"], "random"),
     (["candidates=x"], "candidates"),
-    pytest.param(["score.include=q_proj"], "down projection", marks=pytest.mark.xfail(reason="BUGS.md #2", strict=False)),
+    (["score.include=q_proj"], "down projection"),
     (["metric=nope"], "nope"),
 ])
 def test_detect_cli_bad_input_writes_nothing(planted_model_dir, tmp_path, capsys, args, needle):

@@ -156,7 +156,6 @@ def test_jaccard_from_rankings_and_heatmaps():
     assert zm[0, 1] == pytest.approx(mean_ab) and zm[1, 0] == pytest.approx(mean_ab)
 
 
-@pytest.mark.xfail(reason="BUGS.md #8", strict=False)
 def test_jaccard_from_rankings_uses_one_candidate_set():
     """rankings.csv keeps a Top-K per candidate set (`candidates`: perturbations that draw from other weights);
     stability compares the first candidate set's Top-K, as stability.csv does, never a union of two."""

@@ -140,6 +140,7 @@ class Experiment:
     def loop(self, bar) -> None:
         """for metric, seed: scores -> for mode, candidate set, selection (and draw), K, perturbation: one row."""
         cfg, memo = self.cfg, {}
+        done, total = 0, self.n_rows()  # counted here: a disabled progress bar counts nothing
         for metric in cfg.score.metrics:
             for seed in cfg.seeds:
                 scores = self.scores(metric, seed)
@@ -159,8 +160,9 @@ class Experiment:
                                             dict(metric=metric, seed=seed, mode=mode, selection=selection,
                                                  draw=draw, k=k, perturbation=pert)))
                                     self.rows.append(row)
+                                    done += 1
                                     bar.update()
-                                    self.tracker.log_row(row, bar.n, bar.total)
+                                    self.tracker.log_row(row, done, total)
                 self.summarize_scores(metric, seed, scores)
                 del scores
 

@@ -99,7 +99,6 @@ def test_summary_holds_baseline_deltas_and_gaps(tracked):
     assert s["meta/config_hash"] == chash(tracked["cfg"])
 
 
-@pytest.mark.xfail(reason="BUGS.md #9", strict=False)
 def test_history_has_one_step_per_row(tracked):
     hist = [h for h in tracked["rec"]["history"] if "row" in h]
     n = len(pd.read_csv(tracked["out"] / "results.csv"))

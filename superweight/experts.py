@@ -234,6 +234,20 @@ def act_mag_experts(model, batches: list[torch.Tensor], names: Iterable[str]) ->
     return {n: acc.scores(model, n) for n in names}
 
 
+def fold_spikes(found: dict, prefix: tuple, ch, j, sc, yv, xj, wv) -> None:
+    """Fold spike occurrences into `found[(*prefix, out channel, in channel)]`: count them, keep the largest
+    score and the occurrence with the largest |activation| (its activation, input and weight value)."""
+    for c, jj, s, yy, xx, ww in zip(ch.tolist(), j.tolist(), sc.tolist(), yv.tolist(), xj.tolist(), wv.tolist()):
+        key = (*prefix, c, jj)
+        d = found.get(key)
+        if d is None:
+            found[key] = d = {"score": s, "n": 0, "act": yy, "x": xx, "w": ww}
+        d["n"] += 1
+        if abs(yy) > abs(d["act"]):
+            d["act"], d["x"] = yy, xx
+        d["score"] = max(d["score"], s)
+
+
 def ravel(shape: tuple[int, ...], *index: int) -> int:
     """Multi-index -> flat (row-major, contiguous) index."""
     f = 0
@@ -330,15 +344,7 @@ def find_expert_outliers(model, batches: list[torch.Tensor], threshold: float, r
                 wv = (W[e][j, ch] if t else W[e][ch, j]).float()
                 sc = (xj * wv).abs()
                 yv = y[r, ch]
-                for c, jj, s, yy, xx, ww in zip(ch.tolist(), j.tolist(), sc.tolist(), yv.tolist(), xj.tolist(), wv.tolist()):
-                    key = (pname, e, c, jj)
-                    d = found.get(key)
-                    if d is None:
-                        found[key] = d = {"score": s, "n": 0, "act": yy, "x": xx, "w": ww}
-                    d["n"] += 1
-                    if abs(yy) > abs(d["act"]):
-                        d["act"], d["x"] = yy, xx
-                    d["score"] = max(d["score"], s)
+                fold_spikes(found, (pname, e), ch, j, sc, yv, xj, wv)
 
         return hook
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .experts import find_expert_outliers
+from .experts import find_expert_outliers, fold_spikes
 from .params import autocast_ctx, input_device, is_conv1d, is_linear, layer_of, weight_values
 
 OUTLIER_MODULE_RX = re.compile(r"(?:^|\.)(?:down_proj|mlp\.c_proj|fc2|w2|dense_4h_to_h|fc_out)$")
@@ -114,15 +114,7 @@ def find_outliers(model, batches: list[torch.Tensor], threshold: float, ratio: f
             wv = (w[j, ch] if conv else w[ch, j]).float()
             sc = (xj * wv).abs()
             yv = y.detach().float().reshape(-1, y.shape[-1])[tok, ch]
-            for c, jj, s, yy, xx, ww in zip(ch.tolist(), j.tolist(), sc.tolist(), yv.tolist(), xj.tolist(), wv.tolist()):
-                key = (pname, c, jj)
-                e = found.get(key)
-                if e is None:
-                    found[key] = e = {"score": s, "n": 0, "act": yy, "x": xx, "w": ww}
-                e["n"] += 1
-                if abs(yy) > abs(e["act"]):
-                    e["act"], e["x"] = yy, xx
-                e["score"] = max(e["score"], s)
+            fold_spikes(found, (pname,), ch, j, sc, yv, xj, wv)
 
         return hook
 

@@ -389,11 +389,3 @@ def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iter
                     tmp.unlink(missing_ok=True)
             written.extend(targets)
     return written
-
-
-def finite_or_none(x) -> float | None:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None

@@ -279,25 +279,17 @@ def stability_pairs(sets: dict[tuple[str, int, str], dict[int, set]], metrics: l
     """Jaccard rows: across seeds (same metric) and across metrics (same seed), for every mode and K.
     `sets[(metric, seed, mode)][k]` is a Top-K selection; `jaccard(a, b)` compares two. A pair is left out
     when either Top-K is cut short by its metric's support (comparing fewer than K weights)."""
+    pairs = [("seed", m, a, m, b) for m in metrics for i, a in enumerate(seeds) for b in seeds[i + 1:]]
+    pairs += [("metric", ma, s, mb, s) for s in seeds for i, ma in enumerate(metrics) for mb in metrics[i + 1:]]
     rows = []
     for mode in modes:
         for k in sorted(ks):
-            for m in metrics:
-                for i, a in enumerate(seeds):
-                    for b in seeds[i + 1:]:
-                        A, B = sets[(m, a, mode)].get(k), sets[(m, b, mode)].get(k)
-                        if A is None or B is None:
-                            continue
-                        rows.append({"kind": "seed", "mode": mode, "k": k, "a": f"{m}/seed{a}", "b": f"{m}/seed{b}",
-                                     "metric_a": m, "metric_b": m, "seed_a": a, "seed_b": b, "jaccard": jaccard(A, B)})
-            for s in seeds:
-                for i, ma in enumerate(metrics):
-                    for mb in metrics[i + 1:]:
-                        A, B = sets[(ma, s, mode)].get(k), sets[(mb, s, mode)].get(k)
-                        if A is None or B is None:
-                            continue
-                        rows.append({"kind": "metric", "mode": mode, "k": k, "a": f"{ma}/seed{s}", "b": f"{mb}/seed{s}",
-                                     "metric_a": ma, "metric_b": mb, "seed_a": s, "seed_b": s, "jaccard": jaccard(A, B)})
+            for kind, ma, sa, mb, sb in pairs:
+                A, B = sets[(ma, sa, mode)].get(k), sets[(mb, sb, mode)].get(k)
+                if A is None or B is None:
+                    continue
+                rows.append({"kind": kind, "mode": mode, "k": k, "a": f"{ma}/seed{sa}", "b": f"{mb}/seed{sb}",
+                             "metric_a": ma, "metric_b": mb, "seed_a": sa, "seed_b": sb, "jaccard": jaccard(A, B)})
     return rows
 
 
@@ -346,7 +338,8 @@ def jaccard_from_rankings(rankings: pd.DataFrame, k: int, mode: str = "global") 
 # ---------------------------------------------------------------------------------------------------
 # the headline: what a run's summary and stdout say
 # ---------------------------------------------------------------------------------------------------
-def _num(x):
+def finite_or_none(x) -> float | None:
+    """float(x) when finite, else None (W&B summaries and JSON hold no NaN/inf)."""
     try:
         x = float(x)
     except (TypeError, ValueError):
@@ -364,7 +357,7 @@ def summary_metrics(results: pd.DataFrame, baseline: dict, gap: pd.DataFrame | N
     out: dict = {}
     for k, v in baseline.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"baseline/{k}"] = _num(v)
+            out[f"baseline/{k}"] = finite_or_none(v)
     if results is None or results.empty:
         return out
     keys = ["perturbation", "mode", "metric", "selection", "k"]
@@ -376,12 +369,12 @@ def summary_metrics(results: pd.DataFrame, baseline: dict, gap: pd.DataFrame | N
     for (pert, mode, metric, sel, k), row in means.iterrows():
         for c in ("delta_ppl", "delta_nll", "delta_acc"):
             if c in row:
-                out[f"{c}/{pert}/{mode}/{metric}/{sel}/k{k}"] = _num(row[c])
+                out[f"{c}/{pert}/{mode}/{metric}/{sel}/k{k}"] = finite_or_none(row[c])
     m = means.reset_index()
     for metric, g in m[m["selection"] == "top_k"].groupby("metric", sort=False):
-        out[f"max_delta_ppl/{metric}"] = _num(g["delta_ppl"].max())
+        out[f"max_delta_ppl/{metric}"] = finite_or_none(g["delta_ppl"].max())
     for sel, g in m.groupby("selection", sort=False):
-        out[f"headline/max_delta_ppl_{sel}"] = _num(g["delta_ppl"].max())
+        out[f"headline/max_delta_ppl_{sel}"] = finite_or_none(g["delta_ppl"].max())
     if "ppl_ratio" in m.columns:
         first = m[(m["perturbation"] == m["perturbation"].iloc[0]) & (m["mode"] == m["mode"].iloc[0])
                   & (m["selection"] == "top_k")]
@@ -392,12 +385,12 @@ def summary_metrics(results: pd.DataFrame, baseline: dict, gap: pd.DataFrame | N
     if gap is not None and not gap.empty:
         for row in gap.itertuples(index=False):
             base = f"gap_nll/{row.perturbation}/{row.mode}/{row.metric}/{row.control}/k{row.k}"
-            out[base] = _num(row.gap_nll)
-            out[base + "_lo"] = _num(row.gap_nll_lo)
-            out[base + "_hi"] = _num(row.gap_nll_hi)
+            out[base] = finite_or_none(row.gap_nll)
+            out[base + "_lo"] = finite_or_none(row.gap_nll_lo)
+            out[base + "_hi"] = finite_or_none(row.gap_nll_hi)
         sig = gap[(gap["control"] == "random_k") & (gap["gap_nll_lo"] > 0)]
         if not sig.empty:
-            out["headline/max_gap_nll_random_k"] = _num(sig["gap_nll"].max())
+            out["headline/max_gap_nll_random_k"] = finite_or_none(sig["gap_nll"].max())
     return out
 
 

@@ -539,6 +539,18 @@ def match_magnitudes(top: Ranking, values: Callable[[str], torch.Tensor], seed: 
         a = tv[i]
         return (a / (1 + width), a * (1 + width)) if np.isfinite(width) else (-np.inf, np.inf)
 
+    def assign(source, targets: list[int], width: float) -> list[int]:
+        """Match each target (in rank order) from `source` at `width`; return the ones left unmatched."""
+        left = []
+        for i in targets:
+            got = source.pick(*window(i, width), taken, gen)
+            if got is None:
+                left.append(i)
+            else:
+                out_p[i], out_f[i], width_used[i] = got[0], got[1], width
+                taken.add(got)
+        return left
+
     for t, pids in by_type.items():
         pending = [i for i, p in enumerate(tp) if mtype[p] == t]
         if not pending:
@@ -548,27 +560,12 @@ def match_magnitudes(top: Ranking, values: Callable[[str], torch.Tensor], seed: 
         for width in WIDTHS:
             if not pending:
                 break
-            rest = []
-            for i in pending:  # in rank order
-                got = pool.pick(*window(i, width), taken, gen)
-                if got is None:
-                    rest.append(i)
-                else:
-                    out_p[i], out_f[i], width_used[i] = got[0], got[1], width
-                    taken.add(got)
+            rest = assign(pool, pending, width)
             if rest and not exact and np.isfinite(width):  # sparse windows: every candidate in them, exactly
                 if near is None or cover < width:  # one pass serves the widths up to 0.2, one more 1.0
                     cover = max(width, GATHER_WIDTH)
                     near = _gather_windows(values, mask_fn, names, pids, [window(i, cover) for i in rest])
-                still = []
-                for i in rest:
-                    got = near.pick(*window(i, width), taken, gen)
-                    if got is None:
-                        still.append(i)
-                    else:
-                        out_p[i], out_f[i], width_used[i] = got[0], got[1], width
-                        taken.add(got)
-                rest = still
+                rest = assign(near, rest, width)
             pending = rest
     ok = out_p >= 0
     pid = torch.from_numpy(out_p[ok])

@@ -64,7 +64,7 @@ from .config import TrackConfig, is_result_key, to_flat
 from .io import atomic_write_json
 from .manifest import scrub
 from .resources import cache_root
-from .results import summary_metrics
+from .results import finite_or_none, summary_metrics
 
 MAX_TABLE_ROWS = 200_000
 RUN_FILE = "wandb_run.json"
@@ -156,21 +156,13 @@ def resolve_mode(mode: str, env=None) -> str:
     return "online" if has_credentials(env) else "offline"
 
 
-def _num(x):
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def _table(df: pd.DataFrame):
     import wandb
 
     df = df.head(MAX_TABLE_ROWS).copy()
     for c in df.columns:
         if pd.api.types.is_float_dtype(df[c]):
-            df[c] = df[c].map(_num).astype(object)
+            df[c] = df[c].map(finite_or_none).astype(object)
     return wandb.Table(dataframe=df)
 
 
@@ -312,7 +304,7 @@ class WandbTracker:
         for k in ROW_KEYS:
             if k in row and row[k] is not None:
                 v = row[k]
-                item[f"row/{k}"] = v if isinstance(v, str) else _num(v)
+                item[f"row/{k}"] = v if isinstance(v, str) else finite_or_none(v)
         last = done >= total
         with shielded():
             self.run.log({k: v for k, v in item.items() if v is not None}, commit=not last)

@@ -11,20 +11,27 @@ same run, so it means the same on any machine:
   eval / reference             evaluate_lm tokens/s vs a plain batched loop at equal batch size, and the
                                relative perplexity difference
   cache hit / miss             score-set load from the content-addressed cache vs computing + storing it
+  peak memory / plan           (--parts memory, CUDA) measured peak of each metric and of evaluation vs what
+                               `superweight plan` predicts for the same model, seq_len and batch
 
     python scripts/bench.py                          # the shipped model on CPU
     python scripts/bench.py --model <dir|hub id> --device cuda --seq-len 2048 --json bench.json
+    # Llama-3.1-8B shapes, random init from its config.json (no weights), bf16 on one GPU:
+    python scripts/bench.py --model scripts/configs/llama-3.1-8b --random-init --device cuda --dtype bfloat16 \
+        --seq-len 1024 --calib-batches 1 --parts gradient,memory,eval --json bench-8b.json
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -36,10 +43,11 @@ from superweight.config import ModelConfig, PerturbConfig, ScoreConfig  # noqa: 
 from superweight.evaluation import evaluate_lm  # noqa: E402
 from superweight.memory import MemoryTracker  # noqa: E402
 from superweight.metrics import METRICS, ScoreContext, grads_only_for, lm_loss  # noqa: E402
-from superweight.models import load_model  # noqa: E402
+from superweight.models import load_model, pick_device, pick_dtype  # noqa: E402
 from superweight.params import autocast_ctx, eligible_parameters, fingerprint, input_device  # noqa: E402
 from superweight.perturbation import perturbed  # noqa: E402
 from superweight.selection import rank  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
 def sync(device) -> None:
@@ -68,7 +76,7 @@ def plain_fwd_bwd(model, params, batches, device) -> None:
     """Reference: forward + backward of the same loss into .grad for the same weights, grads then dropped."""
     with grads_only_for(model, params):
         for ids in batches:
-            with autocast_ctx(device):
+            with autocast_ctx(device, model):
                 loss = lm_loss(model, ids)
             loss.backward()
         for p in params.values():
@@ -94,7 +102,8 @@ def bench_gradient(model, params, batches, device, repeats) -> dict:
         h1, h2 = hutch(1), hutch(2)
         out.update({"hutchinson_1probe_s": h1, "hutchinson_2probe_s": h2, "hutchinson_1probe_ratio": h1 / fb,
                     "hutchinson_marginal_probe_ratio": (h2 - h1) / fb,
-                    "hutchinson_per_probe_ratio_at_2": h2 / 2 / fb, "hutchinson_target": 2.5})
+                    "hutchinson_per_probe_ratio_at_2": h2 / 2 / fb, "hutchinson_target": 3.0,
+                    "hutchinson_marginal_target": 2.0})
     return out
 
 
@@ -177,7 +186,7 @@ def reference_eval(model, ids: torch.Tensor, batch_size: int) -> tuple[float, fl
     with torch.inference_mode():
         for s in range(0, ids.size(0), batch_size):
             x = ids[s : s + batch_size].to(dev)
-            with autocast_ctx(dev):
+            with autocast_ctx(dev, model):
                 logits = model(input_ids=x).logits[:, :-1].float()
             logp = torch.log_softmax(logits, -1)
             y = x[:, 1:]
@@ -225,8 +234,55 @@ def bench_cache(model, params, batches, device) -> dict:
                 "identical": same}
 
 
+def random_init_model(path: str, device: str, dtype: str):
+    """A model built from `path`/config.json alone, random init, directly on `device` (no weights read): the
+    shapes, dtypes and kernels of the real checkpoint, which is all that time and memory depend on."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dev = pick_device(device)
+    config = AutoConfig.from_pretrained(path)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(config, dtype=pick_dtype(dtype, dev))
+    return model.eval(), dev
+
+
+def bench_memory(model, params, metrics: list[str], seq_lens: list[int], eval_batch: int, device) -> dict:
+    """Measured CUDA peak (torch.cuda.max_memory_allocated, weights included) and wall time of each metric on
+    one calibration window of each seq_len, batch 1, default ScoreConfig (fp32 score buffers on the GPU), and of
+    evaluation at `eval_batch` windows: the figures `superweight plan` predicts for the same model and options."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    weights = torch.cuda.memory_allocated()
+    out = {"weights_bytes": weights, "device_name": torch.cuda.get_device_name(), "total_bytes":
+           torch.cuda.get_device_properties(0).total_memory}
+    for T in seq_lens:
+        batches = calib_batches(vocab, 1, 1, T, seed=2)
+        for name in metrics + ["evaluation"]:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            t = time.perf_counter()
+            try:
+                if name == "evaluation":
+                    ids = calib_batches(vocab, 1, eval_batch, T, seed=3)[0]
+                    res = evaluate_lm(model, ids, batch_size=eval_batch)
+                else:
+                    res = METRICS[name].fn(ScoreContext(model, params, batches, ScoreConfig(), device, 0, False))
+                torch.cuda.synchronize()
+                row = {"peak_bytes": torch.cuda.max_memory_allocated(), "before_bytes": before,
+                       "reserved_peak_bytes": torch.cuda.max_memory_reserved(), "s": time.perf_counter() - t}
+                del res
+            except torch.OutOfMemoryError as e:  # a finding, not a crash: record it and go on
+                row = {"error": f"OutOfMemoryError: {str(e).splitlines()[0]}"}
+            row["peak_gib"] = row.get("peak_bytes", float("nan")) / 2**30
+            out[f"{name}@{T}"] = row
+            print(f"memory {name} seq {T}: {row}", file=sys.stderr, flush=True)
+    return out
+
+
 def table(rep: dict) -> str:
-    g, t, p, e, c = rep["gradient"], rep["topk"], rep["perturb"], rep["eval"], rep["cache"]
+    g, t, p, e, c, m = (rep.get(k, {}) for k in ("gradient", "topk", "perturb", "eval", "cache", "memory"))
+    g, t, p, e, c, m = ({} if "error" in d else d for d in (g, t, p, e, c, m))
     lines = [f"bench: {rep['model']} on {rep['device']} ({rep['n_eligible'] / 1e6:.1f}M scored weights), "
              f"{rep['calib_tokens']} calibration tokens, torch {rep['torch']}, {rep['threads']} CPU threads",
              f"{'figure':<46}{'value':>12}  target / detail", "-" * 96]
@@ -234,10 +290,18 @@ def table(rep: dict) -> str:
     def row(name, v, detail=""):
         lines.append(f"{name:<46}{v:>12}  {detail}")
 
+    if m:
+        row("CUDA weights", f"{m['weights_bytes'] / 2**30:.2f} GiB", m["device_name"])
+        for k, r in m.items():
+            if isinstance(r, dict):
+                row(f"peak {k}", f"{r['peak_gib']:.2f} GiB", r.get("error", f"{r['s']:.2f} s; reserved "
+                    f"{r['reserved_peak_bytes'] / 2**30:.2f} GiB"))
+    if not g:
+        return "\n".join(lines)
     row("grad_x_weight / plain fwd+bwd", f"{g['ratio']:.3f}", f"<= 1.15  ({g['grad_x_weight_s']:.2f} s vs {g['fwd_bwd_s']:.2f} s)")
     if "hutchinson_1probe_ratio" in g:
-        row("hutchinson (1 probe) / fwd+bwd", f"{g['hutchinson_1probe_ratio']:.3f}", f"<= 2.5  ({g['hutchinson_1probe_s']:.2f} s)")
-        row("hutchinson marginal probe / fwd+bwd", f"{g['hutchinson_marginal_probe_ratio']:.3f}", "extra probe on the same graph")
+        row("hutchinson (1 probe) / fwd+bwd", f"{g['hutchinson_1probe_ratio']:.3f}", f"<= 3  ({g['hutchinson_1probe_s']:.2f} s)")
+        row("hutchinson marginal probe / fwd+bwd", f"{g['hutchinson_marginal_probe_ratio']:.3f}", "<= 2  (one more probe)")
         row("hutchinson per probe at 2 probes / fwd+bwd", f"{g['hutchinson_per_probe_ratio_at_2']:.3f}", "")
     for k, r in t.items():
         if k.startswith("K="):
@@ -256,10 +320,13 @@ def table(rep: dict) -> str:
                 row(f"perturb+restore {k} in one tensor on {label}", f"{r[f'{k}_one_tensor_ms']:.3f} ms", "")
     for k, v in p.get("size_ratio_big_over_small", {}).items():
         row(f"perturb+restore {k[:-3]} time big / small model", f"{v:.2f}", "")
+    if not e:
+        return "\n".join(lines)
     row("eval tokens/s ours / reference loop", f"{e['ratio']:.3f}", f">= 1  ({e['ours_tokens_per_s']:.0f} vs "
         f"{e['reference_tokens_per_s']:.0f} tok/s, batch {e['batch_size']})")
     row("eval |PPL - reference PPL| / reference", f"{e['ppl_rel_diff']:.2e}", f"PPL {e['ppl']:.4f}")
-    row("score cache hit / miss time", f"{c['ratio']:.4f}", f"{c['hit_s'] * 1000:.1f} ms vs {c['miss_s']:.2f} s, identical={c['identical']}")
+    if c:
+        row("score cache hit / miss time", f"{c['ratio']:.4f}", f"{c['hit_s'] * 1000:.1f} ms vs {c['miss_s']:.2f} s, identical={c['identical']}")
     return "\n".join(lines)
 
 
@@ -279,38 +346,75 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-hutchinson", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); on a shared "
                     "box 1 thread gives steadier timings")
+    ap.add_argument("--random-init", action="store_true", help="--model is a directory with a config.json only: "
+                    "build it with random weights directly on --device (time and memory need shapes, not values)")
+    ap.add_argument("--parts", default="gradient,topk,perturb,eval,cache",
+                    help="comma-separated: gradient, topk, perturb, eval, cache, memory (CUDA only)")
+    ap.add_argument("--metrics", default="magnitude,act_mag,act_outlier,grad_x_weight,grad_squared,hutchinson_diag",
+                    help="metrics whose peak memory --parts memory measures")
+    ap.add_argument("--memory-seq-lens", default="512,1024")
     a = ap.parse_args(argv)
+    parts = set(a.parts.split(","))
     if a.threads > 0:
         torch.set_num_threads(a.threads)
 
-    model, tok, device = load_model(ModelConfig(name=a.model, device=a.device, dtype=a.dtype))
+    if a.random_init:
+        model, device = random_init_model(a.model, a.device, a.dtype)
+    else:
+        model, tok, device = load_model(ModelConfig(name=a.model, device=a.device, dtype=a.dtype))
     params = eligible_parameters(model)
     vocab = model.get_input_embeddings().weight.shape[0]
     batches = calib_batches(vocab, a.calib_batches, 1, a.seq_len)
     rep = {"model": a.model, "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "n_eligible": sum(p.numel() for p in params.values()), "calib_tokens": a.calib_batches * a.seq_len,
-           "seq_len": a.seq_len}
-    print("gradient metrics ...", file=sys.stderr)
-    if a.skip_hutchinson:
-        saved = METRICS.pop("hutchinson_diag", None)
-    rep["gradient"] = bench_gradient(model, params, batches, device, a.repeats)
-    if a.skip_hutchinson and saved is not None:
-        METRICS["hutchinson_diag"] = saved
-    print("top-K ...", file=sys.stderr)
-    rows, cols = (int(x) for x in a.topk_shape.lower().split("x"))
-    rep["topk"] = bench_topk(a.topk_tensors, rows, cols, [1000, 1_000_000], device)
-    print("perturb ...", file=sys.stderr)
-    from transformers import LlamaConfig, LlamaForCausalLM
+           "seq_len": a.seq_len, "dtype": str(next(model.parameters()).dtype), "random_init": a.random_init}
+    if device.type == "cuda":
+        rep["gpu"] = torch.cuda.get_device_name()
 
-    small = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).to(device)
-    rep["perturb"] = bench_perturb({a.model: params, "llama-2layer-256": eligible_parameters(small)},
-                                   [10, 1000, 100_000], max(5, a.repeats))
-    print("evaluation ...", file=sys.stderr)
-    ids = calib_batches(vocab, 1, a.eval_windows, a.seq_len, seed=1)[0]
-    rep["eval"] = bench_eval(model, ids, a.eval_batch, device, a.repeats)
-    print("score cache ...", file=sys.stderr)
-    rep["cache"] = bench_cache(model, params, batches, device)
+    def save():
+        if a.json:  # after every part: a run stopped by a time limit keeps what it measured
+            Path(a.json).write_text(json.dumps(rep, indent=2))
+
+    def part(name, fn):
+        """Run one part; a failure is recorded in the report (and printed) and the other parts still run."""
+        if name not in parts:
+            return
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        try:
+            rep[name] = fn()
+        except Exception as e:  # noqa: BLE001 (a benchmark reports what broke and measures the rest)
+            traceback.print_exc()
+            rep[name] = {"error": f"{type(e).__name__}: {e}"}
+        if a.json:  # after every part: a run stopped by a time limit keeps what it measured
+            Path(a.json).write_text(json.dumps(rep, indent=2))
+
+    def gradient():
+        saved = METRICS.pop("hutchinson_diag", None) if a.skip_hutchinson else None
+        try:
+            return bench_gradient(model, params, batches, device, a.repeats)
+        finally:
+            if saved is not None:
+                METRICS["hutchinson_diag"] = saved
+
+    def topk():
+        rows, cols = (int(x) for x in a.topk_shape.lower().split("x"))
+        return bench_topk(a.topk_tensors, rows, cols, [1000, 1_000_000], device)
+
+    def perturb():
+        small = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=768,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).to(device)
+        return bench_perturb({a.model: params, "llama-2layer-256": eligible_parameters(small)}, [10, 1000, 100_000],
+                             max(5, a.repeats))
+
+    if device.type == "cuda":
+        part("memory", lambda: bench_memory(model, params, a.metrics.split(","),
+                                            [int(x) for x in a.memory_seq_lens.split(",")], a.eval_batch, device))
+    part("gradient", gradient)
+    part("eval", lambda: bench_eval(model, calib_batches(vocab, 1, a.eval_windows, a.seq_len, seed=1)[0], a.eval_batch,
+                                    device, a.repeats))
+    part("topk", topk)
+    part("perturb", perturb)
+    part("cache", lambda: bench_cache(model, params, batches, device))
     print(json.dumps(rep, indent=2))
     print(table(rep))
     if a.json:

@@ -79,7 +79,7 @@ def evaluate_lm(model, ids: torch.Tensor, labels: torch.Tensor | None = None, ba
     for s in tqdm(range(0, ids.size(0), batch_size), desc=desc, disable=not progress, leave=False):
         x = ids[s : s + batch_size].to(dev)
         y = labels[s : s + batch_size, 1:].to(dev)
-        with autocast_ctx(dev):
+        with autocast_ctx(dev, model):
             logits = model(input_ids=x, use_cache=False).logits[:, :-1]
         b_nll, b_correct, b_count, b_bad, p_nll, p_n = window_stats(logits, y.to(logits.device))
         nonfinite = nonfinite or bool(b_bad)
@@ -187,7 +187,7 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], batc
             pos = torch.nonzero((tgt != -100).any(0)).squeeze(1)
             kw["logits_to_keep"] = pos  # CPU indices work for hidden states on any device (device_map too)
             tgt = tgt[:, pos]
-        with autocast_ctx(dev):
+        with autocast_ctx(dev, model):
             logits = model(input_ids=x.to(dev), attention_mask=att.to(dev), use_cache=False, **kw).logits
         T = tgt.size(1)
         mask = (tgt != -100).to(logits.device)

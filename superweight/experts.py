@@ -357,7 +357,7 @@ def find_expert_outliers(model, batches: list[torch.Tensor], threshold: float, r
                     typ = float(torch.cat(tokmax[p]).median()) if tokmax[p] else 0.0
                     thresholds[p] = max(float(threshold), float(ratio) * typ)
             for ids in batches:
-                with autocast_ctx(dev):  # the same numerics as the dense detector (bf16 autocast on CUDA)
+                with autocast_ctx(dev, model):  # the same numerics as the dense detector (bf16 autocast on CUDA)
                     model(input_ids=ids.to(dev), use_cache=False)
     finally:
         for h in handles:

@@ -127,7 +127,7 @@ def find_outliers(model, batches: list[torch.Tensor], threshold: float, ratio: f
                     typ = float(torch.cat(tokmax[p]).median()) if tokmax[p] else 0.0
                     thresholds[p] = max(float(threshold), float(ratio) * typ)
             for ids in tqdm(batches, desc=f"act_outlier/{ph}", disable=not progress, leave=False):
-                with autocast_ctx(dev):
+                with autocast_ctx(dev, model):
                     model(input_ids=ids.to(input_device(model)), use_cache=False)
     finally:
         for h in handles:

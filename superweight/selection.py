@@ -230,15 +230,20 @@ def _ranked_global(scores, k, selection, seed, mask_fn) -> Ranking:
 
     for pid, n in enumerate(names):
         x, ok = _candidates(scores, n, selection, mask_fn)
-        cand = torch.nonzero(ok).squeeze(1)
-        n_cand += cand.numel()
-        if cand.numel() == 0:
+        n_ok = int(ok.sum())
+        n_cand += n_ok
+        if n_ok == 0:
             continue
-        x = x[cand]
-        if cand.numel() > k:  # this tensor's own k best, ties by u (computed for the tied entries only)
+        if n_ok > k:  # this tensor's own k best, ties by u (computed for the tied entries only). Memory: the
+            # key copy and a mask, never an index of every candidate (8 B each: 2x an fp32 score tensor)
+            x = x.masked_fill_(~ok, float("-inf"))  # candidates' keys are finite, so -inf marks the rest
+            del ok
             kth = torch.topk(x, k, sorted=False).values.min()
-            keep = torch.nonzero(x >= kth).squeeze(1)
-            cand, x = cand[keep], x[keep]
+            cand = torch.nonzero(x >= kth).squeeze(1)
+            x = x[cand]
+        else:
+            cand = torch.nonzero(ok).squeeze(1)
+            x = x[cand]
         u = tie_hash(seed, n, cand)
         if cand.numel() > k:
             pos = _best(x, u, k)

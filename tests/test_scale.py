@@ -229,7 +229,6 @@ def _selection_peak(scores, selection, k):
     return tr.peak
 
 
-@pytest.mark.xfail(reason="BUGS.md #3", strict=False)
 def test_topk_memory_is_one_tensor_plus_o_k():
     """Extra memory of global top-K / bottom-K over 12 x 256k scores (12 MiB): one tensor's temporaries
     (at most 3 x its bytes) + O(K); a naive concatenation would take all 12 MiB."""

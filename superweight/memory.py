@@ -17,8 +17,9 @@ exactly as the allocator would see it, minus what no Python-visible tensor holds
 the CUDA context). Targets:
   * device=cpu: what the run allocates on the host (tests check it against measured RSS, within 15%).
   * device=cuda (the default): SDPA runs as flash / memory-efficient attention there (O(T) memory, saves
-    output + logsumexp); the simulation reproduces that memory, unless the metric pins SDPA's math
-    backend (hutchinson_diag, whose double backward needs it: O(T²) per head). `CUDA_OVERHEAD` (CUDA
+    output + logsumexp); the simulation reproduces that memory. SDPA's math backend (O(T²) per head) runs
+    where a metric pins it: hutchinson_diag's double backward now uses it only transiently, one layer at a
+    time, to recompute that layer's attention for the second-order pass. `CUDA_OVERHEAD` (CUDA
     context + cuBLAS workspace) is added before comparing with `gpu_mem`; allocator fragmentation can add a
     few percent more. fp32 weights on CUDA run under bf16 autocast there; the plan simulates them without
     autocast (an upper bound).

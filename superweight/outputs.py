@@ -49,11 +49,14 @@ class RunOutputs:
         first = "+".join(next(iter(mask_groups(cfg.perturb.names, cfg.perturb).values())))
         for (metric, seed, mode, selection, draw, *group), r in result.rankings.items():
             cands = group[0] if group else first  # the perturbations whose candidate set it was drawn from
-            for row in ranking_rows(r, result.values, cfg.select.save_top):
-                rank_rows.append({"metric": metric, "seed": seed, "mode": mode, "selection": selection, "draw": draw,
-                                  "candidates": cands, **row})
-            tag = f"{metric}.seed{seed}.{mode}.{selection}.draw{draw}" + (f".{group[0]}" if group else "")
-            sel[f"{tag}.pid"], sel[f"{tag}.flat"] = r.pid.contiguous(), r.flat.contiguous()
+            # k: empty = one nested ranking (the K-selection is `rank < K`); K = drawn for this K only (matched_k)
+            for k, rk in (sorted(r.per_k.items()) if r.per_k else [(None, r)]):
+                for row in ranking_rows(rk, result.values, cfg.select.save_top):
+                    rank_rows.append({"metric": metric, "seed": seed, "mode": mode, "selection": selection,
+                                      "draw": draw, "k": k, "candidates": cands, **row})
+                tag = (f"{metric}.seed{seed}.{mode}.{selection}.draw{draw}" + (f".{group[0]}" if group else "")
+                       + (f".k{k}" if k is not None else ""))
+                sel[f"{tag}.pid"], sel[f"{tag}.flat"] = rk.pid.contiguous(), rk.flat.contiguous()
         rdf = pd.DataFrame(rank_rows)
         atomic_write(out / "rankings.csv", lambda tmp: rdf.to_csv(tmp, index=False))
         names = list(result.params)

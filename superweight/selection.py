@@ -57,12 +57,16 @@ class Ranking:
     support: int | None = None  # informative candidates (top_k); None = unbounded
     n_candidates: int = 0  # weights the selection could draw from
     stats: dict = field(default_factory=dict)  # per-selection extras (matched_k: match quality)
+    per_k: dict = field(default_factory=dict)  # K -> its own selection, for selections that do not nest (matched_k)
 
     def __len__(self) -> int:
         return int(self.pid.numel())
 
     def take(self, k: int) -> "Ranking":
-        """The K-selection: entries ranked < k in their group (a prefix for global mode)."""
+        """The K-selection: entries ranked < k in their group (a prefix for global mode), or the selection
+        drawn for exactly this K when the selection does not nest (`per_k`)."""
+        if k in self.per_k:
+            return self.per_k[k]
         m = self.group_rank < k
         keep = m.numpy()
         stats = {key: v[keep] if isinstance(v, np.ndarray) and v.shape[:1] == keep.shape else v
@@ -165,7 +169,8 @@ def _candidates(scores, name, selection, mask_fn):
 # registries: comparison groups (modes) and selections
 # ---------------------------------------------------------------------------------------------------
 MODES = Registry("mode")
-# control: usable in select.controls; random: drawn (select.control_draws times); needs_top: built from Top-K
+# control: usable in select.controls; random: drawn (select.control_draws times); needs_top: built from Top-K,
+# one selection per K (it matches that K's Top-K set, so the K grid does not nest: see `rank_grid`)
 SELECTIONS = Registry("selection", control=True, random=False, needs_top=False)
 
 
@@ -400,7 +405,10 @@ def random_k(scores, k, mode, seed=0, draw=0, mask_fn=None, **_):
 def matched_k(scores, k, mode, seed=0, draw=0, mask_fn=None, top: Ranking | None = None, values=None, **_):
     """For each Top-K weight, a random candidate of the same module type with |w| in a relative window around
     the Top-K weight's |w| (±1%, widened to ±5%, 20%, 100%, any |w| only when the window has no free
-    candidate), none of them in Top-K and each drawn once. Group rank = its Top-K target's, so the K grid nests."""
+    candidate), none of them in Top-K and each drawn once. Group rank = its Top-K target's. Drawn for each K
+    of the grid against that K's Top-K (`rank_grid`): a prefix of the K_max match would exclude the Top-K_max
+    weights, i.e. exactly the near-equal |w| neighbours a small-K match needs (magnitude's Top-1 at 9.25
+    would be matched far outside its window because 9.125 is in the Top-1000)."""
     if top is None or values is None:
         raise ValueError("matched_k needs the Top-K ranking and the weight values")
     r = match_magnitudes(top, values, seed, draw, mask_fn)
@@ -615,6 +623,23 @@ def rank(scores: dict[str, torch.Tensor], k: int, mode: str = "global", selectio
     MODES.get(mode)
     spec = SELECTIONS.get(selection)
     return spec.fn(scores, int(k), mode, seed=seed, draw=draw, mask_fn=mask_fn, top=top, values=values)
+
+
+def rank_grid(scores: dict[str, torch.Tensor], ks: list[int], mode: str = "global", selection: str = "top_k",
+              seed: int = 0, draw: int = 0, mask_fn: Mask | None = None, top: Ranking | None = None,
+              values: Callable[[str], torch.Tensor] | None = None) -> Ranking:
+    """The selection for a whole K grid: one ranking at max(ks) whose `.take(k)` is each K's selection. A
+    selection built from the Top-K set (needs_top: matched_k) is drawn for every K against `top.take(k)`
+    and kept in `per_k` (its K_max ranking is returned, carrying the others)."""
+    ks = sorted({int(k) for k in ks})
+    if not SELECTIONS.get(selection).needs_top:
+        return rank(scores, ks[-1], mode, selection, seed, draw, mask_fn, top, values)
+    if top is None:
+        raise ValueError(f"{selection} needs the Top-K ranking")
+    per = {k: rank(scores, k, mode, selection, seed, draw, mask_fn, top.take(k), values) for k in ks}
+    out = per[ks[-1]]
+    out.per_k = per
+    return out
 
 
 def tied_counts(scores: dict[str, torch.Tensor], sel: Ranking, mask_fn: Mask | None = None) -> int:

@@ -23,7 +23,7 @@ from superweight.experiment import Experiment
 from superweight.params import module_type
 from superweight.perturbation import _change_counts, changeable, perturbed
 from superweight.results import _bootstrap_gap, aggregate_over_seeds, effects, gaps, paired_ci
-from superweight.selection import ks_distance, match_quality, rank, tied_counts
+from superweight.selection import ks_distance, match_quality, rank, rank_grid, tied_counts
 
 SUPER = ("model.layers.0.mlp.down_proj.weight", 7, 5)
 ZERO_BLOCK = "model.layers.1.self_attn.q_proj.weight"  # rows 0..7 exactly 0
@@ -203,6 +203,29 @@ def test_matched_k_is_disjoint_and_matches_magnitudes(planted):
         # a matched weight carries its own score (auditable), not its target's
         assert torch.equal(mk.score, torch.tensor([float(scores[mk.names[p]].reshape(-1)[f])
                                                    for p, f in zip(mk.pid.tolist(), mk.flat.tolist())]))
+
+
+def test_matched_k_is_drawn_per_k_against_that_ks_top_k():
+    """matched_k at a small K must match that K's Top-K, not a prefix of the K_max match: the prefix would
+    exclude every Top-K_max weight, i.e. exactly the near-equal |w| neighbours a Top-1 match needs."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.linspace(0.01, 1.0, 4096)[torch.randperm(4096, generator=g)].reshape(64, 64)
+    params = {"model.layers.0.mlp.down_proj.weight": torch.nn.Parameter(w)}
+    scores = {n: p.detach().abs() for n, p in params.items()}  # Top-K = the largest |w|
+    ks = [1, 500]
+    top = rank(scores, max(ks), "global", "top_k")
+    mk = rank_grid(scores, ks, "global", "matched_k", seed=0, draw=0, top=top, values=values_of(params))
+    one, big = mk.take(1), mk.take(500)
+    assert len(one) == 1 and len(big) == 500 and big is mk
+    v1 = float(w.reshape(-1)[int(one.flat[0])])
+    assert 0.99 * (1 - 0.01) <= v1 < 1.0 and match_quality(one)["match_max_width"] <= 0.01  # a ±1% neighbour
+    assert not keyset(one) & keyset(top.take(1)) and not keyset(big) & keyset(top)
+    # the K_max match of the same Top-1 target had to go outside ±5% (its neighbours are all in Top-500)
+    j = int(torch.argmin(big.group_rank))
+    assert float(w.reshape(-1)[int(big.flat[j])]) < 0.95
+    # a nested selection is one ranking (take = prefix), unchanged by rank_grid
+    rk = rank_grid(scores, ks, "global", "random_k", seed=0, draw=0)
+    assert not rk.per_k and len(rk.take(1)) == 1 and keyset(rk.take(1)) <= keyset(rk)
 
 
 @pytest.mark.parametrize("pool", [1 << 18, 256])

@@ -47,7 +47,7 @@ from superweight.models import load_model, pick_device, pick_dtype  # noqa: E402
 from superweight.params import autocast_ctx, eligible_parameters, fingerprint, input_device  # noqa: E402
 from superweight.perturbation import perturbed  # noqa: E402
 from superweight.selection import rank  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
 def sync(device) -> None:
@@ -237,8 +237,6 @@ def bench_cache(model, params, batches, device) -> dict:
 def random_init_model(path: str, device: str, dtype: str):
     """A model built from `path`/config.json alone, random init, directly on `device` (no weights read): the
     shapes, dtypes and kernels of the real checkpoint, which is all that time and memory depend on."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     dev = pick_device(device)
     config = AutoConfig.from_pretrained(path)
     with torch.device(dev):
@@ -252,8 +250,8 @@ def bench_memory(model, params, metrics: list[str], seq_lens: list[int], eval_ba
     evaluation at `eval_batch` windows: the figures `superweight plan` predicts for the same model and options."""
     vocab = model.get_input_embeddings().weight.shape[0]
     weights = torch.cuda.memory_allocated()
-    out = {"weights_bytes": weights, "device_name": torch.cuda.get_device_name(), "total_bytes":
-           torch.cuda.get_device_properties(0).total_memory}
+    out = {"weights_bytes": weights, "device_name": torch.cuda.get_device_name(device), "total_bytes":
+           torch.cuda.get_device_properties(device).total_memory}
     for T in seq_lens:
         batches = calib_batches(vocab, 1, 1, T, seed=2)
         for name in metrics + ["evaluation"]:
@@ -355,6 +353,11 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-seq-lens", default="512,1024")
     a = ap.parse_args(argv)
     parts = set(a.parts.split(","))
+    valid = {"gradient", "topk", "perturb", "eval", "cache", "memory"}
+    if parts - valid:
+        ap.error(f"unknown --parts {','.join(sorted(parts - valid))}; valid: {', '.join(sorted(valid))}")
+    if "memory" in parts and not a.device.startswith("cuda"):
+        ap.error("--parts memory measures CUDA peaks: it needs --device cuda")
     if a.threads > 0:
         torch.set_num_threads(a.threads)
 
@@ -370,10 +373,6 @@ def main(argv=None) -> int:
            "seq_len": a.seq_len, "dtype": str(next(model.parameters()).dtype), "random_init": a.random_init}
     if device.type == "cuda":
         rep["gpu"] = torch.cuda.get_device_name()
-
-    def save():
-        if a.json:  # after every part: a run stopped by a time limit keeps what it measured
-            Path(a.json).write_text(json.dumps(rep, indent=2))
 
     def part(name, fn):
         """Run one part; a failure is recorded in the report (and printed) and the other parts still run."""

@@ -21,8 +21,7 @@ the CUDA context). Targets:
     where a metric pins it: hutchinson_diag's double backward now uses it only transiently, one layer at a
     time, to recompute that layer's attention for the second-order pass. `CUDA_OVERHEAD` (CUDA
     context + cuBLAS workspace) is added before comparing with `gpu_mem`; allocator fragmentation can add a
-    few percent more. fp32 weights on CUDA run under bf16 autocast there; the plan simulates them without
-    autocast (an upper bound).
+    few percent more. fp32 weights on CUDA run in fp32 (no autocast), as the plan simulates them.
   * score.offload=true: score buffers live in host memory; they are reported as `host_GiB` and not counted
     on the GPU.
   * quantize=8bit|4bit: weights are counted at 1 byte (+ one fp32 scale per row) / 0.5 byte (+ one fp32

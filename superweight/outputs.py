@@ -50,7 +50,7 @@ class RunOutputs:
         for (metric, seed, mode, selection, draw, *group), r in result.rankings.items():
             cands = group[0] if group else first  # the perturbations whose candidate set it was drawn from
             # k: empty = one nested ranking (the K-selection is `rank < K`); K = drawn for this K only (matched_k)
-            for k, rk in (sorted(r.per_k.items()) if r.per_k else [(None, r)]):
+            for k, rk in ([*sorted(r.per_k.items()), (r.k_max, r)] if r.per_k else [(None, r)]):
                 for row in ranking_rows(rk, result.values, cfg.select.save_top):
                     rank_rows.append({"metric": metric, "seed": seed, "mode": mode, "selection": selection,
                                       "draw": draw, "k": k, "candidates": cands, **row})
@@ -58,6 +58,8 @@ class RunOutputs:
                        + (f".k{k}" if k is not None else ""))
                 sel[f"{tag}.pid"], sel[f"{tag}.flat"] = rk.pid.contiguous(), rk.flat.contiguous()
         rdf = pd.DataFrame(rank_rows)
+        if "k" in rdf:
+            rdf["k"] = rdf["k"].astype("Int64")  # empty for nested rankings, an integer K otherwise
         atomic_write(out / "rankings.csv", lambda tmp: rdf.to_csv(tmp, index=False))
         names = list(result.params)
         meta = {"param_names": json.dumps(names),

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,6 +59,7 @@ class Ranking:
     n_candidates: int = 0  # weights the selection could draw from
     stats: dict = field(default_factory=dict)  # per-selection extras (matched_k: match quality)
     per_k: dict = field(default_factory=dict)  # K -> its own selection, for selections that do not nest (matched_k)
+    k_max: int | None = None  # with per_k: the K this ranking itself was drawn for (not kept in per_k: no cycle)
 
     def __len__(self) -> int:
         return int(self.pid.numel())
@@ -65,8 +67,11 @@ class Ranking:
     def take(self, k: int) -> "Ranking":
         """The K-selection: entries ranked < k in their group (a prefix for global mode), or the selection
         drawn for exactly this K when the selection does not nest (`per_k`)."""
-        if k in self.per_k:
-            return self.per_k[k]
+        if self.per_k:
+            if k in self.per_k:
+                return self.per_k[k]
+            if k != self.k_max:  # a prefix would silently be the wrong selection (it does not nest)
+                raise ValueError(f"{self.selection} was drawn for K in {sorted([*self.per_k, self.k_max])}, not {k}")
         m = self.group_rank < k
         keep = m.numpy()
         stats = {key: v[keep] if isinstance(v, np.ndarray) and v.shape[:1] == keep.shape else v
@@ -636,9 +641,17 @@ def rank_grid(scores: dict[str, torch.Tensor], ks: list[int], mode: str = "globa
         return rank(scores, ks[-1], mode, selection, seed, draw, mask_fn, top, values)
     if top is None:
         raise ValueError(f"{selection} needs the Top-K ranking")
-    per = {k: rank(scores, k, mode, selection, seed, draw, mask_fn, top.take(k), values) for k in ks}
-    out = per[ks[-1]]
-    out.per_k = per
+    per: dict[int, Ranking] = {}
+    by_size: dict[int, Ranking] = {}  # Top-K sets are nested prefixes: equal sizes (past a support) = equal sets
+    for k in ks:
+        t = top.take(k)
+        if len(t) not in by_size:
+            by_size[len(t)] = rank(scores, k, mode, selection, seed, draw, mask_fn, t, values)
+        per[k] = by_size[len(t)]
+    out = per.pop(ks[-1])
+    if any(v is out for v in per.values()):  # the K_max ranking also serves a smaller K: keep that entry a distinct object
+        out = dataclasses.replace(out)
+    out.per_k, out.k_max = per, ks[-1]
     return out
 
 

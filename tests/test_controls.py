@@ -216,13 +216,22 @@ def test_matched_k_is_drawn_per_k_against_that_ks_top_k():
     top = rank(scores, max(ks), "global", "top_k")
     mk = rank_grid(scores, ks, "global", "matched_k", seed=0, draw=0, top=top, values=values_of(params))
     one, big = mk.take(1), mk.take(500)
-    assert len(one) == 1 and len(big) == 500 and big is mk
+    assert len(one) == 1 and len(big) == 500 and keyset(big) == keyset(mk) and mk.k_max == 500
+    with pytest.raises(ValueError):  # not drawn for this K: a prefix would be the wrong selection
+        mk.take(7)
     v1 = float(w.reshape(-1)[int(one.flat[0])])
     assert 0.99 * (1 - 0.01) <= v1 < 1.0 and match_quality(one)["match_max_width"] <= 0.01  # a ±1% neighbour
     assert not keyset(one) & keyset(top.take(1)) and not keyset(big) & keyset(top)
     # the K_max match of the same Top-1 target had to go outside ±5% (its neighbours are all in Top-500)
     j = int(torch.argmin(big.group_rank))
     assert float(w.reshape(-1)[int(big.flat[j])]) < 0.95
+    # past a metric's support the Top-K sets are equal: drawn once, the same matched selection for each such K
+    sparse = {n: torch.where(p.detach().abs() > 0.9995, p.detach().abs(), torch.zeros(())) for n, p in params.items()}
+    top3 = rank(sparse, 10, "global", "top_k")
+    assert len(top3) == 3
+    m3 = rank_grid(sparse, [1, 5, 10], "global", "matched_k", seed=0, draw=0, top=top3, values=values_of(params))
+    assert len(m3.take(5)) == len(m3.take(10)) == 3 and keyset(m3.take(5)) == keyset(m3.take(10))
+    assert not keyset(m3.take(10)) & keyset(top3)
     # a nested selection is one ranking (take = prefix), unchanged by rank_grid
     rk = rank_grid(scores, ks, "global", "random_k", seed=0, draw=0)
     assert not rk.per_k and len(rk.take(1)) == 1 and keyset(rk.take(1)) <= keyset(rk)

@@ -49,7 +49,7 @@ class DataConfig:
     text_format: str = "auto"  # text files: auto | lines (one document per line) | plain (one document)
     seq_len: int = 128  # tokens per window
     stride: int | None = None  # evaluation stride (None = disjoint windows); context tokens are not scored
-    eval_windows: int = 16  # evaluation windows, spread evenly over the corpus (0 = all windows of the split)
+    eval_windows: int = 8  # evaluation windows, spread evenly over the corpus (0 = all windows of the split)
     calib_windows: int = 8  # calibration windows per seed, drawn from the windows not used for evaluation
     max_documents: int | None = None  # use only the first N documents of the corpus (quick runs)
     bos: str = "auto"  # auto: a BOS token starts the stream, or every window when the model needs it (Gemma) | never

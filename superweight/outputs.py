@@ -56,7 +56,8 @@ class RunOutputs:
                                       "draw": draw, "k": k, "candidates": cands, **row})
                 tag = (f"{metric}.seed{seed}.{mode}.{selection}.draw{draw}" + (f".{group[0]}" if group else "")
                        + (f".k{k}" if k is not None else ""))
-                sel[f"{tag}.pid"], sel[f"{tag}.flat"] = rk.pid.contiguous(), rk.flat.contiguous()
+                # own copies: equal selections (matched_k at Ks past a support) share their tensors
+                sel[f"{tag}.pid"], sel[f"{tag}.flat"] = rk.pid.clone(), rk.flat.clone()
         rdf = pd.DataFrame(rank_rows)
         if "k" in rdf:
             rdf["k"] = rdf["k"].astype("Int64")  # empty for nested rankings, an integer K otherwise

@@ -14,12 +14,17 @@ import random
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from conftest import make_tiny_llama
 from superweight.config import PerturbConfig, RunConfig
+from safetensors import safe_open
+
+from superweight.arguments import parse_config
 from superweight.experiment import Experiment
+from superweight.outputs import RunOutputs
 from superweight.params import module_type
 from superweight.perturbation import _change_counts, changeable, perturbed
 from superweight.results import _bootstrap_gap, aggregate_over_seeds, effects, gaps, paired_ci
@@ -576,3 +581,26 @@ def test_run_marks_the_support_warns_once_and_controls_change_k_weights(planted_
         assert g.loc[("magnitude", 1, control, "zero"), "gap_nll_lo"] > 0.3, control
     bottom = df[(df.metric == "magnitude") & (df.selection == "bottom_k")]
     assert (bottom["delta_nll"].abs() < 0.05).all()
+
+
+def test_matched_k_past_the_support_is_recorded_for_every_k(tmp_path, tok, one_thread):
+    """act_outlier's support is below K = 20 and 30: its Top-20 and Top-30 are the same set, matched once,
+    and both Ks' matched selections are written (selections.safetensors refuses tensors shared by two keys)."""
+    plant(tok).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "corpus.txt").write_text("\n".join(corpus_lines()) + "\n")
+    cfg = parse_config([f"model={tmp_path / 'model'}", "metric=act_outlier", "topk=1,20,30", "seeds=0",
+                        "controls=matched_k", "select.control_draws=1", "perturb=zero", "device=cpu",
+                        f"data.corpus={tmp_path / 'corpus.txt'}", "data.seq_len=32", "data.eval_windows=2",
+                        "data.calib_windows=2", "score.outlier_threshold=20.0", "score.cache=false",
+                        "wandb.mode=disabled", "plots=none", f"out_dir={tmp_path / 'out'}",
+                        f"cache_dir={tmp_path / 'cache'}"])
+    result = Experiment(cfg, progress=False, sink=RunOutputs(cfg.out_dir)).run()
+    mk = result.rankings[("act_outlier", 0, "global", "matched_k", 0)]
+    assert mk.take(20) is not mk and keyset(mk.take(20)) == keyset(mk)
+    with safe_open(str(tmp_path / "out" / "selections.safetensors"), "pt") as f:
+        tag = "act_outlier.seed0.global.matched_k.draw0"
+        a, b = f.get_tensor(f"{tag}.k20.flat"), f.get_tensor(f"{tag}.k30.flat")
+        assert torch.equal(a, b) and 1 <= len(a) < 20 and len(f.get_tensor(f"{tag}.k1.flat")) == 1
+    rk = pd.read_csv(tmp_path / "out" / "rankings.csv")
+    assert set(rk.loc[rk.selection == "matched_k", "k"]) == {1, 20, 30} and rk.loc[rk.selection == "top_k", "k"].isna().all()

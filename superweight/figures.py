@@ -229,7 +229,8 @@ def build(run_dirs: list[Path], out_dir: Path, k: int | None = None, formats=("h
             ranks = t["rankings"]
             kk = k
             if kk is None:
-                stored = ranks[ranks["mode"] == "global"].groupby(["metric", "seed"]).size()
+                top = ranks[(ranks["mode"] == "global") & (ranks["selection"] == "top_k")] if "selection" in ranks else ranks
+                stored = top.groupby(["metric", "seed"]).size()  # Top-K rows only: a small support bounds K
                 cands = [c for c in sorted({int(x) for x in res["k"]}) if len(stored) and c <= int(stored.min())]
                 kk = cands[-1] if cands else None
             if kk is not None:

@@ -311,11 +311,11 @@ class SimContext:
         tracker = self.tracker
 
         class _Ctx(ScoreContext):
-            def buffer_like(self, p):
+            def buffer_like(self, p, dtype=None):
                 if self.cfg.offload:
                     with tracker.on_host():
-                        return torch.zeros(p.shape, dtype=self.score_dtype, device=p.device)
-                return super().buffer_like(p)
+                        return torch.zeros(p.shape, dtype=dtype or self.score_dtype, device=p.device)
+                return super().buffer_like(p, dtype)
 
         return _Ctx(model, params, batches, cfg, torch.device("cpu"), 0, False)
 

@@ -40,9 +40,12 @@ class ScoreContext:
     def score_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
 
-    def buffer_like(self, p: torch.Tensor) -> torch.Tensor:
-        dev = torch.device("cpu") if self.cfg.offload else p.device
-        return torch.zeros(p.shape, dtype=self.score_dtype, device=dev)
+    def buffer_device(self, p: torch.Tensor) -> torch.device:
+        return torch.device("cpu") if self.cfg.offload else p.device
+
+    def buffer_like(self, p: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A zero score buffer shaped like p (score.dtype unless `dtype`), in host memory with score.offload."""
+        return torch.zeros(p.shape, dtype=dtype or self.score_dtype, device=self.buffer_device(p))
 
 
 # A metric's capabilities, declared where it is registered (validation and the memory planner read them):
@@ -160,8 +163,7 @@ def grad_x_weight(ctx: ScoreContext) -> dict[str, torch.Tensor]:
 def grad_squared(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """s = (1/B) sum_b g_b^2: the empirical Fisher diagonal (SqueezeLLM-style with score.batch_size=1)."""
     B = len(ctx.batches)
-    bufs = accumulate_gradients(ctx, lambda buf, g: buf.addcmul_(g, g, value=1.0 / B), "grad_squared")  # g²/B, fused
-    return bufs
+    return accumulate_gradients(ctx, lambda buf, g: buf.addcmul_(g, g, value=1.0 / B), "grad_squared")  # g²/B, fused
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,17 +218,11 @@ def hutchinson_diag(ctx: ScoreContext) -> dict[str, torch.Tensor]:
             raise ConfigError(f"hutchinson_diag needs weight gradients, but '{n}' is stored as "
                               f"{str(p.dtype).replace('torch.', '')} (quantized); valid metrics for quantized "
                               f"weights: {', '.join(METRICS.names(quantized=True))}")
-    offload_dev = torch.device("cpu") if ctx.cfg.offload else None
-
-    def fp32_buffer(p: torch.Tensor) -> torch.Tensor:  # ctx.buffer_like: the planner tags offloaded buffers
-        if ctx.score_dtype == torch.float32:
-            return ctx.buffer_like(p)
-        return torch.zeros(p.shape, dtype=torch.float32, device=offload_dev or p.device)
-
     with grads_only_for(ctx.model, ctx.params):
         scores = hessian_diagonal(ctx.model, ctx.params, ctx.batches, probes=ctx.cfg.probes, seed=ctx.seed,
                                   saliency=ctx.cfg.saliency, probe_kind=DEFAULT_PROBE_KIND, device=ctx.device,
-                                  buffer_like=fp32_buffer, progress=ctx.progress)
+                                  buffer_like=lambda p: ctx.buffer_like(p, torch.float32),  # the planner tags offloaded ones
+                                  progress=ctx.progress)
     return {n: scores.pop(n).to(ctx.score_dtype) for n in list(scores)}
 
 
@@ -269,10 +265,10 @@ def act_mag(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     out = {}
     for n, p in ctx.params.items():
         if n not in dense:
-            out[n] = experts.scores(ctx.model, n).to(ctx.buffer_like(p).device, ctx.score_dtype)
+            out[n] = experts.scores(ctx.model, n).to(ctx.buffer_device(p), ctx.score_dtype)
             continue
         mod, axis = dense[n]
-        buf = ctx.buffer_like(p).float()
+        buf = ctx.buffer_like(p, torch.float32)
         buf.copy_(weight_values(p, mod).abs())
         if n in sumsq:
             norm = sumsq.pop(n).sqrt_()

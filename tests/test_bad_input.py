@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from superweight.arguments import ALIASES, FIELDS, parse_config
 from superweight.commands import main
 from superweight.config import ConfigError
-from superweight.validation import validate
+from superweight.run.validation import validate
 
 CACHE_SUBDIRS = {"models", "tokens", "scores"}  # what a cache dir may hold (caches, never outputs)
 
@@ -66,7 +66,7 @@ def world(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def _tasks_hint() -> str:
-    from superweight.evaluation import TASKS
+    from superweight.core.evaluation import TASKS
 
     return next(iter(TASKS), "valid choices")
 
@@ -226,7 +226,7 @@ def test_bad_run_input(case, world, capsys):
 
 @pytest.mark.parametrize("case", SWEEP_CASES, ids=[c[0] for c in SWEEP_CASES])
 def test_bad_sweep_input(case, world, capsys):
-    pytest.importorskip("superweight.sweep")
+    pytest.importorskip("superweight.edge.sweep")
     name, tokens, expect = case
     argv = _fill(tokens, world) + ["--sweep-dir", str(world["out"])]
     before = _tree(world["inputs"])

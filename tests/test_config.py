@@ -4,7 +4,7 @@ import pytest
 
 from superweight.arguments import parse_config
 from superweight.config import ConfigError, RunConfig
-from superweight.validation import validate
+from superweight.run.validation import validate
 
 CANONICAL = ("model=/m metric=grad_x_weight topk=100 mode=global perturb=sign_flip perturb.scale=1.0 "
              "controls=random_k,bottom_k seeds=0,1,2 out_dir=outputs/x").split()

@@ -23,12 +23,12 @@ from superweight.config import PerturbConfig, RunConfig
 from safetensors import safe_open
 
 from superweight.arguments import parse_config
-from superweight.experiment import Experiment
-from superweight.outputs import RunOutputs
-from superweight.params import module_type
-from superweight.perturbation import _change_counts, changeable, perturbed
-from superweight.results import _bootstrap_gap, aggregate_over_seeds, effects, gaps, paired_ci
-from superweight.selection import ks_distance, match_quality, rank, rank_grid, tied_counts
+from superweight.run.experiment import Experiment
+from superweight.edge.outputs import RunOutputs
+from superweight.core.params import module_type
+from superweight.core.perturbation import _change_counts, changeable, perturbed
+from superweight.core.results import _bootstrap_gap, aggregate_over_seeds, effects, gaps, paired_ci
+from superweight.core.selection import ks_distance, match_quality, rank, rank_grid, tied_counts
 
 SUPER = ("model.layers.0.mlp.down_proj.weight", 7, 5)
 ZERO_BLOCK = "model.layers.1.self_attn.q_proj.weight"  # rows 0..7 exactly 0
@@ -248,7 +248,7 @@ def test_matched_k_is_uniform_inside_the_window(monkeypatch, pool):
     the other) among dense weights elsewhere, and 5 more at exactly 1.01 (closed window). Over 700 draws
     each candidate is picked ~20 times (chi-square over 35 cells), whether the type is searched exactly
     (POOL above its size) or through the uniform sample plus the exact pass of the sparse windows."""
-    import superweight.selection as selection
+    import superweight.core.selection as selection
 
     monkeypatch.setattr(selection, "POOL", pool)
     g = torch.Generator().manual_seed(0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from superweight.config import ConfigError, DataConfig
-from superweight.data import CORPORA, build_windows, load_documents, read_text_file
+from superweight.inputs.data import CORPORA, build_windows, load_documents, read_text_file
 
 
 class CharTokenizer:

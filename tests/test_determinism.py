@@ -20,14 +20,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import superweight.experiment as experiment
+import superweight.run.experiment as experiment
 from superweight.arguments import parse_config
 from superweight.commands.run import make_experiment, run_experiment
 from superweight.config import ModelConfig
-from superweight.experiment import Experiment
-from superweight.models import load_model
-from superweight.params import param_hash
-from superweight.perturbation import PERTURBATIONS
+from superweight.run.experiment import Experiment
+from superweight.inputs.models import load_model
+from superweight.core.params import param_hash
+from superweight.core.perturbation import PERTURBATIONS
 
 TABLES = ["results.csv", "rankings.csv", "stability.csv", "stability_summary.csv", "gaps.csv", "effects.csv",
           "perturbation_results.json"]

@@ -12,9 +12,9 @@ from safetensors import safe_open
 from superweight.arguments import parse_config
 from superweight.commands.run import make_experiment, run_experiment
 from superweight.config import ModelConfig
-from superweight.models import load_model
-from superweight.params import fingerprint
-from superweight.results import GAP_COLUMNS, RESULT_COLUMNS, make_row, results_frame
+from superweight.inputs.models import load_model
+from superweight.core.params import fingerprint
+from superweight.core.results import GAP_COLUMNS, RESULT_COLUMNS, make_row, results_frame
 
 
 def run_cli(*args, env=None):

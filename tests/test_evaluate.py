@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from superweight.config import DataConfig
-from superweight.data import build_windows, spread, strided_windows, tokenize_stream
-from superweight.evaluation import evaluate_lm
+from superweight.inputs.data import build_windows, spread, strided_windows, tokenize_stream
+from superweight.core.evaluation import evaluate_lm
 
 
 def reference_loop(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float, int]:

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from superweight import experts, params, selection
 from superweight.config import ConfigError, PerturbConfig, ScoreConfig
-from superweight.metrics import METRICS, ScoreContext
-from superweight.outliers import find_outliers, outlier_modules
-from superweight.perturbation import perturbed
+from superweight.core.metrics import METRICS, ScoreContext
+from superweight.core.detector import find_outliers, outlier_modules
+from superweight.core.perturbation import perturbed
 
 CPU = torch.device("cpu")
 

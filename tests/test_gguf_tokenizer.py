@@ -1,11 +1,11 @@
-"""The embedded Gemma-3-270M's tokenizer, rebuilt from its GGUF vocabulary (superweight.gguf_tokenizer): special
+"""The embedded Gemma-3-270M's tokenizer, rebuilt from its GGUF vocabulary (superweight.inputs.gguf_tokenizer): special
 ids, one BOS, byte fallback, decode(encode(x)) == x over the whole shipped corpus, fewer than 2 tokens per word."""
 
 import pytest
 
-from superweight.data import boolq_passages
-from superweight.gguf_tokenizer import tokenizer_from_gguf
-from superweight.models import embedded_gguf
+from superweight.inputs.data import boolq_passages
+from superweight.inputs.gguf_tokenizer import tokenizer_from_gguf
+from superweight.inputs.models import embedded_gguf
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""superweight.hutchinson (the memory-lean Hutchinson estimator behind hutchinson_diag) against independent
+"""superweight.core.hutchinson (the memory-lean Hutchinson estimator behind hutchinson_diag) against independent
 computations on tiny models:
   * the exact Hessian (torch.func.hessian of a loss written here): per-probe z ⊙ (H z) for the same probes,
     cross-layer blocks and both routes (fused Linear, generic) included; exactness when averaged over *all*
@@ -24,9 +24,8 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, GPT2LM
 
 from superweight import hutchinson as H
 from superweight.config import ConfigError
-from superweight.metrics import lm_loss
-from superweight.params import eligible_parameters
-from superweight.resources import RESULT_CODE
+from superweight.core.metrics import lm_loss
+from superweight.core.params import eligible_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,7 +48,7 @@ def estimate(model, params, batches, probes, seed=0, **kw):
 
 
 def ref_loss(model, ids, overrides):
-    """Mean next-token NLL, written independently of superweight.metrics.lm_loss and of hutchinson.py."""
+    """Mean next-token NLL, written independently of superweight.core.metrics.lm_loss and of hutchinson.py."""
     logits = functional_call(model, overrides, args=(), kwargs={"input_ids": ids, "use_cache": False}).logits
     logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
     return -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).mean()
@@ -214,7 +213,6 @@ def test_probes_are_pinned():
     a, b = H.probe_factors("a.weight", (3, 4), 3, 2, "rank1")
     assert torch.equal(z, a[:, None] * b[None, :])
     assert H.probe_tensor("a.weight", (3, 4), 3, 2, "iid").tolist() == [[-1, 1, 1, -1], [1, -1, 1, 1], [-1, 1, 1, 1]]
-    assert "hutchinson.py" in RESULT_CODE
 
 
 # --------------------------------------------------------------------------------------------------

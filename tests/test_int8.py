@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from superweight import params
 from superweight.config import ConfigError, PerturbConfig, ScoreConfig
-from superweight.metrics import METRICS, ScoreContext
-from superweight.perturbation import perturbed
+from superweight.core.metrics import METRICS, ScoreContext
+from superweight.core.perturbation import perturbed
 
 bnb = pytest.importorskip("bitsandbytes")
 from conftest import make_int8_linear  # noqa: E402

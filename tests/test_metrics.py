@@ -13,10 +13,10 @@ from conftest import make_tiny_llama
 from torch.func import functional_call, hessian
 
 from superweight.config import ConfigError, ScoreConfig
-from superweight.hutchinson import probe_tensor
-from superweight.metrics import METRICS, ScoreContext, compute_scores
-from superweight.outliers import find_outliers, outlier_modules
-from superweight.params import eligible_parameters
+from superweight.core.hutchinson import probe_tensor
+from superweight.core.metrics import METRICS, ScoreContext, compute_scores
+from superweight.core.detector import find_outliers, outlier_modules
+from superweight.core.params import eligible_parameters
 
 CPU = torch.device("cpu")
 
@@ -31,7 +31,7 @@ def token_batches(n_windows=4, T=12, vocab=64, batch_size=1, seed=0) -> list[tor
 
 
 def ref_loss(model, ids, overrides=None):
-    """Mean next-token cross-entropy, written out independently of superweight.metrics.lm_loss."""
+    """Mean next-token cross-entropy, written out independently of superweight.core.metrics.lm_loss."""
     if overrides is None:
         logits = model(input_ids=ids, use_cache=False).logits
     else:
@@ -394,9 +394,9 @@ def test_act_outlier_on_smollm_finds_a_catastrophic_weight(smollm):
     """Real SmolLM2-135M, one 64-token calibration window: zeroing the top candidate must hurt eval PPL far
     more than zeroing random single weights of the same tensor."""
     from superweight.config import DataConfig, PerturbConfig
-    from superweight.data import build_windows
-    from superweight.evaluation import evaluate_lm
-    from superweight.perturbation import perturbed
+    from superweight.inputs.data import build_windows
+    from superweight.core.evaluation import evaluate_lm
+    from superweight.core.perturbation import perturbed
 
     model, tok, _ = smollm
     w = build_windows(DataConfig(seq_len=64, eval_windows=2, calib_windows=1), tok)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from superweight.config import ConfigError, ModelConfig
-from superweight.models import embedded_gguf, load_model
-from superweight.params import (eligible_parameters, fingerprint, layer_of, module_type, param_hash,
+from superweight.inputs.models import embedded_gguf, load_model
+from superweight.core.params import (eligible_parameters, fingerprint, layer_of, module_type, param_hash,
                                 unique_named_parameters)
 from superweight.resources import cache_root
 
@@ -104,7 +104,7 @@ def test_cached_embedded_model_loads_in_a_fresh_process_without_reconverting(smo
     before = {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
     assert "config.json" in before and any(n.endswith(".safetensors") for n in before)
     code = ("import time;t=time.perf_counter();from superweight.config import ModelConfig;"
-            "from superweight.models import load_model;from superweight.params import fingerprint;"
+            "from superweight.inputs.models import load_model;from superweight.core.params import fingerprint;"
             "m,_,_=load_model(ModelConfig(device='cpu'));print(time.perf_counter()-t);print(fingerprint(m))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     seconds, fp = out.stdout.strip().splitlines()[-2:]

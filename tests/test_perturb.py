@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from superweight.config import ConfigError, PerturbConfig, RunConfig
-from superweight.evaluation import evaluate_lm
-from superweight.params import param_hash
-from superweight.perturbation import (
+from superweight.core.evaluation import evaluate_lm
+from superweight.core.params import param_hash
+from superweight.core.perturbation import (
     PERTURBATIONS, bit_flip, changeable, gauss_noise, parse_bits, perturbed, sign_flip, supports, xor_bits, zero,
 )
-from superweight.validation import check_capabilities
+from superweight.run.validation import check_capabilities
 
 IV = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
       torch.bfloat16: torch.int16, torch.int8: torch.int8, torch.uint8: torch.uint8}

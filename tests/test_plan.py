@@ -18,9 +18,9 @@ import torch
 
 from superweight.config import ConfigError, RunConfig
 from superweight.commands.plan import main
-from superweight.memory import MemoryTracker, estimate, parse_size
-from superweight.metrics import METRICS
-from superweight.models import build_fake_model
+from superweight.run.plan import MemoryTracker, estimate, parse_size
+from superweight.core.metrics import METRICS
+from superweight.inputs.models import build_fake_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -31,9 +31,9 @@ import torch
 torch.set_num_threads(1)
 from transformers import AutoModelForCausalLM, LlamaConfig
 from superweight.config import ScoreConfig
-from superweight.evaluation import evaluate_lm
-from superweight.metrics import METRICS, ScoreContext
-from superweight.params import eligible_parameters
+from superweight.core.evaluation import evaluate_lm
+from superweight.core.metrics import METRICS, ScoreContext
+from superweight.core.params import eligible_parameters
 
 def status(key):
     for line in open("/proc/self/status"):

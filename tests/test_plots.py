@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from superweight import plots
-from superweight.results import EFFECT_COLUMNS, aggregate_over_seeds, jaccard_from_rankings
+from superweight.core.results import EFFECT_COLUMNS, aggregate_over_seeds, jaccard_from_rankings
 
 
 def synthetic_results(seeds=(0, 1, 2)):

@@ -1,6 +1,6 @@
 """The evaluation protocols against hand-written references, offline.
 
-`paper` (wikitext2/wikitext103/c4): `superweight.data.hf_split` is replaced by a stand-in split of raw
+`paper` (wikitext2/wikitext103/c4): `superweight.inputs.data.hf_split` is replaced by a stand-in split of raw
 WikiText-like rows (empty rows and ' = Heading = ' rows kept) and compared with the evaluation loop of the
 GPTQ / Wanda / Super Weight code, written out below (`paper_reference`):
 
@@ -20,11 +20,11 @@ import random
 import pytest
 import torch
 
-import superweight.data as data
+import superweight.inputs.data as data
 from superweight.config import DataConfig, RunConfig
-from superweight.data import build_windows, spread
-from superweight.evaluation import TASKS, encode_pair, evaluate_lm
-from superweight.experiment import Experiment
+from superweight.inputs.data import build_windows, spread
+from superweight.core.evaluation import TASKS, encode_pair, evaluate_lm
+from superweight.run.experiment import Experiment
 
 L = 64
 

@@ -14,10 +14,10 @@ import torch
 from conftest import make_tiny_llama
 
 from superweight.config import ConfigError, RunConfig
-from superweight.params import eligible_parameters
-from superweight.selection import (jaccard, ks_distance, match_quality, rank, sample_without_replacement, tie_hash,
+from superweight.core.params import eligible_parameters
+from superweight.core.selection import (jaccard, ks_distance, match_quality, rank, sample_without_replacement, tie_hash,
                                    tied_counts)
-from superweight.validation import check_capabilities
+from superweight.run.validation import check_capabilities
 
 
 def tie_scores(seed: int = 0, nan_frac: float = 0.05) -> dict[str, torch.Tensor]:

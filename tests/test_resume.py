@@ -5,7 +5,7 @@ absent or parses, temp files are hidden dot files that the next run deletes); ev
 finished rows (its "resuming: N finished rows" line) and the final files are byte-identical to an
 uninterrupted run's. A local sweep killed between runs skips the finished run and completes the rest.
 
-Kill points are set with SUPERWEIGHT_TEST_KILL_AT (superweight.io.kill_point: the process SIGKILLs itself
+Kill points are set with SUPERWEIGHT_TEST_KILL_AT (superweight.files.kill_point: the process SIGKILLs itself
 there, so no `finally` or atexit runs, as under `kill -9` or the OOM killer)."""
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from safetensors import safe_open
 
 from superweight.arguments import parse_config
 from superweight.commands.run import make_experiment, run_experiment
-from superweight.experiment import Experiment
-from superweight.io import read_jsonl
-from superweight.sweep import is_finished
+from superweight.run.experiment import Experiment
+from superweight.files import read_jsonl
+from superweight.edge.sweep import is_finished
 
 # Compared byte for byte. The safetensors files are compared by content (tensors bit for bit and the
 # metadata dict): safetensors writes its metadata map in a per-process hash order, so its header bytes vary.
@@ -229,7 +229,7 @@ def test_rerun_with_another_config_starts_over(tiny_model_dir, tmp_path, referen
 def test_killed_sweep_resumes(tiny_model_dir, tmp_path, corpus):
     """`superweight sweep` SIGKILLed (with its run) right after run 1 finished; rerun: run 1 is skipped,
     run 2 completes with the same results as the same run done directly."""
-    pytest.importorskip("superweight.sweep")
+    pytest.importorskip("superweight.edge.sweep")
     sweep = {
         "name": "killtest", "method": "grid",
         "command": ["${env}", "${interpreter}", "-m", "superweight", "run", "${args}"],

@@ -18,13 +18,13 @@ import torch
 from conftest import make_int8_linear, make_tiny_llama
 from superweight.arguments import parse_config
 from superweight.config import ConfigError, PerturbConfig, RunConfig, ScoreConfig
-from superweight.evaluation import window_stats
-from superweight.memory import MemoryTracker
-from superweight.metrics import METRICS, ScoreContext, accumulate_gradients
-from superweight.params import checkpointing_active, eligible_parameters, param_hash, quant_kind, weight_values
-from superweight.perturbation import perturbed
-from superweight.selection import rank, tie_hash
-from superweight.validation import check_capabilities
+from superweight.core.evaluation import window_stats
+from superweight.run.plan import MemoryTracker
+from superweight.core.metrics import METRICS, ScoreContext, accumulate_gradients
+from superweight.core.params import checkpointing_active, eligible_parameters, param_hash, quant_kind, weight_values
+from superweight.core.perturbation import perturbed
+from superweight.core.selection import rank, tie_hash
+from superweight.run.validation import check_capabilities
 
 
 def check_quantized(model, params, metrics, perturbations):
@@ -59,7 +59,7 @@ def test_at_most_one_grad_alive_inside_hooks():
     assert max(alive) == 1
     assert all(p.grad is None for p in model.parameters())
     # the same backward without the hooks keeps every gradient: the check above can fail
-    from superweight.metrics import grads_only_for, lm_loss
+    from superweight.core.metrics import grads_only_for, lm_loss
 
     with grads_only_for(model, ctx.params):
         lm_loss(model, ctx.batches[0]).backward()
@@ -70,7 +70,7 @@ def test_hook_scores_equal_plain_gradients():
     model = make_tiny_llama(layers=2, seed=4)
     ctx = _ctx(model, n_batches=3)
     bufs = accumulate_gradients(ctx, lambda b, g: b.add_(g), "sum")
-    from superweight.metrics import lm_loss
+    from superweight.core.metrics import lm_loss
 
     ref = {n: torch.zeros_like(p) for n, p in ctx.params.items()}
     for ids in ctx.batches:
@@ -116,7 +116,7 @@ def test_gradient_checkpointing_is_active_and_changes_nothing():
     for n in ref:
         torch.testing.assert_close(ck[n], ref[n], rtol=1e-5, atol=1e-8)
     runs.clear()
-    from superweight.metrics import lm_loss
+    from superweight.core.metrics import lm_loss
 
     lm_loss(model, torch.zeros(1, 8, dtype=torch.long))  # plain eval mode: Hugging Face skips checkpointing
     assert runs == []

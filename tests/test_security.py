@@ -20,10 +20,10 @@ import torch
 
 import superweight
 from superweight.arguments import parse_config
-from superweight.cache import ScoreCache
+from superweight.run.cache import ScoreCache
 from superweight.commands.run import make_experiment, run_experiment
 from superweight.config import ModelConfig
-from superweight.models import load_model
+from superweight.inputs.models import load_model
 
 PKG = Path(superweight.__file__).parent
 FAKE_SECRETS = {

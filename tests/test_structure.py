@@ -1,34 +1,38 @@
-"""The package's import graph: five layers, imports only downward or within a layer, no cycles.
+"""The package's import graph: the layers are folders, imports go only downward or within a layer, no cycles.
 
-    base    config, registry, resources, io, arguments          (config imports nothing from the package)
-    core    params, experts, outliers, hutchinson, metrics, selection, perturbation, evaluation, results
-    inputs  models, gguf_tokenizer, data
-    loop    validation, cache, progress, experiment, memory
-    edge    manifest, outputs, plots, tracking, sweep, figures
-    face    commands.*, __main__, __init__
+    base     superweight/*.py    config, registry, resources, files, arguments (config imports nothing)
+    core     superweight/core/   the science: params, metrics, selection, perturbation, evaluation, stats
+    inputs   superweight/inputs/ models, tokenizers, data
+    run      superweight/run/    the experiment recipe, validation, plan, cache, resume log
+    edge     superweight/edge/   outputs, plots, figures, tracking, sweeps
+    face     superweight/commands/, __main__, __init__: the command line
 
-Every import counts: module level, inside functions, relative or absolute, and `importlib.import_module`
-with a literal "superweight..." string. The science core never imports wandb or plotly."""
+A module's layer is the folder it lives in; a new file is checked without editing this test. Every import
+counts: module level, inside functions, relative or absolute, and `importlib.import_module` with a literal
+"superweight..." string. The science core never imports wandb or plotly."""
 
 import ast
 from pathlib import Path
 
 import pytest
 
+from superweight.resources import result_code_files
+
 PKG = Path(__file__).resolve().parent.parent / "superweight"
-LAYERS = {
-    "base": ["config", "registry", "resources", "io", "arguments"],
-    "core": ["params", "experts", "outliers", "hutchinson", "metrics", "selection", "perturbation", "evaluation", "results"],
-    "inputs": ["models", "gguf_tokenizer", "data"],
-    "loop": ["validation", "cache", "progress", "experiment", "memory"],
-    "edge": ["manifest", "outputs", "plots", "tracking", "sweep", "figures"],
-    "face": ["commands", "__main__", "__init__"],
-}
-RANK = {m: i for i, (_, mods) in enumerate(LAYERS.items()) for m in mods}
+FOLDERS = ["core", "inputs", "run", "edge", "commands"]  # bottom to top, above the top-level base modules
+FACE_FILES = {"__main__", "__init__"}
 
 
-def module_name(path: Path) -> str:
-    rel = path.relative_to(PKG).with_suffix("")
+def layer(mod: str) -> int:
+    """0 for the base modules at the top level, 1.. for each folder in FOLDERS order; the face on top."""
+    head = mod.split(".")[0]
+    if head in FOLDERS:
+        return 1 + FOLDERS.index(head)
+    return len(FOLDERS) if head in FACE_FILES or mod == "" else 0
+
+
+def module_name(path: Path, pkg: Path = PKG) -> str:
+    rel = path.relative_to(pkg).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__" and len(parts) > 1:
         parts = parts[:-1]
@@ -39,10 +43,10 @@ def top(mod: str) -> str:
     return mod.split(".")[0]
 
 
-def imports(path: Path) -> list[tuple[str, int, bool]]:
+def imports(path: Path, pkg_root: Path = PKG) -> list[tuple[str, int, bool]]:
     """(imported superweight module, line, inside a function) for every import in the file."""
     tree = ast.parse(path.read_text())
-    me = module_name(path).split(".")
+    me = module_name(path, pkg_root).split(".")
     pkg = me if path.name == "__init__.py" else me[:-1]
     out = []
     funcs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
@@ -76,20 +80,37 @@ FILES = sorted(PKG.rglob("*.py"))
 EDGES = {module_name(f): imports(f) for f in FILES}
 
 
-def test_every_module_has_a_layer():
-    missing = sorted({top(m) for m in EDGES} - set(RANK))
-    assert not missing, f"modules without a layer (add them to LAYERS): {missing}"
+def test_every_module_lives_in_a_layer_folder():
+    """Only the base modules and the face sit at the top level; every other module is inside a layer folder."""
+    allowed_top = {"config", "registry", "resources", "files", "arguments", *FACE_FILES}
+    stray = sorted(m for m in EDGES if "." not in m and m not in allowed_top and m not in FOLDERS)
+    assert not stray, f"modules outside a layer folder: {stray}"
+    assert {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == set(FOLDERS)
 
 
 def test_no_upward_imports():
     bad = []
     for mod, edges in EDGES.items():
         for target, line, _ in edges:
-            if target.startswith("commands") and top(mod) == "commands":
-                continue
-            if RANK[top(target)] > RANK[top(mod)]:
+            if layer(target) > layer(mod):
                 bad.append(f"{mod}:{line} -> {target}")
     assert not bad, "imports pointing up a layer:\n" + "\n".join(bad)
+
+
+def test_modules_stay_small():
+    """One idea per file: no module over 400 lines."""
+    big = {module_name(f): n for f in FILES if (n := len(f.read_text().splitlines())) > 400}
+    assert not big, f"modules over 400 lines: {big}"
+
+
+def test_result_code_covers_the_science_inputs_and_run():
+    """The code version (score-cache and resume keys) hashes every module that computes results."""
+    covered = {p.resolve() for p in result_code_files()}
+    for folder in ("core", "inputs", "run"):
+        for f in (PKG / folder).rglob("*.py"):
+            assert f.resolve() in covered, f
+    assert (PKG / "config.py").resolve() in covered
+    assert not any("edge" in p.parts or "commands" in p.parts for p in covered)
 
 
 def test_no_imports_inside_functions():
@@ -122,20 +143,24 @@ def test_config_imports_nothing_from_the_package():
     assert EDGES["config"] == []
 
 
-@pytest.mark.parametrize("mod", LAYERS["core"])
-def test_science_core_never_imports_tracking_or_plotting(mod):
-    text = (PKG / f"{mod}.py").read_text()
+CORE_FILES = sorted((PKG / "core").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: p.name)
+def test_science_core_never_imports_tracking_or_plotting(path):
+    text = path.read_text()
     for lib in ("wandb", "plotly"):
         assert f"import {lib}" not in text and f"from {lib}" not in text
 
 
-def test_the_checker_sees_what_it_claims():
-    """The checker itself can fail: an upward import inside a function and a string import are both found."""
-    fake = PKG / "_structure_probe.py"
-    fake.write_text("def f():\n    from .tracking import WandbTracker\n    import importlib\n"
-                    "    importlib.import_module('superweight.plots')\n")
-    try:
-        got = imports(fake)
-    finally:
-        fake.unlink()
-    assert ("tracking", 2, True) in got and ("plots", 4, True) in got
+def test_the_checker_sees_what_it_claims(tmp_path):
+    """The checker itself can fail: an upward import inside a function and a string import are both found,
+    and an upward import is ranked above its importer (checked on a probe package in a temporary folder)."""
+    pkg = tmp_path / "superweight"
+    (pkg / "core").mkdir(parents=True)
+    fake = pkg / "core" / "probe.py"
+    fake.write_text("def f():\n    from ..edge.tracking import WandbTracker\n    import importlib\n"
+                    "    importlib.import_module('superweight.edge.plots')\n")
+    got = imports(fake, pkg)
+    assert ("edge.tracking", 2, True) in got and ("edge.plots", 4, True) in got
+    assert layer("edge.tracking") > layer(module_name(fake, pkg)) == layer("core.params")

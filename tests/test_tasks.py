@@ -11,7 +11,7 @@ import torch
 
 from superweight.arguments import parse_config
 from superweight.commands.run import make_experiment, run_experiment
-from superweight.evaluation import (
+from superweight.core.evaluation import (
     TASKS, encode_pair, hellaswag_scores, lambada_scores, load_hellaswag, load_lambada, score_continuations,
 )
 

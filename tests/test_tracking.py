@@ -13,9 +13,9 @@ from superweight import tracking
 from superweight.arguments import parse_config
 from superweight.commands.run import make_experiment, run_experiment
 from superweight.config import config_hash, to_flat
-from superweight.plots import chrome_available
+from superweight.edge.plots import chrome_available
 from superweight.resources import cache_root, code_version
-from superweight.results import gaps, jaccard_from_rankings, summary_metrics
+from superweight.core.results import gaps, jaccard_from_rankings, summary_metrics
 
 SECRETS = {"HF_TOKEN": "hf_TESTSECRETabcdef0123456789", "WANDB_API_KEY": "TESTSECRETwandbkey" + "7" * 22}
 WHERE = ("out_dir", "cache_dir", "wandb.dir", "wandb.group")  # where a run ran: never in run.config
@@ -214,7 +214,7 @@ def test_nothing_secret_is_written(tracked):
 
 
 def test_manifest_records_the_run_and_the_run_is_finished(tracked):
-    from superweight.sweep import is_finished
+    from superweight.edge.sweep import is_finished
 
     out = tracked["out"]
     m = json.loads((out / "manifest.json").read_text())
@@ -306,7 +306,7 @@ def test_summary_metrics_on_a_synthetic_table():
 
 
 def test_figures_read_an_offline_wandb_run_back(tracked, tmp_path):
-    from superweight.figures import resolve_sources
+    from superweight.edge.figures import resolve_sources
 
     dirs = resolve_sources([str(tracked["run_dir"])], tmp_path)
     assert len(dirs) == 1

@@ -28,8 +28,8 @@ import yaml
 from superweight import commands, sweep, tracking
 from superweight.arguments import parse_config
 from superweight.config import ConfigError
-from superweight.outputs import RunOutputs
-from superweight.tracking import WandbTracker, offline_run_dirs, read_offline_run, run_config
+from superweight.edge.outputs import RunOutputs
+from superweight.edge.tracking import WandbTracker, offline_run_dirs, read_offline_run, run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["score.metrics=magnitude", "select.topk=1", "select.controls=random_k", "select.control_draws=1",
@@ -234,7 +234,7 @@ def test_live_run_one_step_per_row_plots_in_the_last(tiny_model_dir, tmp_path):
     assert rec["config"] == json.loads(json.dumps(run_config(parse_config(
         [f"model.name={tiny_model_dir}", *TINY, "select.topk=1,2", "plots=json"]))))
     # figures read a finished offline record back from its artifacts
-    from superweight.figures import materialize_offline_run
+    from superweight.edge.figures import materialize_offline_run
 
     got = materialize_offline_run(offline_run_dirs(out / "wandb")[0], tmp_path / "fig")
     assert (got / "results.csv").read_text() == (out / "results.csv").read_text()
@@ -302,7 +302,7 @@ def test_sigterm_requeue_marks_preempting_and_the_rerun_finishes_the_same_run(ti
     assert first["preempting"] and first["exit_code"] == 143
     assert done - 1 <= n <= done and [h["row"] for h in first["history"]] == list(range(1, n + 1))
     assert first["summary"]["meta/stopped"] == "SIGTERM, requeued"
-    from superweight.figures import materialize_offline_run
+    from superweight.edge.figures import materialize_offline_run
 
     with pytest.raises(ConfigError, match="exit code 143"):
         materialize_offline_run(offline_run_dirs(out / "wandb")[0], tmp_path / "fig")
@@ -434,7 +434,7 @@ class _Api:
 
 
 def test_figures_download_finished_runs_and_latest_versions(tmp_path):
-    from superweight.figures import download_wandb_runs
+    from superweight.edge.figures import download_wandb_runs
 
     api = _Api([_Run("a", "finished", [_Art("results", 3), _Art("results", 12), _Art("results", 7),
                                        _Art("manifest", 0), _Art("scores", 9)]),

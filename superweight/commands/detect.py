@@ -3,7 +3,7 @@
 Hooks every MLP down projection (down_proj / mlp.c_proj / fc2 / w2), runs the calibration windows of the
 first seed, and finds massive activations: output elements |y[t, c]| > max(score.outlier_threshold,
 50 x the layer's median per-token max |y|). The candidate super weight is down_proj.weight[row = c,
-col = argmax_j |x[t, j]|], scored by |x_col * w| (see superweight.metrics.find_outliers).
+col = argmax_j |x[t, j]|], scored by |x_col * w| (see superweight.core.metrics.find_outliers).
 
 Prints the layer summary and the candidates (layer, row, col, weight value, spike |activation|, input
 activation), then evaluates perplexity on the evaluation windows with each of the top `candidates` (default
@@ -28,15 +28,15 @@ import torch
 
 from ..arguments import parse_command
 from ..config import ConfigError, PerturbConfig
-from ..data import build_windows
-from ..evaluation import evaluate_lm
-from ..io import atomic_write, atomic_write_json
-from ..experts import expert_down_params
-from ..models import bos_every_window, build_fake_model, load_model, load_model_config, model_context, model_info
-from ..outliers import OUTLIER_RATIO, find_outliers, outlier_modules
-from ..params import eligible_parameters, index_names, layer_of
-from ..perturbation import perturbed
-from ..validation import prepare_out_dir, validate
+from ..inputs.data import build_windows
+from ..core.evaluation import evaluate_lm
+from ..files import atomic_write, atomic_write_json
+from ..core.experts import expert_down_params
+from ..inputs.models import bos_every_window, build_fake_model, load_model, load_model_config, model_context, model_info
+from ..core.detector import OUTLIER_RATIO, find_outliers, outlier_modules
+from ..core.params import eligible_parameters, index_names, layer_of
+from ..core.perturbation import perturbed
+from ..run.validation import prepare_out_dir, validate
 from .base import register
 
 

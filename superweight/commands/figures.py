@@ -1,4 +1,4 @@
-"""`superweight figures SOURCE...`: paper figures from several runs (see superweight.figures)."""
+"""`superweight figures SOURCE...`: paper figures from several runs (see superweight.edge.figures)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..arguments import parse_command
 from ..config import ConfigError
-from ..figures import build, resolve_sources
-from ..plots import FORMATS, VALUES
+from ..edge.figures import build, resolve_sources
+from ..edge.plots import FORMATS, VALUES
 from .base import register
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from ..arguments import parse_command, parse_pairs
 from ..config import ConfigError
-from ..memory import DEFAULT_GPU_MEM, estimate, parse_size
-from ..metrics import METRICS
-from ..validation import check_choice, validate
+from ..run.plan import DEFAULT_GPU_MEM, estimate, parse_size
+from ..core.metrics import METRICS
+from ..run.validation import check_choice, validate
 from .base import register
 
 

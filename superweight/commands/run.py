@@ -9,12 +9,12 @@ import sys
 
 from ..arguments import parse_command
 from ..config import RunConfig
-from ..experiment import Experiment, Result
-from ..outputs import RunOutputs
-from ..progress import now
-from ..results import summary_table
-from ..sweep import apply_sweep_env, check_agent_run
-from ..tracking import Preempted, TrackingError, WandbTracker, interrupt
+from ..run.experiment import Experiment, Result
+from ..edge.outputs import RunOutputs
+from ..run.resume import now
+from ..core.results import summary_table
+from ..edge.sweep import apply_sweep_env, check_agent_run
+from ..edge.tracking import Preempted, TrackingError, WandbTracker, interrupt
 from .base import register
 
 

@@ -1,5 +1,5 @@
 """`superweight sweep SWEEP.yaml`: run a W&B sweep file locally, one run after another, exactly as
-`wandb agent` runs it (see superweight.sweep)."""
+`wandb agent` runs it (see superweight.edge.sweep)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ..arguments import parse_command
 from ..config import ConfigError
-from ..io import atomic_write_json
-from ..sweep import ENV_DIR, ENV_GROUP, plan, write_param_file
+from ..files import atomic_write_json
+from ..edge.sweep import ENV_DIR, ENV_GROUP, plan, write_param_file
 from .base import register
 
 

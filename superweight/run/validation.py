@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, RunConfig
-from .data import CORPORA, check_text_file
-from .evaluation import TASKS
-from .metrics import METRICS
-from .params import layer_of, quant_kind, weight_kind
-from .perturbation import PERTURBATIONS, parse_bits, supports
-from .selection import MODES, SELECTIONS
+from ..config import ConfigError, RunConfig
+from ..inputs.data import CORPORA, check_text_file
+from ..core.evaluation import TASKS
+from ..core.metrics import METRICS
+from ..core.params import layer_of, quant_kind, weight_kind
+from ..core.perturbation import PERTURBATIONS, parse_bits, supports
+from ..core.selection import MODES, SELECTIONS
 
 ATTN = ("auto", "eager", "sdpa")
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .config import ConfigError, ScoreConfig
+from ..config import ConfigError, ScoreConfig
 from .experts import ExpertInputNorms
 from .hutchinson import DEFAULT_PROBE_KIND, hessian_diagonal
-from .outliers import OUTLIER_RATIO, find_outliers
+from .detector import OUTLIER_RATIO, find_outliers
 from .params import autocast_ctx, checkpointing_active, input_device, owner, weight_kind, weight_values
-from .registry import Registry
+from ..registry import Registry
 
 
 @dataclass

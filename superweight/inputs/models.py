@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ModelConfig
-from .params import fingerprint, input_device, model_context, unique_named_parameters  # noqa: F401 (re-export)
+from ..config import ConfigError, ModelConfig
+from ..core.params import fingerprint, input_device, model_context, unique_named_parameters  # noqa: F401 (re-export)
 from .gguf_tokenizer import read_tokenizer_fields, tokenizer_from_gguf
-from .resources import cache_root, package_dir
+from ..resources import cache_root, package_dir
 
 # name -> (package holding the GGUF, file name inside it; "assemble": the package writes it from parts)
 EMBEDDED = {

@@ -17,13 +17,13 @@ from pathlib import Path
 import pandas as pd
 from safetensors.torch import save_file
 
-from .io import atomic_write, atomic_write_json
-from .experiment import mask_groups
+from ..files import atomic_write, atomic_write_json
+from ..run.experiment import mask_groups
 from .manifest import build_manifest
-from .params import layer_of, module_type
+from ..core.params import layer_of, module_type
 from .plots import run_figures, save_figures
-from .results import STABILITY_COLUMNS, effects, results_frame, stability_summary
-from .selection import ranking_rows
+from ..core.results import STABILITY_COLUMNS, effects, results_frame, stability_summary
+from ..core.selection import ranking_rows
 
 MANIFEST = "manifest.json"
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import atomic_write
-from .resources import code_version
+from ..files import atomic_write
+from ..resources import code_version
 
 
 def score_key(parts: dict) -> str:

@@ -33,19 +33,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import ScoreCache, score_key
-from .config import RunConfig, config_hash
-from .data import Windows, build_windows
-from .evaluation import TASKS, evaluate_lm
-from .io import kill_point, remove_stale_temps
-from .metrics import METRICS, ScoreContext, compute_scores
-from .models import (bos_every_window, build_fake_model, load_model, load_model_config, load_tokenizer, model_context,
+from ..config import RunConfig, config_hash
+from ..inputs.data import Windows, build_windows
+from ..core.evaluation import TASKS, evaluate_lm
+from ..files import kill_point, remove_stale_temps
+from ..core.metrics import METRICS, ScoreContext, compute_scores
+from ..inputs.models import (bos_every_window, build_fake_model, load_model, load_model_config, load_tokenizer, model_context,
                      model_info, pick_dtype)
-from .params import eligible_parameters, owner, weight_values
-from .perturbation import PERTURBATIONS, changeable, perturbed
-from .progress import ResumeLog, now
-from .resources import cache_root, code_version
-from .results import gaps, make_row, results_frame, stability_pairs
-from .selection import SELECTIONS, Ranking, jaccard, match_quality, rank, rank_grid, tied_counts
+from ..core.params import eligible_parameters, owner, weight_values
+from ..core.perturbation import PERTURBATIONS, changeable, perturbed
+from .resume import ResumeLog, now
+from ..resources import cache_root, code_version
+from ..core.results import gaps, make_row, results_frame, stability_pairs
+from ..core.selection import SELECTIONS, Ranking, jaccard, match_quality, rank, rank_grid, tied_counts
 from .validation import check_capabilities, prepare_out_dir, validate
 
 TOP_SAVED = 10_000  # top entries per (metric, seed) kept in sensitivity_scores.safetensors

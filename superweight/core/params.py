@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from .config import ConfigError
+from ..config import ConfigError
 
 _LAYER_RX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 # MoE routers: a [num_experts, hidden] weight deciding which experts a token visits (Mixtral / Qwen-MoE /

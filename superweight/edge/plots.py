@@ -39,8 +39,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .io import atomic_write, atomic_write_text
-from .results import aggregate_over_seeds, jaccard_from_rankings  # noqa: F401 (figures.py uses them)
+from ..files import atomic_write, atomic_write_text
+from ..core.results import aggregate_over_seeds, jaccard_from_rankings  # noqa: F401 (figures.py uses them)
 
 FORMATS = ("html", "json", "png", "svg")
 SELECTION_COLORS = {"top_k": "#d62728", "random_k": "#7f7f7f", "matched_k": "#2ca02c", "bottom_k": "#1f77b4"}

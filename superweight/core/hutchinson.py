@@ -9,7 +9,7 @@ Brain Damage's predicted loss increase when w → 0, ranked by magnitude, so non
 
 Why not the textbook double backward. g = ∂L/∂w with create_graph=True, then H z = ∂(g·z)/∂w, holds a
 weight-sized g, z and H z set next to the weights and the fp32 score buffers: at Llama-3.1-8B, bf16, seq
-1024 the plan estimator (superweight.memory) puts that at 154.9 GiB (125.4 at seq 512). This module gets
+1024 the plan estimator (superweight.run.plan) puts that at 154.9 GiB (125.4 at seq 512). This module gets
 H z without any weight-sized set; the same plan gives 56.4 GiB (48.7 at 512, 74.0 at 2048), of which
 15.0 GiB are the bf16 weights and 26.0 GiB the fp32 score buffers. How:
 
@@ -66,7 +66,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from .config import ConfigError
+from ..config import ConfigError
 from .params import autocast_ctx, checkpointing_active, input_device, is_conv1d
 
 PROBE_KINDS = ("rank1", "iid")

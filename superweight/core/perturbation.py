@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .config import ConfigError, PerturbConfig
-from .registry import Registry
+from ..config import ConfigError, PerturbConfig
+from ..registry import Registry
 
 # A perturbation's capabilities, declared where it is registered:
 #   stochastic  uses the seeded generator (its result depends on the seed)

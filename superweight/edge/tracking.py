@@ -60,11 +60,11 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
-from .config import TrackConfig, is_result_key, to_flat
-from .io import atomic_write_json
+from ..config import TrackConfig, is_result_key, to_flat
+from ..files import atomic_write_json
 from .manifest import scrub
-from .resources import cache_root
-from .results import finite_or_none, summary_metrics
+from ..resources import cache_root
+from ..core.results import finite_or_none, summary_metrics
 
 MAX_TABLE_ROWS = 200_000
 RUN_FILE = "wandb_run.json"

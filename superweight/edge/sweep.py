@@ -51,12 +51,12 @@ from pathlib import Path
 
 import yaml
 
-from .arguments import ALIASES, FIELDS, canonical_key, parse_config
-from .config import ConfigError, RunConfig, config_hash, is_result_key, to_flat
-from .io import atomic_write_text, read_jsonl
-from .progress import PROGRESS_FILE
-from .resources import code_version
-from .validation import validate
+from ..arguments import ALIASES, FIELDS, canonical_key, parse_config
+from ..config import ConfigError, RunConfig, config_hash, is_result_key, to_flat
+from ..files import atomic_write_text, read_jsonl
+from ..run.resume import PROGRESS_FILE
+from ..resources import code_version
+from ..run.validation import validate
 
 SWEEP_KEYS = {"apiVersion", "kind", "controller", "description", "program", "job", "image_uri", "entity",
               "project", "method", "command", "name", "run_cap", "metric", "metrics", "scheduler",

@@ -45,11 +45,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ConfigError, RunConfig, ScoreConfig
-from .evaluation import window_stats
-from .metrics import METRICS, ScoreContext
-from .models import build_fake_model, load_model_config, pick_dtype
-from .params import eligible_parameters, layer_of, unique_named_parameters
+from ..config import ConfigError, RunConfig, ScoreConfig
+from ..core.evaluation import window_stats
+from ..core.metrics import METRICS, ScoreContext
+from ..inputs.models import build_fake_model, load_model_config, pick_dtype
+from ..core.params import eligible_parameters, layer_of, unique_named_parameters
 from .validation import check_capabilities
 
 GiB = 1 << 30

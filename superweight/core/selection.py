@@ -36,9 +36,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .config import ConfigError
+from ..config import ConfigError
 from .params import index_names, layer_of, module_type
-from .registry import Registry
+from ..registry import Registry
 
 _SHIFT = 40  # composite key = param index << 40 | flat index (tensors up to 1e12 elements)
 Mask = Callable[[str], "torch.Tensor | None"]  # parameter name -> bool mask of candidates (None: all)

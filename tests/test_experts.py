@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from superweight import experts, params, selection
+from superweight.core import experts, params, selection
 from superweight.config import ConfigError, PerturbConfig, ScoreConfig
 from superweight.core.metrics import METRICS, ScoreContext
 from superweight.core.detector import find_outliers, outlier_modules

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, LlamaConfig,
                           LlamaForCausalLM, MixtralConfig, Phi3Config)
 
-from superweight import hutchinson as H
+from superweight.core import hutchinson as H
 from superweight.config import ConfigError
 from superweight.core.metrics import lm_loss
 from superweight.core.params import eligible_parameters

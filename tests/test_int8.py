@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from superweight import params
+from superweight.core import params
 from superweight.config import ConfigError, PerturbConfig, ScoreConfig
 from superweight.core.metrics import METRICS, ScoreContext
 from superweight.core.perturbation import perturbed

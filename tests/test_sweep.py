@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from superweight import commands as cli
-from superweight import sweep
+from superweight.edge import sweep
 from superweight.arguments import parse_config
 from superweight.config import ConfigError
 

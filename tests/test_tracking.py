@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from superweight import tracking
+from superweight.edge import tracking
 from superweight.arguments import parse_config
 from superweight.commands.run import make_experiment, run_experiment
 from superweight.config import config_hash, to_flat

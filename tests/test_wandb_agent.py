@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from superweight import commands, sweep, tracking
+from superweight import commands
+from superweight.edge import sweep, tracking
 from superweight.arguments import parse_config
 from superweight.config import ConfigError
 from superweight.edge.outputs import RunOutputs

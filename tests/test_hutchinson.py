@@ -23,6 +23,9 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, GPT2LM
                           LlamaForCausalLM, MixtralConfig, Phi3Config)
 
 from superweight.core import hutchinson as H
+from superweight.core.hutchinson import estimator as HE
+from superweight.core.hutchinson import state as HS
+from superweight.core.hutchinson.patching import _is_glu_mlp
 from superweight.config import ConfigError
 from superweight.core.metrics import lm_loss
 from superweight.core.params import eligible_parameters
@@ -48,7 +51,7 @@ def estimate(model, params, batches, probes, seed=0, **kw):
 
 
 def ref_loss(model, ids, overrides):
-    """Mean next-token NLL, written independently of superweight.core.metrics.lm_loss and of hutchinson.py."""
+    """Mean next-token NLL, written independently of superweight.core.loss.lm_loss and of core.hutchinson."""
     logits = functional_call(model, overrides, args=(), kwargs={"input_ids": ids, "use_cache": False}).logits
     logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
     return -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).mean()
@@ -135,7 +138,7 @@ def test_average_over_all_sign_patterns_is_the_exact_diagonal(monkeypatch, kind)
                 for s in itertools.product((-1, 1), repeat=r + c)]
     else:
         pats = [(torch.tensor(s, dtype=torch.int8).reshape(r, c),) for s in itertools.product((-1, 1), repeat=r * c)]
-    monkeypatch.setattr(H, "probe_factors", lambda n, shape, seed, k, kind: pats[k])
+    monkeypatch.setattr(HS, "probe_factors", lambda n, shape, seed, k, kind: pats[k])
     d = estimate(model, params, batches, len(pats), probe_kind=kind)[name]
     diag = exact_hessian(model, params, batches).diagonal()
     assert float(diag.abs().min()) > 0
@@ -232,7 +235,7 @@ def test_fused_route_equals_generic_route(monkeypatch, arch):
     assert len(H.fused_modules(model, params)) == len(params)
     batches = batches_for(64)
     a = estimate(model, params, batches, 2)
-    monkeypatch.setattr(H, "fused_modules", lambda model, params: {})
+    monkeypatch.setattr(HE, "fused_modules", lambda model, params: {})
     b = estimate(model, params, batches, 2)
     for n in params:
         torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-6 * float(b[n].abs().max()))  # fp32 sums
@@ -260,7 +263,7 @@ def test_lean_fused_path_equals_textbook_double_backward_across_families(monkeyp
     params = eligible_parameters(model)
     batches = batches_for(64)
     a = estimate(model, params, batches, 2)
-    monkeypatch.setattr(H, "fused_modules", lambda model, params: {})
+    monkeypatch.setattr(HE, "fused_modules", lambda model, params: {})
     b = estimate(model, params, batches, 2, lean=False)
     for n in params:
         torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-6 * float(b[n].abs().max()))  # fp32 sums
@@ -280,7 +283,7 @@ def test_low_precision_fused_route_matches_plain_autograd(monkeypatch, setting):
             return estimate(model, params, batches, 4, probe_kind="iid")
 
     a = run()
-    monkeypatch.setattr(H, "fused_modules", lambda model, params: {})
+    monkeypatch.setattr(HE, "fused_modules", lambda model, params: {})
     b = run()
     num = sum(float((a[n] - b[n]).square().sum()) for n in params)
     den = sum(float(b[n].square().sum()) for n in params)
@@ -326,3 +329,28 @@ def test_bad_input():
     q = {"q": torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.int8), requires_grad=False)}
     with pytest.raises(ConfigError, match="quantized"):
         estimate(model, q, b, 1)
+
+
+def test_gated_mlp_is_recognised_by_what_its_forward_computes():
+    """Llama's MLP is recomputed locally; a subclass whose forward computes anything else is not (and the
+    check leaves no grad or forward behind)."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    mlp = tiny(hidden=16, dtype=torch.float32).model.layers[0].mlp
+    assert type(mlp) is LlamaMLP and _is_glu_mlp(mlp)
+
+    class Scaled(LlamaMLP):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class UpOnly(LlamaMLP):
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.up_proj(x)) * self.up_proj(x))
+
+    for cls in (Scaled, UpOnly):
+        other = cls(mlp.config)
+        other.load_state_dict(mlp.state_dict())
+        assert not _is_glu_mlp(other)
+    mlp.forward = lambda x: x  # an instance forward is never the class's
+    assert not _is_glu_mlp(mlp)
+    assert all(p.grad is None for p in mlp.parameters())

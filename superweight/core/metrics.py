@@ -22,6 +22,7 @@ from ..config import ConfigError, ScoreConfig
 from .experts import ExpertInputNorms
 from .hutchinson import DEFAULT_PROBE_KIND, hessian_diagonal
 from .detector import OUTLIER_RATIO, find_outliers
+from .loss import lm_loss
 from .params import autocast_ctx, checkpointing_active, input_device, owner, weight_kind, weight_values
 from ..registry import Registry
 
@@ -69,14 +70,6 @@ def compute_scores(name: str, ctx: ScoreContext) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------------------------------
 # Shared machinery
-
-
-def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL over the batch: L = -(1/N) sum_t log p(x_{t+1} | x_{<=t})."""
-    ids = ids.to(input_device(model))
-    out = model(input_ids=ids, use_cache=False)
-    logits = out.logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1).to(logits.device))
 
 
 @contextlib.contextmanager

@@ -191,15 +191,7 @@ def _check_nothing_written(world, before_inputs: dict[str, bytes]) -> None:
     assert not leftovers, f"unexpected files next to the run: {leftovers}"
 
 
-KNOWN_BUGS: dict[str, int] = {}  # case id -> issue number of a known bug (none open)
-
-
-def _cases(cases):
-    return [pytest.param(c, id=c[0], marks=pytest.mark.xfail(reason=f"BUGS.md #{KNOWN_BUGS[c[0]]}", strict=False))
-            if c[0] in KNOWN_BUGS else pytest.param(c, id=c[0]) for c in cases]
-
-
-@pytest.mark.parametrize("case", _cases(RUN_CASES))
+@pytest.mark.parametrize("case", RUN_CASES, ids=[c[0] for c in RUN_CASES])
 def test_bad_run_input(case, world, capsys):
     name, tokens, expect = case
     argv = _fill(tokens, world)

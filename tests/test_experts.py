@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from superweight.core import experts, params, selection
 from superweight.config import ConfigError, PerturbConfig, ScoreConfig
 from superweight.core.metrics import METRICS, ScoreContext
-from superweight.core.detector import find_outliers, outlier_modules
+from superweight.core.detector import find_outliers, outlier_modules, ravel
 from superweight.core.perturbation import perturbed
 
 CPU = torch.device("cpu")
@@ -304,31 +304,24 @@ def test_detector_finds_the_planted_expert_weight():
     n_routed = int(acc.tokens["model.layers.1.mlp.experts"][2])
     assert n_routed >= 8  # the planted expert does receive tokens
 
-    cands, stats = experts.find_expert_outliers(model, bs, threshold=20.0)
+    cands, stats = find_outliers(model, bs, threshold=20.0)
     assert {(c.param, c.expert, c.row, c.col) for c in cands} == {(PLANTED_PARAM, 2, 7, 5)}
     c = cands[0]
     assert c.layer == 1 and c.out_channel == 7 and c.in_channel == 5 and c.weight == 10.0
-    assert c.flat_index == PLANTED_FLAT == experts.ravel((4, 32, 64), 2, 7, 5)
+    assert c.flat_index == PLANTED_FLAT == ravel((4, 32, 64), 2, 7, 5)
     assert c.occurrences <= n_routed and abs(c.activation) > 20.0
     assert abs(c.activation) > 50 * c.layer_typical_max
     assert [s["n_candidates"] for s in stats] == [0, 1]
     assert c.score == pytest.approx(abs(c.input_activation * c.weight), rel=1e-5)
-
-    # the package's detector (dense + experts) reports the same weight, with its expert
-    oc, ostats = find_outliers(model, bs, threshold=20.0)
-    assert [(o.param, o.expert, o.row, o.col, o.flat_index) for o in oc] == [(PLANTED_PARAM, 2, 7, 5, PLANTED_FLAT)]
-    assert oc[0].score == pytest.approx(c.score) and [s["n_candidates"] for s in ostats] == [0, 1]
 
     # act_outlier, the metric, on every eligible weight: nonzero only at the planted weight
     s = METRICS["act_outlier"].fn(ctx_for(model, bs, outlier_threshold=20.0))
     nz = {(n, int(i)) for n, t in s.items() for i in torch.nonzero(t.reshape(-1)).squeeze(1)}
     assert nz == {(PLANTED_PARAM, PLANTED_FLAT)}
     assert float(s[PLANTED_PARAM].reshape(-1)[PLANTED_FLAT]) == pytest.approx(c.score)
-    se = experts.act_outlier_experts(model, bs, {n: model.get_parameter(n) for n in EXPERT_NAMES}, threshold=20.0)
-    assert {(n, int(i)) for n, t in se.items() for i in torch.nonzero(t.reshape(-1)).squeeze(1)} == nz
 
     # weighted=True (spike as seen in the block output, times the routing weight) finds the same weight
-    cw, _ = experts.find_expert_outliers(model, bs, threshold=20.0, weighted=True)
+    cw, _ = find_outliers(model, bs, threshold=20.0, weighted=True)
     assert {(x.expert, x.row, x.col) for x in cw} == {(2, 7, 5)}
 
 
@@ -347,7 +340,7 @@ def test_detector_on_the_transposed_gpt_oss_layout():
     bs = batches()
     name = "model.layers.1.mlp.experts.down_proj"
     flat = (e * 48 + j) * 32 + c  # [4, 48, 32] row-major
-    cands, _ = experts.find_expert_outliers(model, bs, threshold=20.0)
+    cands, _ = find_outliers(model, bs, threshold=20.0)
     assert [(x.param, x.expert, x.row, x.col, x.out_channel, x.in_channel, x.flat_index) for x in cands] == [
         (name, e, j, c, c, j, flat)]
     assert cands[0].weight == 10.0
@@ -359,7 +352,7 @@ def test_detector_on_the_transposed_gpt_oss_layout():
 def test_detector_clean_model_has_no_candidates():
     model = make_mixtral()
     bs = batches()
-    assert experts.find_expert_outliers(model, bs, threshold=20.0)[0] == []
+    assert find_outliers(model, bs, threshold=20.0)[0] == []
     cands, stats = find_outliers(model, bs, threshold=20.0)
     assert cands == [] and sorted(s["param"] for s in stats) == [n for n in EXPERT_NAMES if "down" in n]
     s = METRICS["act_outlier"].fn(ctx_for(model, bs, outlier_threshold=20.0))
@@ -371,11 +364,11 @@ def test_zeroing_the_planted_weight_with_superweight_perturbation_removes_the_sp
     model = make_mixtral()
     plant_expert_super_weight(model, **PLANT)
     bs = batches()
-    c = experts.find_expert_outliers(model, bs, threshold=20.0)[0][0]
+    c = find_outliers(model, bs, threshold=20.0)[0][0]
     p = {c.param: model.get_parameter(c.param)}
     with perturbed(p, {c.param: torch.tensor([c.flat_index])}, "zero", PerturbConfig()) as info:
         assert info["changed"] == 1 and float(model.get_parameter(c.param).detach()[2, 7, 5]) == 0.0
-        assert experts.find_expert_outliers(model, bs, threshold=20.0)[0] == []
+        assert find_outliers(model, bs, threshold=20.0)[0] == []
         assert find_outliers(model, bs, threshold=20.0)[0] == []
     assert float(model.get_parameter(c.param).detach()[2, 7, 5]) == 10.0
     assert [(x.expert, x.row, x.col) for x in find_outliers(model, bs, threshold=20.0)[0]] == [(2, 7, 5)]
@@ -431,7 +424,7 @@ def test_naming_of_3d_params():
     for f in (0, 1, 63, 64, 2047, 2048, PLANTED_FLAT, 4 * 32 * 64 - 1):
         e, r, c = (int(v) for v in torch.unravel_index(torch.tensor(f), shape))
         assert params.index_names(shape, f) == {"expert": e, "row": r, "col": c}
-        assert experts.ravel(shape, e, r, c) == f
+        assert ravel(shape, e, r, c) == f
     assert params.index_names((32, 64), 70) == {"row": 1, "col": 6}
     n = "model.layers.0.mlp.experts.down_proj"
     assert params.layer_of(n) == 0 and params.module_type(n) == "mlp.experts.down_proj"

@@ -31,9 +31,8 @@ from ..config import ConfigError, PerturbConfig
 from ..inputs.data import build_windows
 from ..core.evaluation import evaluate_lm
 from ..files import atomic_write, atomic_write_json
-from ..core.experts import expert_down_params
 from ..inputs.models import bos_every_window, build_fake_model, load_model, load_model_config, model_context, model_info
-from ..core.detector import OUTLIER_RATIO, find_outliers, outlier_modules
+from ..core.detector import OUTLIER_RATIO, expert_down_params, find_outliers, outlier_modules
 from ..core.params import eligible_parameters, index_names, layer_of
 from ..core.perturbation import perturbed
 from ..run.validation import prepare_out_dir, validate

@@ -1,5 +1,5 @@
-"""Mixture-of-experts models: fused expert weights, the inputs each expert actually received, and the Super
-Weight detector on the experts' down projections ("super experts").
+"""Mixture-of-experts models: fused expert weights, their layout, and the inputs each expert actually received
+(recomputed from the routed tokens), for the metrics and the Super Weight detector (detector.py).
 
 What the installed transformers (5.x) does (verified on tiny Mixtral / Qwen2-MoE / OLMoE models):
 
@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .params import EXPERT_WEIGHTS, autocast_ctx, input_device, layer_of
+from .params import EXPERT_WEIGHTS, input_device
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,11 +60,6 @@ def expert_owner(model, name: str) -> tuple[str, torch.nn.Module, str] | None:
     if not is_experts_module(mod) or getattr(mod, attr, None) is None or getattr(mod, attr).ndim != 3:
         return None
     return mod_name, mod, attr
-
-
-def is_expert_param(name: str, p: torch.Tensor | None = None) -> bool:
-    """Name-only test (no model needed): a 3-D fused expert weight."""
-    return name.rpartition(".")[2] in EXPERT_WEIGHTS and (p is None or p.ndim == 3)
 
 
 def is_transposed(mod: torch.nn.Module) -> bool:
@@ -138,10 +132,6 @@ def expert_output(mod, e: int, h: torch.Tensor) -> torch.Tensor:
     """Expert e's down-projection output for inputs h [n, I] (before the routing weight)."""
     b = mod.down_proj_bias[e] if getattr(mod, "has_bias", False) else None
     return _linear(h, mod.down_proj[e], b, is_transposed(mod))
-
-
-def up_param_name(mod) -> str:
-    return "gate_up_proj" if getattr(mod, "has_gate", True) and getattr(mod, "gate_up_proj", None) is not None else "up_proj"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,163 +222,3 @@ def act_mag_experts(model, batches: list[torch.Tensor], names: Iterable[str]) ->
         for ids in batches:
             model(input_ids=ids.to(dev), use_cache=False)
     return {n: acc.scores(model, n) for n in names}
-
-
-def fold_spikes(found: dict, prefix: tuple, ch, j, sc, yv, xj, wv) -> None:
-    """Fold spike occurrences into `found[(*prefix, out channel, in channel)]`: count them, keep the largest
-    score and the occurrence with the largest |activation| (its activation, input and weight value)."""
-    for c, jj, s, yy, xx, ww in zip(ch.tolist(), j.tolist(), sc.tolist(), yv.tolist(), xj.tolist(), wv.tolist()):
-        key = (*prefix, c, jj)
-        d = found.get(key)
-        if d is None:
-            found[key] = d = {"score": s, "n": 0, "act": yy, "x": xx, "w": ww}
-        d["n"] += 1
-        if abs(yy) > abs(d["act"]):
-            d["act"], d["x"] = yy, xx
-        d["score"] = max(d["score"], s)
-
-
-def ravel(shape: tuple[int, ...], *index: int) -> int:
-    """Multi-index -> flat (row-major, contiguous) index."""
-    f = 0
-    for i, d in zip(index, shape):
-        f = f * d + int(i)
-    return f
-
-
-# --------------------------------------------------------------------------------------------------
-# Super Weight detector for experts
-
-
-@dataclass
-class ExpertOutlierCandidate:
-    """down_proj[expert][row, col] (default layout: row = the spike's output channel, col = the input
-    channel with the largest |input| of that expert at the spiking token)."""
-
-    param: str
-    layer: int
-    expert: int
-    row: int
-    col: int
-    out_channel: int
-    in_channel: int
-    flat_index: int
-    weight: float
-    activation: float
-    input_activation: float
-    score: float
-    occurrences: int
-    layer_typical_max: float
-    layer_threshold: float
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def expert_down_params(model, params: dict | None = None) -> dict[str, tuple[str, torch.nn.Module]]:
-    out = {}
-    for mod_name, mod in experts_modules(model).items():
-        p = f"{mod_name}.down_proj"
-        if params is None or p in params:
-            out[p] = (mod_name, mod)
-    return out
-
-
-@torch.no_grad()
-def find_expert_outliers(model, batches: list[torch.Tensor], threshold: float, ratio: float = 50.0,
-                         params: dict | None = None, weighted: bool = False
-                         ) -> tuple[list[ExpertOutlierCandidate], list[dict]]:
-    """The Super Weight detector on every fused expert down projection (two passes, like
-    outliers.find_outliers). Per layer, over every routed (token, expert) pair:
-      pass 1: typical max m_l = median over pairs of max_c |y_e[t, c]|, y_e = expert e's down_proj output
-              (before the routing weight; `weighted=True` multiplies by it, i.e. the contribution to the
-              block output);
-      pass 2: spike = |y_e[t, c]| > max(threshold, ratio * m_l); candidate down_proj[e][c, j*] with
-              j* = argmax_j |h_e[t, j]| (h_e = act(gate)*up, the expert's own input), scored by
-              |h_e[t, j*] * W| (max over occurrences)."""
-    mods = expert_down_params(model, params)
-    if not mods:
-        return [], []
-    dev = input_device(model)
-    tokmax: dict[str, list[torch.Tensor]] = {p: [] for p in mods}
-    layer_max = {p: 0.0 for p in mods}
-    thresholds: dict[str, float] = {}
-    found: dict[tuple[str, int, int, int], dict] = {}
-    phase = ["typical"]
-
-    def make_hook(pname):
-        def hook(mod, args, kwargs):
-            x, idx, tw = bind_experts_args(mod, args, kwargs)
-            x = x.detach()
-            tw = tw.reshape(x.shape[0], -1)
-            W = mod.down_proj.detach()
-            t = is_transposed(mod)
-            for e, tok, kpos in routed_tokens(idx, mod.num_experts):
-                h = expert_hidden(mod, e, x[tok])
-                y = expert_output(mod, e, h).float()
-                if weighted:
-                    y = y * tw[tok, kpos].float().unsqueeze(-1)
-                ay = y.abs()
-                if phase[0] == "typical":
-                    tm = ay.amax(-1)
-                    tokmax[pname].append(tm.cpu())
-                    layer_max[pname] = max(layer_max[pname], float(tm.max()))
-                    continue
-                hit = torch.nonzero(ay > thresholds[pname])
-                if hit.numel() == 0:
-                    continue
-                r, ch = hit[:, 0], hit[:, 1]
-                hf = h.float()
-                j = hf[r].abs().argmax(-1)
-                xj = hf[r, j]
-                wv = (W[e][j, ch] if t else W[e][ch, j]).float()
-                sc = (xj * wv).abs()
-                yv = y[r, ch]
-                fold_spikes(found, (pname, e), ch, j, sc, yv, xj, wv)
-
-        return hook
-
-    handles = [mod.register_forward_pre_hook(make_hook(p), with_kwargs=True) for p, (_, mod) in mods.items()]
-    try:
-        for ph in ("typical", "detect"):
-            phase[0] = ph
-            if ph == "detect":
-                for p in mods:
-                    typ = float(torch.cat(tokmax[p]).median()) if tokmax[p] else 0.0
-                    thresholds[p] = max(float(threshold), float(ratio) * typ)
-            for ids in batches:
-                with autocast_ctx(dev, model):  # the same numerics as the dense detector (bf16 autocast on CUDA)
-                    model(input_ids=ids.to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    stats, typical = [], {}
-    for p in mods:
-        typ = float(torch.cat(tokmax[p]).median()) if tokmax[p] else 0.0
-        typical[p] = typ
-        stats.append({"param": p, "layer": layer_of(p), "max_abs_output": layer_max[p], "typical_max": typ,
-                      "threshold": thresholds[p], "n_candidates": sum(1 for k in found if k[0] == p)})
-    cands = []
-    for (p, e, c, j), d in found.items():
-        mod = mods[p][1]
-        shape = tuple(mod.down_proj.shape)
-        row, col = (j, c) if is_transposed(mod) else (c, j)
-        cands.append(ExpertOutlierCandidate(
-            param=p, layer=layer_of(p), expert=e, row=row, col=col, out_channel=c, in_channel=j,
-            flat_index=ravel(shape, e, row, col), weight=d["w"], activation=d["act"], input_activation=d["x"],
-            score=d["score"], occurrences=d["n"], layer_typical_max=typical[p], layer_threshold=thresholds[p]))
-    cands.sort(key=lambda c: (-c.score, c.param, c.flat_index))
-    return cands, stats
-
-
-def act_outlier_experts(model, batches, params: dict[str, torch.Tensor], threshold: float,
-                        ratio: float = 50.0) -> dict[str, torch.Tensor]:
-    """act_outlier scores for the fused expert weights in `params`: |h_j* · W| at each candidate, 0 elsewhere
-    (gate_up_proj always 0: the detector only nominates down projections)."""
-    cands, _ = find_expert_outliers(model, batches, threshold, ratio, params)
-    out = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
-    for c in cands:
-        if c.param in out:
-            flat = out[c.param].view(-1)
-            flat[c.flat_index] = max(float(flat[c.flat_index]), c.score)
-    return out

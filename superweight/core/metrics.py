@@ -57,10 +57,9 @@ class ScoreContext:
 #   memory             shape of its peak: 'buffers' (one score buffer per weight), 'forward' (+ inference
 #                      activations), 'gradients' (+ one backward), 'second_order' (+ double backward),
 #                      'forward_then_buffers' (forwards first, then buffers: peak = max of the two)
-#   sparse             only a few weights get a nonzero score (the rest are not ranked, see selection.support)
 #   params             ScoreConfig fields that change the scores (part of the cache key)
 METRICS = Registry("metric", needs_calibration=True, needs_gradients=False, quantized=False,
-                   weight_kinds=("linear", "conv1d", "experts", "other"), memory="buffers", sparse=False, params=())
+                   weight_kinds=("linear", "conv1d", "experts", "other"), memory="buffers", params=())
 register_metric = METRICS.register
 
 
@@ -160,7 +159,7 @@ def grad_squared(ctx: ScoreContext) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Second-order and activation metrics (issue 3)
+# Second-order and activation metrics
 
 
 def _module_of(model, name: str) -> torch.nn.Module | None:
@@ -272,7 +271,7 @@ def act_mag(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     return out
 
 
-@register_metric("act_outlier", quantized=True, memory="forward_then_buffers", sparse=True,
+@register_metric("act_outlier", quantized=True, memory="forward_then_buffers",
                  params=("outlier_threshold",))
 def act_outlier(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """Super Weight detector as a metric (see `find_outliers`): s = |x_j* · W[c, j*]| (max over spiking

@@ -95,12 +95,4 @@ class RunOutputs:
             return []
 
 
-def read_manifest(out_dir: str | Path) -> dict:
-    p = Path(out_dir) / MANIFEST
-    try:
-        return json.loads(p.read_text()) if p.exists() else {}
-    except json.JSONDecodeError:
-        return {}
-
-
-__all__ = ["RunOutputs", "read_manifest", "MANIFEST"]
+__all__ = ["RunOutputs", "MANIFEST"]

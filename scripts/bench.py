@@ -46,7 +46,7 @@ from superweight.core.metrics import METRICS, ScoreContext, grads_only_for, lm_l
 from superweight.inputs.models import load_model, pick_device, pick_dtype  # noqa: E402
 from superweight.core.params import autocast_ctx, eligible_parameters, fingerprint, input_device  # noqa: E402
 from superweight.core.perturbation import perturbed  # noqa: E402
-from superweight.core.selection import rank  # noqa: E402
+from superweight.core.selections import rank  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 

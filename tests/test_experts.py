@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from superweight.core import experts, params, selection
+from superweight.core import experts, params
+from superweight.core.selections import rank
+from superweight.edge.ranking_rows import ranking_rows
 from superweight.config import ConfigError, PerturbConfig, ScoreConfig
 from superweight.core.metrics import METRICS, ScoreContext
 from superweight.core.detector import find_outliers, outlier_modules, ravel
@@ -439,8 +441,8 @@ def test_ranking_rows_and_per_row_on_3d():
     p = model.get_parameter(n)
     s = torch.zeros(p.shape)
     s[2, 7, 5] = 1.0
-    r = selection.rank({n: s}, 1, "global", "top_k")
-    row = selection.ranking_rows(r, lambda name: model.get_parameter(name).detach(), 1)[0]
+    r = rank({n: s}, 1, "global", "top_k")
+    row = ranking_rows(r, lambda name: model.get_parameter(name).detach(), 1)[0]
     assert row["flat_index"] == PLANTED_FLAT
     assert (row["expert"], row["row"], row["col"]) == (2, 7, 5)
     assert row["module"] == "mlp.experts.down_proj" and row["layer"] == 1 and row["param"] == n
@@ -449,16 +451,16 @@ def test_ranking_rows_and_per_row_on_3d():
     d = "model.layers.0.self_attn.q_proj.weight"
     sd = torch.zeros(model.get_parameter(d).shape)
     sd[3, 4] = 1.0
-    rowd = selection.ranking_rows(selection.rank({d: sd}, 1), lambda name: model.get_parameter(name).detach(), 1)[0]
+    rowd = ranking_rows(rank({d: sd}, 1), lambda name: model.get_parameter(name).detach(), 1)[0]
     assert (rowd["expert"], rowd["row"], rowd["col"]) == (-1, 3, 4)
 
     # per_row: one group per OUTPUT ROW of each expert (E * R groups of C weights), not one per expert
     sc = torch.rand(p.shape, generator=torch.Generator().manual_seed(0))
-    rr = selection.rank({n: sc}, 1, "per_row", "top_k")
+    rr = rank({n: sc}, 1, "per_row", "top_k")
     assert len(rr) == 4 * 32
     best = sc.reshape(4 * 32, 64).argmax(1) + torch.arange(4 * 32) * 64  # brute force: argmax of each row
     assert sorted(rr.flat.tolist()) == sorted(best.tolist())
-    rr3 = selection.rank({n: sc}, 3, "per_row", "top_k")
+    rr3 = rank({n: sc}, 3, "per_row", "top_k")
     assert len(rr3) == 3 * 4 * 32
     groups = {}
     for f in rr3.flat.tolist():

@@ -23,7 +23,8 @@ from superweight.run.plan import MemoryTracker
 from superweight.core.metrics import METRICS, ScoreContext, accumulate_gradients
 from superweight.core.params import checkpointing_active, eligible_parameters, param_hash, quant_kind, weight_values
 from superweight.core.perturbation import perturbed
-from superweight.core.selection import rank, tie_hash
+from superweight.core.ranking import tie_hash
+from superweight.core.selections import rank
 from superweight.run.validation import check_capabilities
 
 

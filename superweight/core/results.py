@@ -22,7 +22,7 @@ import pandas as pd
 RESULT_COLUMNS = [
     "metric", "seed", "mode", "selection", "draw", "k", "n_selected", "support", "n_tied", "perturbation",
     "ppl", "nll", "acc", "delta_ppl", "delta_nll", "delta_nll_lo", "delta_nll_hi", "delta_acc", "ppl_ratio",
-    "changed", "delta_w_l2", "delta_w_linf", "mean_abs_w", "match_ks", "match_max_width", "nonfinite_weights", "nonfinite", "tokens",
+    "changed", "delta_w_l2", "delta_w_linf", "mean_abs_w", "match_ks", "match_err_median", "match_err_max", "nonfinite_weights", "nonfinite", "tokens",
 ]
 PER_WINDOW = ("window_nll", "window_tokens")  # kept in perturbation_results.json / .progress.jsonl, not in CSV
 STABILITY_COLUMNS = ["kind", "mode", "k", "a", "b", "metric_a", "metric_b", "seed_a", "seed_b", "jaccard"]

@@ -23,7 +23,7 @@ from .manifest import build_manifest
 from ..core.params import layer_of, module_type
 from .plots import run_figures, save_figures
 from ..core.results import STABILITY_COLUMNS, effects, results_frame, stability_summary
-from ..core.selection import ranking_rows
+from .ranking_rows import ranking_rows
 
 MANIFEST = "manifest.json"
 

@@ -40,12 +40,16 @@ from ..files import kill_point, remove_stale_temps
 from ..core.metrics import METRICS, ScoreContext, compute_scores
 from ..inputs.models import (bos_every_window, build_fake_model, load_model, load_model_config, load_tokenizer, model_context,
                      model_info, pick_dtype)
-from ..core.params import eligible_parameters, owner, weight_values
+from ..core.experts import in_axis as expert_in_axis
+from ..core.params import eligible_parameters, owner, weight_kind, weight_values
 from ..core.perturbation import PERTURBATIONS, changeable, perturbed
 from .resume import ResumeLog, now
 from ..resources import cache_root, code_version
 from ..core.results import gaps, make_row, results_frame, stability_pairs
-from ..core.selection import SELECTIONS, Ranking, jaccard, match_quality, rank, rank_grid, tied_counts
+from ..core.matching import match_quality
+from ..core.overlap import jaccard, tied_counts
+from ..core.ranking import Ranking
+from ..core.selections import SELECTIONS, rank, rank_grid
 from .validation import check_capabilities, prepare_out_dir, validate
 
 TOP_SAVED = 10_000  # top entries per (metric, seed) kept in sensitivity_scores.safetensors
@@ -264,20 +268,40 @@ class Experiment:
         kept under (metric, seed, mode, selection, draw) for the first candidate set of the perturbations and
         with the set's perturbations appended (`group`) for any other."""
         kmax = max(self.cfg.select.topk)
-        top = rank(scores, kmax, mode, "top_k", seed, mask_fn=mask)
+        top = rank(scores, kmax, mode, "top_k", seed, mask_fn=mask, in_axis=self.in_axis)
         if top.support is not None and top.support < kmax and (metric, mode) not in getattr(self, "_warned", set()):
             self._warned = getattr(self, "_warned", set()) | {(metric, mode)}
             print(f"superweight: warning: {metric} gives {top.support} informative scores (its support) below "
                   f"K={kmax}: its Top-K stops at {top.support} (rows marked with `support`)", file=sys.stderr)
         self.rankings[(metric, seed, mode, "top_k", 0, *group)] = top
+        top.stats["n_tied"] = self.ties_of(scores, top, mask)
         yield "top_k", 0, top
         for control in self.cfg.select.controls:
             spec = SELECTIONS.get(control)
             for draw in range(self.cfg.select.control_draws if spec.random else 1):
                 r = rank_grid(scores, self.cfg.select.topk, mode, control, seed, draw, mask_fn=mask, top=top,
-                              values=self.values)
+                              values=self.values, in_axis=self.in_axis)
                 self.rankings[(metric, seed, mode, control, draw, *group)] = r
+                r.stats["n_tied"] = self.ties_of(scores, r, mask)
                 yield control, draw, r
+
+    def ties_of(self, scores, r: Ranking, mask) -> dict[int, int]:
+        """{K: n_tied} of a ranking, one pass over the scores for the whole K grid: only for a global
+        ranking ordered by its scores (a selection with a ranking key, not a uniform draw nor a match)."""
+        spec = SELECTIONS.get(r.selection)
+        if r.mode != "global" or spec.uniform or spec.needs_top:
+            return {}
+        return tied_counts(scores, r, self.cfg.select.topk, mask)
+
+    def in_axis(self, name: str) -> int:
+        """The input axis of an eligible weight (per_row groups weights by output neuron): 0 for GPT-2
+        Conv1D ([in, out]), the experts module's own for fused experts, else the last (nn.Linear [out, in])."""
+        kind = weight_kind(self.model, name)
+        if kind == "conv1d":
+            return 0
+        if kind == "experts":
+            return expert_in_axis(owner(self.model, name)[1])
+        return self.params[name].ndim - 1
 
     def evaluate(self) -> dict:
         ids, labels = self.windows.eval_inputs()
@@ -304,7 +328,7 @@ class Experiment:
             memo[mkey] = (res, pinfo)
         res, pinfo = memo[mkey]
         extra = {"n_selected": len(sel), "support": sel.support,
-                 "n_tied": tied_counts(scores, sel, mask) if sel.mode == "global" and keys["selection"] in ("top_k", "bottom_k") else None}
+                 "n_tied": sel.stats.get("n_tied", {}).get(keys["k"])}
         extra.update(match_quality(sel))
         return make_row(keys, dict(res), self.baseline, pinfo, extra)
 

@@ -23,7 +23,8 @@ from ..core.evaluation import TASKS
 from ..core.metrics import METRICS
 from ..core.params import layer_of, quant_kind, weight_kind
 from ..core.perturbation import PERTURBATIONS, parse_bits, supports
-from ..core.selection import MODES, SELECTIONS
+from ..core.modes import MODES
+from ..core.selections import SELECTIONS
 
 ATTN = ("auto", "eager", "sdpa")
 

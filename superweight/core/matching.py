@@ -1,0 +1,319 @@
+"""The matched_k engine: for each Top-K weight, a free candidate of the same module type with nearly the
+same |w|, none of them in Top-K and each used once ("is it just big weights?").
+
+Per module type, targets in rank order. A target first draws uniformly among the free candidates whose |w|
+lies in a relative window around its own |w| (±1%, widened to ±5%, 20%, 100% only when the window has no
+free candidate): the match reproduces the |w| distribution of Top-K. A target with no free candidate
+within ±100% (the largest weights: a super weight or magnitude's Top-K sit in the far tail) takes the
+nearest free candidate by |w| (smallest |log(|w_match| / |w_top|)|), searched in windows ×4, ×16, ×256,
+×65536, then among the type's extreme weights: rank matching, never a uniform draw.
+
+Dense windows are served from a uniform random sample of the type's candidates (`POOL`); sparse ones from
+an exact pass over the type's weights restricted to the windows still needed. Both are built once per
+`Matcher` (one per seed, draw and candidate set) and shared by every K of the grid: a K needs no pass over
+the weights that an earlier K already made.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .overlap import ks_distance
+from .params import module_type
+from .ranking import Mask, Ranking, groups
+
+WIDTHS = (0.01, 0.05, 0.2, 1.0)  # relative |w| windows of the uniform draw
+NEAREST = (3.0, 15.0, 255.0, 65535.0)  # windows (×4 .. ×65536) searched for the nearest free candidate
+POOL = 1 << 18  # candidates per module type sampled uniformly to serve the dense |w| windows
+CHUNK = 1 << 22  # elements per step of a pass over a tensor (bounds its temporaries)
+GATHER_WIDTH = 0.2  # an exact pass gathers the windows at this width at least (serves the narrower ones too)
+_TINY = 1e-300  # |w| = 0 in the log distance
+
+
+@dataclass
+class _Sorted:
+    """Candidates (|w| ascending, float64) with their parameter id and flat index."""
+
+    val: np.ndarray
+    pid: np.ndarray
+    flat: np.ndarray
+
+    @staticmethod
+    def of(vals, pids, flats) -> "_Sorted":
+        v = np.concatenate(vals) if vals else np.empty(0)
+        p = np.concatenate(pids) if pids else np.empty(0, np.int64)
+        f = np.concatenate(flats) if flats else np.empty(0, np.int64)
+        _, first = np.unique((p << 40) | f, return_index=True)  # one entry per weight
+        v, p, f = v[first], p[first], f[first]
+        o = np.argsort(v, kind="stable")
+        return _Sorted(v[o], p[o], f[o])
+
+    def _span(self, lo: float, hi: float) -> tuple[int, int]:
+        return int(np.searchsorted(self.val, lo, "left")), int(np.searchsorted(self.val, hi, "right"))
+
+    def pick(self, lo: float, hi: float, taken: set, gen: np.random.Generator) -> tuple[int, int] | None:
+        """A uniformly random entry with lo <= |w| <= hi that is not taken, or None."""
+        s, b = self._span(lo, hi)
+        if b <= s:
+            return None
+        for _ in range(8):  # rejection: taken entries are rare inside a window
+            j = s + int(gen.integers(b - s))
+            key = (int(self.pid[j]), int(self.flat[j]))
+            if key not in taken:
+                return key
+        free = [(int(p), int(f)) for p, f in zip(self.pid[s:b], self.flat[s:b]) if (int(p), int(f)) not in taken]
+        return free[int(gen.integers(len(free)))] if free else None
+
+    def nearest(self, a: float, lo: float, hi: float, taken: set) -> tuple[int, int] | None:
+        """The free entry with lo <= |w| <= hi nearest to |w| = a by |log(|w| / a)| (ties: the smaller |w|),
+        walking outwards from a: O(taken entries passed)."""
+        s, b = self._span(lo, hi)
+        right = int(np.searchsorted(self.val, a, "left"))
+        left = right - 1
+        la = np.log(a + _TINY)
+        while True:
+            while left >= s and (int(self.pid[left]), int(self.flat[left])) in taken:
+                left -= 1
+            while right < b and (int(self.pid[right]), int(self.flat[right])) in taken:
+                right += 1
+            if left < s and right >= b:
+                return None
+            dl = la - np.log(self.val[left] + _TINY) if left >= s else np.inf
+            dr = np.log(self.val[right] + _TINY) - la if right < b else np.inf
+            j = left if dl <= dr else right
+            return int(self.pid[j]), int(self.flat[j])
+
+
+def _merge(windows) -> list[list[float]]:
+    out: list[list[float]] = []
+    for lo, hi in sorted(windows):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return out
+
+
+def _subtract(want: list[list[float]], have: list[list[float]]) -> list[tuple[float, float]]:
+    """Parts of the (merged) intervals `want` not inside the (merged) intervals `have` (closed intervals:
+    the remainders keep their end points, so a weight at a boundary may be gathered twice; `_Sorted.of`
+    keeps one)."""
+    out = []
+    for lo, hi in want:
+        cur = lo
+        for a, b in have:
+            if b < cur or a > hi:
+                continue
+            if a > cur:
+                out.append((cur, a))
+            cur = max(cur, b)
+            if cur >= hi:
+                break
+        if cur < hi or (cur == hi == lo):
+            out.append((cur, hi))
+    return out
+
+
+@dataclass
+class _Type:
+    """One module type's candidates: the uniform pool and the exact windows gathered so far."""
+
+    pids: list[int]
+    pool: _Sorted | None = None
+    exact: bool = False
+    covered: list[list[float]] = field(default_factory=list)
+    near: _Sorted | None = None
+
+
+class Matcher:
+    """matched_k for one (seed, draw, candidate set), shared across the K grid (`match(top.take(k), k)`)."""
+
+    def __init__(self, names: list[str], values: Callable[[str], torch.Tensor], mask_fn: Mask | None,
+                 seed: int, draw: int):
+        self.names, self.values, self.mask_fn, self.seed, self.draw = names, values, mask_fn, int(seed), int(draw)
+        self.types: dict[str, _Type] = {}
+        for pid, n in enumerate(names):
+            self.types.setdefault(module_type(n), _Type([])).pids.append(pid)
+        self.passes = 0  # exact passes over a type's weights (gathers), for the bench and tests
+
+    def _abs(self, pid: int) -> torch.Tensor:
+        return self.values(self.names[pid]).detach().reshape(-1).abs()
+
+    def _mask(self, pid: int) -> torch.Tensor | None:
+        m = self.mask_fn(self.names[pid]) if self.mask_fn is not None else None
+        return m.reshape(-1) if m is not None else None
+
+    def abs_at(self, pid: torch.Tensor, flat: torch.Tensor) -> np.ndarray:
+        """|w| of (pid, flat) entries, one values() call per tensor."""
+        out = np.empty(pid.numel())
+        for p, sel in groups(pid):
+            w = self._abs(p)
+            out[sel.numpy()] = w[flat[sel].to(w.device)].double().cpu().numpy()
+        return out
+
+    def _pool(self, t: str) -> _Type:
+        """The type's candidates: all of them when the type holds at most POOL weights, else a uniform random
+        sample (POOL positions drawn with replacement, non-candidates and repeats dropped: every candidate
+        is equally likely to be in it, so a uniform pick inside a |w| window of the sample is a uniform pick
+        inside that window)."""
+        ty = self.types[t]
+        if ty.pool is not None:
+            return ty
+        sizes = np.asarray([int(np.prod(self.values(self.names[p]).shape)) for p in ty.pids], dtype=np.int64)
+        ty.exact = int(sizes.sum()) <= POOL
+        vals, ps, fs = [], [], []
+        if ty.exact:
+            for pid in ty.pids:
+                w, m = self._abs(pid), self._mask(pid)
+                idx = torch.nonzero(m).squeeze(1) if m is not None else torch.arange(w.numel(), device=w.device)
+                vals.append(w[idx.to(w.device)].double().cpu().numpy())
+                fs.append(idx.cpu().numpy().astype(np.int64))
+                ps.append(np.full(idx.numel(), pid, dtype=np.int64))
+        else:
+            gen = np.random.default_rng([self.seed, self.draw, 7_777, zlib.crc32(t.encode())])
+            pos = np.unique(gen.integers(0, int(sizes.sum()), POOL))  # sorted, repeats dropped
+            ends = np.cumsum(sizes)
+            which = np.searchsorted(ends, pos, side="right")
+            for j, pid in enumerate(ty.pids):
+                sel = which == j
+                if not sel.any():
+                    continue
+                flat = torch.from_numpy(pos[sel] - (ends[j] - sizes[j]))
+                w, m = self._abs(pid), self._mask(pid)
+                if m is not None:
+                    flat = flat[m[flat.to(m.device)].cpu()]
+                vals.append(w[flat.to(w.device)].double().cpu().numpy())
+                fs.append(flat.numpy().astype(np.int64))
+                ps.append(np.full(flat.numel(), pid, dtype=np.int64))
+        ty.pool = _Sorted.of(vals, ps, fs)
+        return ty
+
+    def _gather(self, ty: _Type, windows: list[tuple[float, float]]) -> _Sorted:
+        """Every candidate of the type whose |w| lies in one of the windows, from the windows gathered so far
+        plus one chunked pass for the parts not yet covered (bucketize against the merged windows: inside =
+        an odd bucket)."""
+        need = _subtract(_merge(windows), ty.covered)
+        if not need and ty.near is not None:
+            return ty.near
+        self.passes += 1
+        bounds = np.asarray([x for lo_hi in _merge(need) for x in lo_hi], dtype=np.float64)
+        b32 = bounds.astype(np.float32)  # float32 bounds widened outwards (the exact test is in float64)
+        b32[0::2] = np.nextafter(b32[0::2], np.float32(-np.inf))
+        b32[1::2] = np.nextafter(b32[1::2], np.float32(np.inf))
+        vals, ps, fs = ([ty.near.val], [ty.near.pid], [ty.near.flat]) if ty.near is not None else ([], [], [])
+        for pid in ty.pids:
+            w, m = self._abs(pid), self._mask(pid)
+            b = torch.from_numpy(b32).to(w.device)
+            for s in range(0, w.numel(), CHUNK):
+                x = w[s : s + CHUNK].float()
+                inside = torch.bucketize(x, b, right=True) % 2 == 1
+                if m is not None:
+                    inside &= m[s : s + CHUNK].to(inside.device)
+                idx = torch.nonzero(inside).squeeze(1)
+                if idx.numel():
+                    v = w[s : s + CHUNK][idx].double().cpu().numpy()
+                    i = np.searchsorted(bounds, v, side="right")
+                    ok = (i % 2 == 1) | ((i > 0) & (bounds[np.maximum(i - 1, 0)] == v))  # exact, closed windows
+                    vals.append(v[ok])
+                    fs.append(idx.cpu().numpy().astype(np.int64)[ok] + s)
+                    ps.append(np.full(int(ok.sum()), pid, dtype=np.int64))
+        ty.covered = _merge([*map(tuple, ty.covered), *need])
+        ty.near = _Sorted.of(vals, ps, fs)
+        return ty.near
+
+    def _extremes(self, ty: _Type, m: int) -> _Sorted:
+        """The m largest and m smallest candidates by |w| of each tensor of the type (the last resort of a
+        target more than ×65536 away from every free candidate: above or below all of them)."""
+        self.passes += 1
+        vals, ps, fs = [], [], []
+        for pid in ty.pids:
+            w, msk = self._abs(pid), self._mask(pid)
+            idx = torch.nonzero(msk).squeeze(1) if msk is not None else torch.arange(w.numel(), device=w.device)
+            x = w[idx.to(w.device)].double()
+            j = min(m, x.numel())
+            for largest in (True, False):
+                pos = torch.topk(x, j, largest=largest).indices
+                vals.append(x[pos].cpu().numpy())
+                fs.append(idx[pos.to(idx.device)].cpu().numpy().astype(np.int64))
+                ps.append(np.full(j, pid, dtype=np.int64))
+        return _Sorted.of(vals, ps, fs)
+
+    def match(self, top: Ranking, k: int) -> Ranking:
+        """The matched_k selection of Top-K set `top` (drawn for this K; group rank = its target's)."""
+        tp, tf = top.pid.tolist(), top.flat.tolist()
+        tv = self.abs_at(top.pid, top.flat)
+        mtype = [module_type(n) for n in self.names]
+        taken = set(zip(tp, tf))  # never a Top-K weight, never twice
+        out_p = np.full(len(tp), -1, dtype=np.int64)
+        out_f = np.full(len(tp), -1, dtype=np.int64)
+        gen = np.random.default_rng([self.seed, self.draw, 7_777, int(k)])
+
+        def window(i: int, width: float) -> tuple[float, float]:
+            return (tv[i] / (1 + width), tv[i] * (1 + width)) if np.isfinite(width) else (0.0, np.inf)
+
+        def assign(targets: list[int], width: float, source: _Sorted, nearest: bool) -> list[int]:
+            left = []
+            for i in targets:
+                got = source.nearest(tv[i], *window(i, width), taken) if nearest else \
+                    source.pick(*window(i, width), taken, gen)
+                if got is None:
+                    left.append(i)
+                else:
+                    out_p[i], out_f[i] = got
+                    taken.add(got)
+            return left
+
+        for t in self.types:
+            pending = [i for i, p in enumerate(tp) if mtype[p] == t]
+            if not pending:
+                continue
+            ty = self._pool(t)
+            for width in WIDTHS:  # uniform inside the window
+                if not pending:
+                    break
+                rest = assign(pending, width, ty.pool, False)
+                if rest and not ty.exact:  # sparse windows: every candidate in them, exactly
+                    cover = max(width, GATHER_WIDTH)
+                    rest = assign(rest, width, self._gather(ty, [window(i, cover) for i in rest]), False)
+                pending = rest
+            for width in NEAREST:  # the nearest free candidate
+                if not pending:
+                    break
+                src = ty.pool if ty.exact else self._gather(ty, [window(i, width) for i in pending])
+                pending = assign(pending, width, src, True)
+            if pending:
+                ext = self._extremes(ty, len(pending) + len(taken))
+                pending = assign(pending, np.inf, ext, True)
+        ok = out_p >= 0
+        pid, flat = torch.from_numpy(out_p[ok]), torch.from_numpy(out_f[ok])
+        got = self.abs_at(pid, flat)
+        okt = torch.from_numpy(ok)
+        stats = {"target_abs_w": tv[ok], "match_abs_w": got}
+        return Ranking(self.names, top.shapes, pid, flat, top.score[okt], top.group_rank[okt], top.mode, "matched_k",
+                       None, top.n_candidates, stats, group=top.group[okt] if top.group is not None else None)
+
+
+def match_errors(sel: Ranking) -> np.ndarray:
+    """|w_match| / |w_top| − 1 of each matched pair (0 when both are 0)."""
+    st = sel.stats
+    t, m = np.asarray(st["target_abs_w"], float), np.asarray(st["match_abs_w"], float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(t > 0, m / np.where(t > 0, t, 1.0) - 1, np.where(m > 0, np.inf, 0.0))
+
+
+def match_quality(sel: Ranking) -> dict:
+    """For a matched_k selection: `match_ks`, the KS distance between the |w| of its targets and its own;
+    `match_err_median` and `match_err_max`, the median relative |w| error |w_match| / |w_top| − 1 and the
+    error of largest magnitude (signed: −0.96 = a match 25× smaller than its target). {} otherwise."""
+    st = sel.stats
+    if not st or "target_abs_w" not in st:
+        return {}
+    err = match_errors(sel)
+    return {"match_ks": ks_distance(st["target_abs_w"], st["match_abs_w"]),
+            "match_err_median": float(np.median(err)) if err.size else float("nan"),
+            "match_err_max": float(err[np.argmax(np.abs(err))]) if err.size else float("nan")}

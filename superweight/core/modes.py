@@ -1,0 +1,236 @@
+"""Comparison groups (modes): which weights compete with which. A mode only groups weights; what is picked
+inside a group comes from the selection's `Rule` (its ranking key and informative-entry rule, or a uniform
+draw), so a new selection needs no change here.
+
+* `global`     one group: every candidate weight of every scored tensor. Never concatenates all scores:
+               a per-tensor top-K is merged into a running buffer, so extra memory is O(K) beyond one
+               tensor's temporaries.
+* `per_layer`  one group per parameter tensor.
+* `per_row`    one group per output neuron (Wanda's comparison group): the weights feeding one output
+               feature, whatever the storage layout (nn.Linear [out, in], GPT-2 Conv1D [in, out], fused
+               experts [E, out, in] or transposed [E, in, out]): `in_axis(name)` names the input axis.
+
+In the grouped modes a control given `quota` (the Top-K's count per group) selects in each group exactly
+as many weights as Top-K selected there, so Top-K and control compare equal numbers of weights in the same
+tensors and rows; without a quota each group takes up to K. The ranking's `support` is the largest number
+of informative entries in one group (past it no group's Top-K grows), the total in global mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..registry import Registry
+from .draws import generator, sample_without_replacement
+from .ranking import SHIFT, Mask, Ranking, Scores, best, gather, groups, tie_hash
+
+MODES = Registry("mode")
+InAxis = Callable[[str], int]  # parameter name -> its input axis (the axis a row of one output neuron runs along)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a mode needs from a selection: its name (salts its random stream), its ranking key (score ->
+    key, larger first; None = a uniform random order), which entries it may rank (None = every candidate),
+    and whether the ranking reports its support."""
+
+    name: str
+    key: Callable[[torch.Tensor], torch.Tensor] | None
+    informative: Callable[[torch.Tensor], torch.Tensor] | None = None
+    support: bool = False
+
+    def candidates(self, scores: Scores, name: str, mask_fn: Mask | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ranking key, candidate bool mask) of one tensor, flat. Keys compare in fp64 for fp64 and integer
+        scores, fp32 otherwise; NaN ranks last."""
+        s = scores[name].detach().reshape(-1)
+        ok = self.informative(s) if self.informative is not None else torch.ones_like(s, dtype=torch.bool)
+        m = mask_fn(name) if mask_fn is not None else None
+        if m is not None:
+            ok = ok & m.reshape(-1).to(ok.device)
+        if self.key is None:
+            return torch.zeros(s.numel(), dtype=torch.float64, device=s.device), ok
+        x = s.double() if s.dtype == torch.float64 or not s.is_floating_point() else s.float()
+        x = self.key(x)
+        return torch.nan_to_num(x, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")), ok
+
+
+def _empty(names, shapes, mode, rule, n_cand) -> Ranking:
+    e = torch.empty(0, dtype=torch.int64)
+    return Ranking(names, shapes, e, e, torch.empty(0), e, mode, rule.name, 0 if rule.support else None, n_cand)
+
+
+def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
+    """The K best candidates by (key desc, u asc), merged tensor by tensor."""
+    names = list(scores)
+    shapes = [tuple(scores[n].shape) for n in names]
+    vals, us, pids, idxs = [], [], [], []
+    n_cand = 0
+    waiting = 0
+
+    def compact():
+        nonlocal vals, us, pids, idxs, waiting
+        v, u, p, i = torch.cat(vals), torch.cat(us), torch.cat(pids), torch.cat(idxs)
+        pos = best(v, u, k)
+        vals, us, pids, idxs, waiting = [v[pos]], [u[pos]], [p[pos]], [i[pos]], pos.numel()
+
+    for pid, n in enumerate(names):
+        x, ok = rule.candidates(scores, n, mask_fn)
+        n_ok = int(ok.sum())
+        n_cand += n_ok
+        if n_ok == 0:
+            continue
+        if n_ok > k:  # this tensor's own k best, ties by u (computed for the tied entries only). Memory: the
+            # key copy and a mask, never an index of every candidate (8 B each: 2x an fp32 score tensor)
+            x = x.masked_fill_(~ok, float("-inf"))  # candidates' keys are finite, so -inf marks the rest
+            del ok
+            kth = torch.topk(x, k, sorted=False).values.min()
+            cand = torch.nonzero(x >= kth).squeeze(1)
+        else:
+            cand = torch.nonzero(ok).squeeze(1)
+        x = x[cand]
+        u = tie_hash(seed, n, cand)
+        if cand.numel() > k:
+            pos = best(x, u, k)
+            cand, x, u = cand[pos], x[pos], u[pos]
+        vals.append(x.cpu().double())
+        us.append(u.cpu())
+        pids.append(torch.full((cand.numel(),), pid, dtype=torch.int64))
+        idxs.append(cand.cpu())
+        waiting += cand.numel()
+        if waiting > 2 * k:
+            compact()
+    if not vals:
+        return _empty(names, shapes, "global", rule, n_cand)
+    compact()
+    best_p, best_i = pids[0], idxs[0]
+    return Ranking(names, shapes, best_p, best_i, gather(scores, names, best_p, best_i),
+                   torch.arange(best_p.numel()), "global", rule.name, n_cand if rule.support else None, n_cand)
+
+
+def _uniform_global(scores, k, rule: Rule, seed, draw, mask_fn) -> Ranking:
+    """K uniform draws without replacement over the concatenated candidate index space, in draw order."""
+    names = list(scores)
+    shapes = [tuple(scores[n].shape) for n in names]
+    masks, counts = {}, []
+    for n in names:
+        m = mask_fn(n) if mask_fn is not None else None
+        if m is not None:
+            m = m.reshape(-1)
+            masks[n] = m
+            counts.append(int(m.sum()))
+        else:
+            counts.append(scores[n].numel())
+    sizes = torch.tensor(counts, dtype=torch.int64)
+    total = int(sizes.sum())
+    k = min(k, total)
+    pos = sample_without_replacement(total, k, generator(seed, f"{rule.name}/global/{draw}"))
+    ends = torch.cumsum(sizes, 0)
+    pid = torch.searchsorted(ends, pos, right=True)
+    ordinal = pos - (ends - sizes)[pid]
+    flat = ordinal.clone()
+    for p, sel in groups(pid):
+        m = masks.get(names[p])
+        if m is not None:  # ordinal among the candidates -> flat index
+            flat[sel] = torch.nonzero(m).squeeze(1).cpu()[ordinal[sel]]
+    return Ranking(names, shapes, pid, flat, gather(scores, names, pid, flat), torch.arange(k), "global",
+                   rule.name, None, total)
+
+
+@MODES.register("global")
+def rank_global(scores, k, rule: Rule, seed=0, draw=0, mask_fn: Mask | None = None, quota=None, in_axis=None) -> Ranking:
+    """K over all candidate weights of all scored tensors."""
+    if rule.key is None:
+        return _uniform_global(scores, k, rule, seed, draw, mask_fn)
+    return _ranked_global(scores, k, rule, seed, mask_fn)
+
+
+@MODES.register("per_layer")
+def rank_per_layer(scores, k, rule: Rule, seed=0, draw=0, mask_fn: Mask | None = None, quota: dict | None = None,
+                   in_axis=None) -> Ranking:
+    """Per parameter tensor (group id = its index), K or its quota, ordered within the tensor by (key desc,
+    u asc); a uniform rule draws without replacement per tensor (an independent seeded stream per tensor
+    name and draw)."""
+    names = list(scores)
+    shapes = [tuple(scores[n].shape) for n in names]
+    P, I, S, R = [], [], [], []
+    n_cand = sup = 0
+    for pid, n in enumerate(names):
+        cap = k if quota is None else min(k, quota.get(pid, 0))
+        if rule.key is None:
+            m = mask_fn(n) if mask_fn is not None else None
+            cand = torch.nonzero(m.reshape(-1)).squeeze(1).cpu() if m is not None else None
+            size = cand.numel() if cand is not None else scores[n].numel()
+            pick = sample_without_replacement(size, min(cap, size), generator(seed, f"{rule.name}/{n}/{draw}"))
+            i = cand[pick] if cand is not None else pick
+        else:
+            x, ok = rule.candidates(scores, n, mask_fn)
+            cand = torch.nonzero(ok).squeeze(1)
+            size = cand.numel()
+            pos = best(x[cand], tie_hash(seed, n, cand), min(cap, size))
+            i = cand[pos].cpu()
+        n_cand += size
+        sup = max(sup, size)
+        P.append(torch.full((i.numel(),), pid, dtype=torch.int64))
+        I.append(i)
+        S.append(scores[n].detach().reshape(-1)[i.to(scores[n].device)].float().cpu())
+        R.append(torch.arange(i.numel()))
+    pid = torch.cat(P)
+    return Ranking(names, shapes, pid, torch.cat(I), torch.cat(S), torch.cat(R), "per_layer", rule.name,
+                   sup if rule.support else None, n_cand, group=pid.clone())
+
+
+def row_index(shape: tuple[int, ...], in_axis: int) -> torch.Tensor:
+    """Flat indices arranged [output neurons, row length]: row r holds the weights feeding output neuron r
+    (for each expert), i.e. every coordinate but the input axis fixed. 1-D: one row."""
+    n = 1
+    for d in shape:
+        n *= d
+    if len(shape) < 2:
+        return torch.arange(n).reshape(1, n)
+    return torch.arange(n).reshape(shape).movedim(in_axis, -1).reshape(-1, shape[in_axis])
+
+
+@MODES.register("per_row")
+def rank_per_row(scores, k, rule: Rule, seed=0, draw=0, mask_fn: Mask | None = None, quota: dict | None = None,
+                 in_axis: InAxis | None = None) -> Ranking:
+    """Per output neuron (group id = param index << 40 | row), K or its quota, within a row by (key desc,
+    u asc); a uniform rule ranks each row's candidates by a seeded uniform key salted by the draw, i.e. a
+    uniform random subset per row. `in_axis(name)` (default: the last axis, nn.Linear [out, in]) is the
+    axis a row runs along."""
+    names = list(scores)
+    shapes = [tuple(scores[n].shape) for n in names]
+    P, I, S, R, G = [], [], [], [], []
+    n_cand = sup = 0
+    for pid, n in enumerate(names):
+        s = scores[n]
+        ax = (in_axis(n) if in_axis is not None else s.ndim - 1) % max(s.ndim, 1)
+        idx = row_index(tuple(s.shape), ax)
+        rows, cols = idx.shape
+        x, ok = rule.candidates(scores, n, mask_fn)
+        x, ok = x.cpu()[idx], ok.cpu()[idx]
+        u = tie_hash(seed, n, idx, salt=0 if rule.key is not None else 1 + draw)
+        per_row = ok.sum(1)
+        n_cand += int(per_row.sum())
+        sup = max(sup, int(per_row.max()) if rows else 0)
+        x = torch.where(ok, x, torch.full_like(x, float("-inf")))
+        o1 = torch.argsort(u, dim=1, stable=True)
+        o2 = torch.argsort(torch.gather(x, 1, o1), dim=1, descending=True, stable=True)
+        order = torch.gather(o1, 1, o2)[:, :k]
+        rank_in_row = torch.arange(order.size(1)).expand(rows, -1)
+        keep = torch.gather(ok, 1, order)
+        if quota is not None:
+            gid = (pid << SHIFT) | torch.arange(rows)
+            cap = torch.tensor([quota.get(g, 0) for g in gid.tolist()], dtype=torch.int64)
+            keep &= rank_in_row < cap.unsqueeze(1)
+        flat = torch.gather(idx, 1, order)[keep]
+        row = torch.arange(rows).unsqueeze(1).expand(-1, order.size(1))[keep]
+        P.append(torch.full((flat.numel(),), pid, dtype=torch.int64))
+        I.append(flat)
+        S.append(s.detach().reshape(-1)[flat.to(s.device)].float().cpu())
+        R.append(rank_in_row[keep])
+        G.append((pid << SHIFT) | row)
+    return Ranking(names, shapes, torch.cat(P), torch.cat(I), torch.cat(S), torch.cat(R), "per_row", rule.name,
+                   sup if rule.support else None, n_cand, group=torch.cat(G))

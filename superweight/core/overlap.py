@@ -1,0 +1,72 @@
+"""Comparing selections and distributions: Jaccard overlap of two selections (rank stability), the
+two-sample Kolmogorov-Smirnov distance (matched_k's |w| match), and the ties at a selection's boundary."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .ranking import SHIFT, Mask, Ranking, Scores
+
+CHUNK = 1 << 22  # elements per step of the tie scan (bounds its fp64 temporaries)
+
+
+def jaccard(a: Ranking, b: Ranking) -> float:
+    """|A ∩ B| / |A ∪ B| of two selections (by parameter name and flat index)."""
+    if a.names == b.names:
+        ka, kb = a.keys(), b.keys()
+    else:
+        idx = {n: i for i, n in enumerate(sorted(set(a.names) | set(b.names)))}
+        ka = (torch.tensor([idx[a.names[p]] for p in a.pid.tolist()], dtype=torch.int64) << SHIFT) | a.flat
+        kb = (torch.tensor([idx[b.names[p]] for p in b.pid.tolist()], dtype=torch.int64) << SHIFT) | b.flat
+    if ka.numel() == 0 and kb.numel() == 0:
+        return 1.0
+    inter = int(torch.isin(ka, kb).sum())
+    union = ka.numel() + kb.numel() - inter
+    return inter / union
+
+
+def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic sup_x |F_a(x) - F_b(x)| (0 = same distribution)."""
+    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
+    if a.size == 0 or b.size == 0:
+        return float("nan")
+    x = np.concatenate([a, b])
+    fa = np.searchsorted(a, x, "right") / a.size
+    fb = np.searchsorted(b, x, "right") / b.size
+    return float(np.max(np.abs(fa - fb)))
+
+
+def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask | None = None) -> dict[int, int]:
+    """n_tied of each K-selection `ranking.take(k)` of a global ranking: how many candidates share the score
+    of its last (K-th) selected entry, over all candidates (1 = no tie at the boundary; 0 = empty). One pass
+    over the scores for the whole K grid, counting every boundary value at once (compared in fp64, exact for
+    every float score)."""
+    bound: dict[int, float] = {}
+    for k in ks:
+        n = min(int(k), len(ranking))
+        if n:
+            p, f = int(ranking.pid[n - 1]), int(ranking.flat[n - 1])
+            bound[k] = float(scores[ranking.names[p]].detach().reshape(-1)[f].double())
+    vals = sorted({v for v in bound.values() if not np.isnan(v)})
+    b = torch.tensor(vals, dtype=torch.float64)
+    counts = torch.zeros(len(vals), dtype=torch.int64)
+    n_nan = 0
+    want_nan = any(np.isnan(v) for v in bound.values())
+    for name in ranking.names:
+        s = scores[name].detach().reshape(-1)
+        m = mask_fn(name) if mask_fn is not None else None
+        for st in range(0, s.numel(), CHUNK):
+            x = s[st : st + CHUNK].double().cpu()
+            keep = m.reshape(-1)[st : st + CHUNK].cpu() if m is not None else None
+            if want_nan:
+                nan = torch.isnan(x)
+                n_nan += int((nan & keep).sum() if keep is not None else nan.sum())
+            if vals:
+                i = torch.searchsorted(b, x).clamp_(max=len(vals) - 1)
+                hit = b[i] == x
+                if keep is not None:
+                    hit &= keep
+                counts += torch.bincount(i[hit], minlength=len(vals))
+    by_val = dict(zip(vals, counts.tolist()))
+    return {k: (n_nan if np.isnan(bound[k]) else by_val[bound[k]]) if k in bound else 0 for k in ks}

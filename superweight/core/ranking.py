@@ -1,0 +1,144 @@
+"""A `Ranking`: the weights a selection picked, in order, addressed as (parameter, flat index), with the
+seeded tie-break every selection shares and the streaming "k best" primitive.
+
+Ties are broken by a seeded random draw, never by index: the ranking key is (score, u) with u a hash of
+(seed, parameter name, flat index), uniform and independent of the order tensors are visited, so any prefix
+of a ranking takes a uniformly random subset of the entries tied at its boundary.
+
+A `Ranking` is ordered; selecting K keeps entries whose group rank is < K, so a K grid is a family of nested
+sets from one ranking (the top-10 is the prefix of the top-100), for every selection that nests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+SHIFT = 40  # composite key = param index << 40 | flat index (tensors up to 1e12 elements)
+Mask = Callable[[str], "torch.Tensor | None"]  # parameter name -> bool mask of candidates (None: all)
+Scores = dict  # parameter name -> score tensor (the one narrow interface every ranking entry point reads)
+
+
+@dataclass
+class Ranking:
+    names: list[str]  # parameter order (pid indexes this)
+    shapes: list[tuple[int, ...]]
+    pid: torch.Tensor  # [M] int64
+    flat: torch.Tensor  # [M] int64
+    score: torch.Tensor  # [M] float32 (the metric's score of each entry, NaN kept)
+    group_rank: torch.Tensor  # [M] int64, rank within the comparison group
+    mode: str = "global"
+    selection: str = "top_k"
+    support: int | None = None  # informative candidates (top_k; per group in grouped modes); None = unbounded
+    n_candidates: int = 0  # weights the selection could draw from
+    stats: dict = field(default_factory=dict)  # per-selection extras (matched_k: match quality)
+    per_k: dict = field(default_factory=dict)  # K -> its own selection, for selections that do not nest (matched_k)
+    k_max: int | None = None  # with per_k: the K this ranking itself was drawn for (not kept in per_k: no cycle)
+    group: torch.Tensor | None = None  # [M] int64 comparison group of each entry (grouped modes), None = one group
+
+    def __len__(self) -> int:
+        return int(self.pid.numel())
+
+    def take(self, k: int) -> "Ranking":
+        """The K-selection: entries ranked < k in their group (a prefix for global mode), or the selection
+        drawn for exactly this K when the selection does not nest (`per_k`)."""
+        if self.per_k:
+            if k in self.per_k:
+                return self.per_k[k]
+            if k != self.k_max:  # a prefix would silently be the wrong selection (it does not nest)
+                raise ValueError(f"{self.selection} was drawn for K in {sorted([*self.per_k, self.k_max])}, not {k}")
+        m = self.group_rank < k
+        keep = m.numpy()
+        stats = {key: v[keep] if isinstance(v, np.ndarray) and v.shape[:1] == keep.shape else v
+                 for key, v in self.stats.items()}  # per-entry arrays follow their entries
+        return Ranking(self.names, self.shapes, self.pid[m], self.flat[m], self.score[m], self.group_rank[m],
+                       self.mode, self.selection, self.support, self.n_candidates, stats,
+                       group=self.group[m] if self.group is not None else None)
+
+    def by_param(self) -> dict[str, torch.Tensor]:
+        """{param name: sorted flat indices} for perturbation."""
+        return {self.names[pid]: torch.sort(self.flat[sel]).values for pid, sel in groups(self.pid)}
+
+    def keys(self) -> torch.Tensor:
+        return (self.pid << SHIFT) | self.flat
+
+    def named_keys(self) -> set[tuple[str, int]]:
+        return {(self.names[p], f) for p, f in zip(self.pid.tolist(), self.flat.tolist())}
+
+    def group_counts(self) -> dict[int, int]:
+        """{comparison group: entries selected in it} (grouped modes; {} for one global group)."""
+        if self.group is None or self.group.numel() == 0:
+            return {}
+        g, c = torch.unique(self.group, return_counts=True)
+        return dict(zip(g.tolist(), c.tolist()))
+
+
+def groups(pid: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """[(param id, positions of its entries)] with one sort, O(K log K)."""
+    if pid.numel() == 0:
+        return []
+    order = torch.argsort(pid, stable=True)
+    uniq, counts = torch.unique_consecutive(pid[order], return_counts=True)
+    return list(zip(uniq.tolist(), torch.split(order, counts.tolist())))
+
+
+def gather(scores: Scores, names: list[str], pid: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """The original scores (NaN kept) of the selected entries, as float32 on the CPU: O(K)."""
+    out = torch.empty(pid.numel(), dtype=torch.float32)
+    for p, sel in groups(pid):
+        s = scores[names[p]].detach().reshape(-1)
+        out[sel] = s[flat[sel].to(s.device)].float().cpu()
+    return out
+
+
+# --- seeded tie-breaks --------------------------------------------------------------------------------
+_M64 = (1 << 64) - 1
+
+
+def _i64(x: int) -> int:
+    x &= _M64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def name_key(name: str) -> int:
+    """A 64-bit key of a parameter name (stable across processes and parameter orders)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def tie_hash(seed: int, param: str | int, flat: torch.Tensor, salt: int = 0) -> torch.Tensor:
+    """u(seed, parameter, flat index): splitmix64 of (flat index, parameter name key, seed, salt), as a
+    non-negative int64 (63 bits). A pseudo-random, seeded secondary key: among equal scores the smaller u
+    ranks first. Keyed by the parameter's *name* (an int is taken as the key itself), so the tie-breaks do
+    not depend on the order of the score dict nor on which other tensors are scored."""
+    pkey = name_key(param) if isinstance(param, str) else int(param)
+    x = flat.to(torch.int64) ^ _i64(pkey ^ ((int(seed) * 0x9E3779B97F4A7C15) + salt * 0xD1B54A32D192ED03))
+    x = x + _i64(0x9E3779B97F4A7C15)
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _i64(0xBF58476D1CE4E5B9)
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _i64(0x94D049BB133111EB)
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    return x & ((1 << 63) - 1)
+
+
+def order(vals: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Indices sorting by (vals desc, u asc)."""
+    o1 = torch.argsort(u, stable=True)
+    o2 = torch.argsort(vals[o1], descending=True, stable=True)
+    return o1[o2]
+
+
+def best(vals: torch.Tensor, u: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k best entries by (vals desc, u asc), in that order; O(n) selection then a sort of k."""
+    if vals.numel() > k:
+        kth = torch.topk(vals, k, sorted=False).values.min()
+        gt = torch.nonzero(vals > kth).squeeze(1)
+        eq = torch.nonzero(vals == kth).squeeze(1)
+        need = k - gt.numel()
+        eq = eq[torch.topk(-u[eq].double(), need, sorted=False).indices] if eq.numel() > need else eq
+        pos = torch.cat([gt, eq])
+    else:
+        pos = torch.arange(vals.numel(), device=vals.device)
+    return pos[order(vals[pos], u[pos])]

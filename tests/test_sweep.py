@@ -211,7 +211,7 @@ def test_sweep_runs_resume_and_share_the_score_cache(tiny_sweep):
 
 
 def test_sweep_runs_are_grouped_in_wandb(tiny_sweep):
-    from superweight.edge.tracking import offline_run_dirs, read_offline_run
+    from superweight.edge.offline_runs import offline_run_dirs, read_offline_run
 
     p = tiny_sweep["after_all"]
     groups = []

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from superweight.edge import tracking
+from superweight.edge import offline_runs, tracking
 from superweight.arguments import parse_config
 from superweight.commands.run import make_experiment, run_experiment
 from superweight.config import config_hash, to_flat
@@ -45,10 +45,10 @@ def tracked(tiny_model_dir, tmp_path_factory):
         cfg, exp, result = run(argv)
     finally:
         mp.undo()
-    dirs = tracking.offline_run_dirs(out / "wandb")
+    dirs = offline_runs.offline_run_dirs(out / "wandb")
     assert len(dirs) == 1
     return {"exp": exp, "cfg": cfg, "argv": argv, "result": result, "out": out,
-            "rec": tracking.read_offline_run(dirs[0]), "run_dir": dirs[0]}
+            "rec": offline_runs.read_offline_run(dirs[0]), "run_dir": dirs[0]}
 
 
 def test_config_is_the_flat_dotted_config(tracked):
@@ -251,7 +251,7 @@ def test_rerun_resumes_the_same_wandb_run(tracked, tmp_path, capsys):
     assert "resuming" in capsys.readouterr().out
     info = json.loads((out / "wandb_run.json").read_text())
     assert info["id"] == first["id"] and info["mode"] == "offline"
-    rec = tracking.read_offline_run(tracking.offline_run_dirs(out / "wandb")[-1])
+    rec = offline_runs.read_offline_run(offline_runs.offline_run_dirs(out / "wandb")[-1])
     assert rec["run"]["run_id"] == first["id"] and rec["exit_code"] == 0
     # a different config hash: a new W&B run
     (out / "wandb_run.json").write_text(json.dumps({**first, "config_hash": "0" * 16}))
@@ -265,20 +265,6 @@ def test_disabled_mode_logs_nothing(tracked, tmp_path):
     assert result.extra["wandb"] == {"mode": "disabled"}
     assert json.loads((out / "manifest.json").read_text())["wandb"] == {"mode": "disabled"}
     assert not (out / "wandb").exists() and not (out / "wandb_run.json").exists()
-
-
-def test_resolve_mode(tmp_path):
-    empty_netrc = {"NETRC": str(tmp_path / "none")}
-    assert tracking.resolve_mode("auto", empty_netrc) == "offline"
-    assert tracking.resolve_mode("auto", {**empty_netrc, "WANDB_API_KEY": "x" * 40}) == "online"
-    assert tracking.resolve_mode("auto", {**empty_netrc, "WANDB_API_KEY": "x" * 40, "WANDB_MODE": "offline"}) == "offline"
-    assert tracking.resolve_mode("auto", {**empty_netrc, "WANDB_MODE": "disabled"}) == "disabled"
-    assert tracking.resolve_mode("disabled", {"WANDB_API_KEY": "x" * 40}) == "disabled"
-    assert tracking.resolve_mode("online", empty_netrc) == "online"
-    rc = tmp_path / "netrc"
-    rc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
-    assert tracking.resolve_mode("auto", {"NETRC": str(rc)}) == "online"
-    assert tracking.resolve_mode("auto", {"NETRC": str(rc), "WANDB_BASE_URL": "https://wandb.example.org"}) == "offline"
 
 
 def test_summary_metrics_on_a_synthetic_table():

@@ -26,11 +26,12 @@ import pytest
 import yaml
 
 from superweight import commands
-from superweight.edge import sweep, tracking
+from superweight.edge import signals, sweep
 from superweight.arguments import parse_config
 from superweight.config import ConfigError
 from superweight.edge.outputs import RunOutputs
-from superweight.edge.tracking import WandbTracker, offline_run_dirs, read_offline_run, run_config
+from superweight.edge.offline_runs import offline_run_dirs, read_offline_run
+from superweight.edge.tracking import WandbTracker, run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["score.metrics=magnitude", "select.topk=1", "select.controls=random_k", "select.control_draws=1",
@@ -392,16 +393,16 @@ def test_a_wandb_failure_exits_nonzero_unless_disabled(tiny_model_dir, tmp_path,
 def test_shield_defers_a_signal_until_the_wandb_call_returns():
     seen = []
     with pytest.raises(KeyboardInterrupt):
-        with tracking.shielded():
-            tracking.interrupt(KeyboardInterrupt())  # as a handler would, mid-call
+        with signals.shielded():
+            signals.interrupt(KeyboardInterrupt())  # as a handler would, mid-call
             seen.append("call finished")
     assert seen == ["call finished"]
-    with tracking.shielded(drop=True):
-        tracking.interrupt(KeyboardInterrupt())  # while closing the run: dropped
+    with signals.shielded(drop=True):
+        signals.interrupt(KeyboardInterrupt())  # while closing the run: dropped
     with pytest.raises(KeyboardInterrupt):  # a second signal while one waits raises at once
-        with tracking.shielded():
-            tracking.interrupt(KeyboardInterrupt())
-            tracking.interrupt(KeyboardInterrupt())
+        with signals.shielded():
+            signals.interrupt(KeyboardInterrupt())
+            signals.interrupt(KeyboardInterrupt())
 
 
 # ---------------------------------------------------------------------------------------------------

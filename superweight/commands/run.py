@@ -14,7 +14,8 @@ from ..edge.outputs import RunOutputs
 from ..run.resume import now
 from ..core.results import summary_table
 from ..edge.sweep import apply_sweep_env, check_agent_run
-from ..edge.tracking import Preempted, TrackingError, WandbTracker, interrupt
+from ..edge.signals import Preempted, interrupt
+from ..edge.tracking import TrackingError, WandbTracker
 from .base import register
 
 

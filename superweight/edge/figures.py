@@ -31,7 +31,7 @@ import pandas as pd
 from ..config import ConfigError, from_dict, is_result_key, to_flat
 from .plots import FORMATS, VALUES, delta_vs_k, layer_histograms, read_score_summary, save_figures, stability_heatmaps
 from ..core.results import aggregate_over_seeds, effects, gaps, jaccard_from_rankings
-from .tracking import read_offline_run
+from .offline_runs import read_offline_run
 
 AXES = ("score.metrics", "perturb.names", "seeds")
 

@@ -35,34 +35,29 @@ loads until the end, and an interrupted run comes back into the same W&B run.
             tell a preempted VM from a UI Stop: both reach the run as SIGTERM from the agent, hence the
             explicit option); Ctrl-C exits 130.
 
-Signals: `interrupt(exc)` (what `superweight run`'s SIGTERM/SIGINT handlers call) raises at once, or, while a
-W&B call is in flight (`shielded()`), right after it returns, so a signal never tears a record.
-
-Mode: `auto` = WANDB_MODE when set, else online when credentials exist (WANDB_API_KEY or a netrc entry),
-else offline; `disabled` logs nothing. Offline runs go to `<wandb.dir or out_dir>/wandb/offline-run-*` and
-`wandb sync` uploads the whole history later. A W&B failure raises TrackingError (non-zero exit); the
-result files are already on disk. Nothing secret is logged (manifest.scrub).
+Signals: signals.py (no W&B call is torn by a signal). Mode: wandb_mode.py (wandb's own credential lookup).
+Offline runs go to `<wandb.dir or out_dir>/wandb/offline-run-*`; offline_runs.py reads them back with wandb's
+reader. A W&B failure raises TrackingError (non-zero exit); the result files are already on disk. Nothing
+secret is logged (manifest.scrub).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
-import netrc
 import os
 import re
-import struct
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pandas as pd
 
 from ..config import TrackConfig, is_result_key, to_flat
 from ..files import atomic_write_json
 from .manifest import scrub
+from .signals import Preempted, shielded
+from .wandb_mode import resolve_mode
 from ..resources import cache_root
 from ..core.results import finite_or_none, summary_metrics
 
@@ -80,80 +75,8 @@ ARTIFACT_FILES = {
 }
 
 
-class Preempted(SystemExit):
-    """Raised by the SIGTERM handler of `superweight run` (exit code 143)."""
-
-    def __init__(self):
-        super().__init__(143)
-
-
 class TrackingError(RuntimeError):
     """W&B failed (init, logging or upload): the command exits non-zero; result files stay on disk."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# signals: never inside a W&B call
-# ---------------------------------------------------------------------------------------------------
-_SHIELD = {"depth": 0, "pending": None}
-
-
-@contextlib.contextmanager
-def shielded(drop: bool = False):
-    """Defer an exception a signal handler raises through `interrupt` until the W&B calls inside finish;
-    `drop=True` discards it (while the run is already being closed)."""
-    _SHIELD["depth"] += 1
-    try:
-        yield
-    finally:
-        _SHIELD["depth"] -= 1
-        if drop and _SHIELD["depth"] == 0:
-            _SHIELD["pending"] = None
-    exc = _SHIELD["pending"]
-    if exc is not None and _SHIELD["depth"] == 0:
-        _SHIELD["pending"] = None
-        raise exc
-
-
-def interrupt(exc: BaseException) -> None:
-    """Raise exc now, or after the W&B call in flight; a second signal while one waits raises at once
-    (a Ctrl-C pressed twice still stops a hung call)."""
-    if _SHIELD["depth"] and _SHIELD["pending"] is None:
-        _SHIELD["pending"] = exc
-        return
-    _SHIELD["pending"] = None
-    raise exc
-
-
-# ---------------------------------------------------------------------------------------------------
-# mode
-# ---------------------------------------------------------------------------------------------------
-def has_credentials(env=None) -> bool:
-    """WANDB_API_KEY set, or a netrc entry for the W&B API host (what `wandb login` writes)."""
-    env = os.environ if env is None else env
-    if env.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
-    path = env.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
-    try:
-        auth = netrc.netrc(path).authenticators(host)
-    except (OSError, netrc.NetrcParseError):
-        return False
-    return bool(auth and auth[2])
-
-
-def resolve_mode(mode: str, env=None) -> str:
-    """auto -> WANDB_MODE if set, else online with credentials, else offline."""
-    env = os.environ if env is None else env
-    if mode != "auto":
-        return mode
-    wm = (env.get("WANDB_MODE") or "").strip().lower()
-    if wm in ("offline", "dryrun"):
-        return "offline"
-    if wm == "disabled":
-        return "disabled"
-    if wm in ("online", "run"):
-        return "online"
-    return "online" if has_credentials(env) else "offline"
 
 
 def _table(df: pd.DataFrame):
@@ -433,111 +356,3 @@ class WandbTracker:
                     run.finish(exit_code=1)
         except Exception as e:  # W&B itself is what failed: say so, keep the original error
             print(f"superweight: W&B could not record the end of the run: {type(e).__name__}: {e}", file=sys.stderr)
-
-
-# ---------------------------------------------------------------------------------------------------
-# reading an offline run back (tests, figures from offline runs)
-# ---------------------------------------------------------------------------------------------------
-_BLOCK, _HEADER = 32768, 7  # the .wandb record log: LevelDB log blocks after a 7-byte ':W&B' header
-
-
-def _record_bytes(data: bytes):
-    """The records of a .wandb log (FULL, or FIRST + MIDDLE* + LAST chunks); a torn tail is dropped."""
-    pos, buf = _HEADER, b""
-    while pos + _HEADER <= len(data):
-        left = _BLOCK - pos % _BLOCK
-        if left < _HEADER:  # block trailer padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
-        start, end = pos + _HEADER, pos + _HEADER + length
-        if kind == 0 or end > len(data):
-            break  # zero fill or a record cut off by a kill
-        chunk, pos = data[start:end], end
-        if kind == 1:
-            yield chunk
-        elif kind == 2:
-            buf = chunk
-        elif kind == 3:
-            buf += chunk
-        elif kind == 4:
-            yield buf + chunk
-            buf = b""
-
-
-def _item_key(item) -> str:
-    return ".".join(item.nested_key) if len(item.nested_key) else item.key
-
-
-def _item_value(item):
-    which = item.WhichOneof("value") if "value" in item.DESCRIPTOR.oneofs_by_name else None
-    if which == "none":
-        return None
-    if which == "json":
-        return json.loads(item.json)
-    if which is not None:
-        return getattr(item, which)
-    return json.loads(item.value_json) if item.value_json else None
-
-
-def read_offline_run(run_dir: str | Path) -> dict:
-    """Parse an offline run's run-*.wandb record log (wandb's protobuf records, read directly).
-
-    Returns {"run": run record (run_id, project, run_group, tags, display_name, sweep_id, resumed, ...),
-    "config": merged config, "summary": merged summary, "history": [history items], "artifacts":
-    [{"name", "type", "aliases", "digest", "metadata", "files": {path: local_path}}], "used": [use_artifact
-    records], "tables": {summary key: DataFrame}, "preempting": bool, "exit_code": int | None}."""
-    from google.protobuf.json_format import MessageToDict
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    run_dir = Path(run_dir)
-    logs = sorted(run_dir.glob("run-*.wandb")) if run_dir.is_dir() else [run_dir]
-    if not logs or not logs[0].is_file():
-        raise RuntimeError(f"no run-*.wandb record log in {run_dir}")
-    data = logs[0].read_bytes()
-    if data[:4] != b":W&B":
-        raise RuntimeError(f"{logs[0]} is not a W&B record log")
-    out = {"run": {}, "config": {}, "summary": {}, "history": [], "artifacts": [], "used": [], "tables": {},
-           "preempting": False, "exit_code": None}
-    for raw in _record_bytes(data):
-        rec = pb.Record()
-        rec.ParseFromString(raw)
-        t = rec.WhichOneof("record_type")
-        if t == "run":
-            body = MessageToDict(rec.run, preserving_proto_field_name=True)
-            body.pop("config", None)
-            body.pop("summary", None)
-            out["run"] = body
-            out["config"].update({_item_key(i): _item_value(i) for i in rec.run.config.update})
-        elif t == "config":
-            out["config"].update({_item_key(i): _item_value(i) for i in rec.config.update})
-        elif t == "summary":
-            out["summary"].update({_item_key(i): _item_value(i) for i in rec.summary.update})
-            for i in rec.summary.remove:
-                out["summary"].pop(_item_key(i), None)
-        elif t == "history":
-            out["history"].append({_item_key(i): _item_value(i) for i in rec.history.item})
-        elif t == "artifact":
-            a = rec.artifact
-            out["artifacts"].append({
-                "name": a.name, "type": a.type, "aliases": list(a.aliases), "digest": a.digest,
-                "metadata": json.loads(a.metadata) if a.metadata else None,
-                "files": {c.path: c.local_path or c.ref or None for c in a.manifest.contents}})
-        elif t == "use_artifact":
-            out["used"].append({"name": rec.use_artifact.name, "type": rec.use_artifact.type})
-        elif t == "preempting":
-            out["preempting"] = True
-        elif t == "exit":
-            out["exit_code"] = rec.exit.exit_code
-    out["config"].pop("_wandb", None)
-    files_dir = run_dir / "files"
-    for key, val in out["summary"].items():
-        if isinstance(val, dict) and val.get("_type") == "table-file" and (files_dir / val.get("path", "")).is_file():
-            tab = json.loads((files_dir / val["path"]).read_text())
-            out["tables"][key] = pd.DataFrame(tab["data"], columns=tab["columns"])
-    return out
-
-
-def offline_run_dirs(root: str | Path) -> list[Path]:
-    """All `offline-run-*` directories under root (an out_dir or a wandb dir), oldest first."""
-    return sorted(Path(root).rglob("offline-run-*"), key=lambda p: p.name)

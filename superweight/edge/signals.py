@@ -1,0 +1,48 @@
+"""Signals never tear a W&B record: a handler raises through `interrupt`, which defers the exception while a
+W&B call is in flight (`shielded()`) and raises it right after the call returns.
+
+`superweight run` installs the handlers (SIGTERM -> Preempted, SIGINT -> KeyboardInterrupt); the tracker wraps
+each short W&B call (log, summary, finish) in `shielded()`. Long calls that may wait on the network (an artifact
+upload) stay outside the shield, so a preempted VM's grace period is spent marking the run, not waiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+
+class Preempted(SystemExit):
+    """Raised by the SIGTERM handler of `superweight run` (exit code 143)."""
+
+    def __init__(self):
+        super().__init__(143)
+
+
+_SHIELD = {"depth": 0, "pending": None}
+
+
+@contextlib.contextmanager
+def shielded(drop: bool = False):
+    """Defer an exception a signal handler raises through `interrupt` until the W&B calls inside finish;
+    `drop=True` discards it (while the run is already being closed)."""
+    _SHIELD["depth"] += 1
+    try:
+        yield
+    finally:
+        _SHIELD["depth"] -= 1
+        if drop and _SHIELD["depth"] == 0:
+            _SHIELD["pending"] = None
+    exc = _SHIELD["pending"]
+    if exc is not None and _SHIELD["depth"] == 0:
+        _SHIELD["pending"] = None
+        raise exc
+
+
+def interrupt(exc: BaseException) -> None:
+    """Raise exc now, or after the W&B call in flight; a second signal while one waits raises at once
+    (a Ctrl-C pressed twice still stops a hung call)."""
+    if _SHIELD["depth"] and _SHIELD["pending"] is None:
+        _SHIELD["pending"] = exc
+        return
+    _SHIELD["pending"] = None
+    raise exc

@@ -1,0 +1,76 @@
+"""wandb.mode=auto decides online/offline with wandb's own credential lookup (edge/wandb_mode.py), for every
+login form wandb supports; under `wandb agent` a run is online; WANDB_MODE wins. Each case starts a fresh wandb
+session (wandb.teardown) in an environment with no user credentials (HOME, NETRC and WANDB_CONFIG_DIR in tmp)."""
+
+import pytest
+
+from superweight.edge.wandb_mode import resolve_mode
+
+KEY = "k" * 40
+HOST = "https://wandb.example.org:8443"
+
+
+@pytest.fixture
+def clean(tmp_path, monkeypatch):
+    import wandb
+
+    for k in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_MODE", "WANDB_SWEEP_ID",
+              "WANDB_SERVICE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.chdir(tmp_path)
+
+    def mode(**env):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        wandb.teardown()  # a new session reads the environment and settings files again
+        return resolve_mode("auto")
+
+    yield tmp_path, mode
+    wandb.teardown()
+
+
+def test_no_credentials_is_offline_and_wandb_mode_wins(clean):
+    tmp, mode = clean
+    assert mode() == "offline"
+    assert mode(WANDB_API_KEY=KEY) == "online"
+    assert mode(WANDB_MODE="offline") == "offline"  # WANDB_MODE over credentials
+    assert mode(WANDB_MODE="disabled") == "disabled"
+    assert resolve_mode("disabled") == "disabled" and resolve_mode("offline") == "offline"
+
+
+def test_under_wandb_agent_a_run_is_online_even_without_credentials(clean):
+    _, mode = clean
+    assert mode(WANDB_SWEEP_ID="abc123") == "online"  # wandb.init then fails loudly if it cannot log in
+
+
+def test_netrc_entry_with_port_for_a_self_hosted_server(clean):
+    """`wandb login --host https://host:8443` writes `machine host:8443`; a lookup by hostname alone misses it."""
+    tmp, mode = clean
+    (tmp / "netrc").write_text(f"machine wandb.example.org:8443\n  login user\n  password {KEY}\n")
+    assert mode() == "offline"  # the entry is not for api.wandb.ai
+    assert mode(WANDB_BASE_URL=HOST) == "online"
+    assert mode(WANDB_BASE_URL="https://wandb.example.org") == "offline"  # another port: no credentials
+
+
+def test_server_from_wandbs_settings_file(clean):
+    """`wandb login --host` also writes base_url to wandb's settings file; WANDB_BASE_URL is then unset."""
+    tmp, mode = clean
+    (tmp / "netrc").write_text(f"machine wandb.example.org:8443\n  login user\n  password {KEY}\n")
+    (tmp / "config").mkdir()
+    (tmp / "config" / "settings").write_text(f"[default]\nbase_url = {HOST}\n")
+    assert mode() == "online"
+
+
+def test_identity_token_file_login(clean):
+    tmp, mode = clean
+    (tmp / "token.jwt").write_text("header.payload.signature")
+    assert mode(WANDB_IDENTITY_TOKEN_FILE=str(tmp / "token.jwt")) == "online"
+
+
+def test_malformed_key_is_one_clear_error(clean):
+    _, mode = clean
+    with pytest.raises(ValueError, match="not valid: .*40"):
+        mode(WANDB_API_KEY="short")

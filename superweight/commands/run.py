@@ -23,7 +23,7 @@ from .base import register
 def signals_raise():
     """SIGTERM (wandb agent stopping a run, a VM being preempted, `kill`) raises Preempted and SIGINT (Ctrl-C,
     or W&B's own stop of a run from the UI) KeyboardInterrupt in the main thread, never inside a W&B call
-    (tracking.interrupt), so the run closes its W&B record (preempting with wandb.requeue_on_sigterm, else
+    (signals.interrupt), so the run closes its W&B record (preempting with wandb.requeue_on_sigterm, else
     stopped) and exits 143 / 130. A second SIGTERM while the run closes is ignored."""
     state = {"term": False}
 

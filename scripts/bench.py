@@ -5,7 +5,7 @@ same run, so it means the same on any machine:
                                same calibration tokens as a plain forward+backward into .grad  (target <= 1.15)
   hutchinson / fwd_bwd         hutchinson_diag with 1 probe, and the marginal cost of one more probe (<= 2.5)
   topk merged / naive          global top-K (per-tensor pruning + merge) vs concatenate-all-then-topk:
-                               time and peak extra memory (bytes of storages created, via plan.MemoryTracker)
+                               time and peak extra memory (bytes of storages created, via simulation.MemoryTracker)
   perturb+restore              `perturbed(...)` enter+exit for K = 10, 1000, 100000 random weights, on the
                                model and on a 2-layer model: time ratio big / small (O(K), size-independent)
   eval / reference             evaluate_lm tokens/s vs a plain batched loop at equal batch size, and the
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from superweight.run.cache import ScoreCache, score_key  # noqa: E402
 from superweight.config import ModelConfig, PerturbConfig, ScoreConfig  # noqa: E402
 from superweight.core.evaluation import evaluate_lm  # noqa: E402
-from superweight.run.plan import MemoryTracker  # noqa: E402
+from superweight.run.simulation import MemoryTracker  # noqa: E402
 from superweight.core.metrics import METRICS, ScoreContext, grads_only_for, lm_loss  # noqa: E402
 from superweight.inputs.models import load_model, pick_device, pick_dtype  # noqa: E402
 from superweight.core.params import autocast_ctx, eligible_parameters, fingerprint, input_device  # noqa: E402

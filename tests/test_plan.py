@@ -18,7 +18,8 @@ import torch
 
 from superweight.config import ConfigError, RunConfig
 from superweight.commands.plan import main
-from superweight.run.plan import MemoryTracker, estimate, parse_size
+from superweight.run.plan import estimate, parse_size
+from superweight.run.simulation import MemoryTracker
 from superweight.core.metrics import METRICS
 from superweight.inputs.models import build_fake_model
 

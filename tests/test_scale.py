@@ -19,7 +19,7 @@ from conftest import make_int8_linear, make_tiny_llama
 from superweight.arguments import parse_config
 from superweight.config import ConfigError, PerturbConfig, RunConfig, ScoreConfig
 from superweight.core.evaluation import window_stats
-from superweight.run.plan import MemoryTracker
+from superweight.run.simulation import MemoryTracker
 from superweight.core.metrics import METRICS, ScoreContext, accumulate_gradients
 from superweight.core.params import checkpointing_active, eligible_parameters, param_hash, quant_kind, weight_values
 from superweight.core.perturbation import perturbed

@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..params import checkpointing_active
@@ -19,7 +20,8 @@ def _is_glu_mlp(mod) -> bool:
     forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (Llama, Mistral, Qwen2/3, Gemma, ...). The forward
     is checked by what it computes, not by its source: on two fixed random tokens it must equal that
     expression bit for bit (a forward that adds, scales or drops anything differs; one that raises, or a
-    module in training mode with dropout, is simply not recomputed)."""
+    module in training mode with dropout, is simply not recomputed). Weights without values (fake or meta
+    tensors: the memory planner's simulation) are judged by the structure alone."""
     if "forward" in mod.__dict__ or not callable(getattr(mod, "act_fn", None)):
         return False
     projs = [getattr(mod, a, None) for a in ("gate_proj", "up_proj", "down_proj")]
@@ -28,8 +30,10 @@ def _is_glu_mlp(mod) -> bool:
     if any(p.requires_grad for p in getattr(mod.act_fn, "parameters", lambda: [])()):
         return False
     w = projs[0].weight
-    if not w.is_floating_point() or w.device.type == "meta":
+    if not w.is_floating_point():
         return False
+    if w.device.type == "meta" or isinstance(w, FakeTensor):  # no values (the memory planner): shape only
+        return True
     x = torch.randn((2, projs[0].in_features), generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
     try:
         with torch.no_grad():

@@ -132,7 +132,7 @@ class RunConfig:
     out_dir: str = "outputs/default"  # where the result files go; rerunning the same command resumes
     cache_dir: str | None = None  # score/model/token cache (default: $SUPERWEIGHT_CACHE or ~/.cache/superweight)
     resume: bool = True  # reuse finished rows of an interrupted run in the same out_dir
-    plots: list[str] = field(default_factory=lambda: ["html", "png", "svg"])  # plot formats in out_dir/plots: html | png | svg | json | none
+    plots: list[str] = field(default_factory=lambda: ["html", "png", "svg", "pdf"])  # plot formats in out_dir/plots: html | png | svg | pdf | json | none
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

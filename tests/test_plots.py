@@ -2,6 +2,7 @@
 static export writes real PNG/SVG files (needs a Chrome/Chromium: apt-get install chromium)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -56,7 +57,7 @@ def test_delta_vs_k_draws_seed_means_per_selection_on_log_axis():
     np.testing.assert_allclose(t.error_y.arrayminus, t.error_y.array)
     assert fig.layout.xaxis.type == "log" and fig.layout.xaxis2.type == "log"
     assert t.line.color == plots.SELECTION_COLORS["top_k"]
-    assert "over 3 seed(s)" in fig.layout.title.text
+    assert "3 seed(s)" in fig.layout.title.text
     ratio = plots.delta_vs_k(df, "ppl_ratio")
     assert ratio.layout.yaxis.type == "log"
     t = {(tr.xaxis, tr.name): tr for tr in ratio.data}[("x", "Top-K")]
@@ -118,10 +119,12 @@ def test_score_mass_by_layer_and_module(tmp_path):
     s1 = m[m.seed == 1].set_index("group")
     assert s1.loc["self_attn.q_proj", "mass_share"] == pytest.approx(6 / 10)
     assert s1.loc["self_attn.q_proj", "top_share"] == pytest.approx(1.0)
-    fig = plots.layer_histograms(summary, meta, by="layer", top_n=4)
-    bars = [tr for tr in fig.data if tr.yaxis == "y"]
-    assert list(bars[0].x) == ["L0", "L1", "other"]
-    np.testing.assert_allclose(bars[0].y, [(0.4 + 0.4) / 2, (0.4 + 0.4) / 2, (0.2 + 0.2) / 2])
+    fig = plots.sensitivity_heatmap(summary, meta, by="layer", top_n=4)
+    mass, top = fig.data
+    assert list(mass.y) == ["0", "1", "other"] and list(mass.x) == ["magnitude"]
+    np.testing.assert_allclose(np.asarray(mass.z)[:, 0], [100 * (0.4 + 0.4) / 2, 100 * (0.4 + 0.4) / 2, 100 * 0.2])
+    # seed 0: top-4 pids 1,1,2,0 -> layers 0,0,1,0; seed 1: 2,2,2,2 -> layer 1
+    np.testing.assert_allclose(np.asarray(top.z)[:, 0], [100 * (0.75 + 0) / 2, 100 * (0.25 + 1) / 2, 0])
 
 
 def _rankings():
@@ -187,3 +190,168 @@ def test_save_figures_writes_html_json_png_svg(tmp_path):
     assert w >= 800 and h >= 400  # scale 2 of the 760x440 layout
     svg = (tmp_path / "plots" / "delta.svg").read_text()
     assert svg.lstrip().startswith("<svg") and "Top-K" in svg
+
+
+# ---------------------------------------------------------------------------------------------------
+# print sizes, stability at each metric's support, score distribution, metric comparison
+# ---------------------------------------------------------------------------------------------------
+def test_delta_vs_k_is_laid_out_at_print_size():
+    five = pd.concat([synthetic_results().assign(metric=m) for m in ("a", "b", "c", "d", "e")])
+    fig = plots.delta_vs_k(five, "delta_nll")
+    assert fig.layout.meta["print"] == {"width_in": 7.0, "height_in": pytest.approx(0.8 + 2 * 1.9)}
+    assert fig.layout.width == 672 and fig.layout.font.size >= 9  # 7 in at 96 px/in, >= 6.75 pt
+    assert {t.xaxis for t in fig.data} == {"x", "x2", "x3", "x4", "x5"}  # 5 metrics on a 3 x 2 grid
+    leg = fig.layout.legend
+    assert leg.xref == "container" and 0 <= leg.x <= 1 and 0 <= leg.y <= 1  # inside the figure
+    one = plots.delta_vs_k(synthetic_results().query("metric == 'magnitude'"), "delta_nll")
+    assert one.layout.width == 336
+
+
+def _support_rankings():
+    """Top-K rows: metric a ranks 6 weights per seed, sparse metric s only 3 (its support)."""
+    sets = {("a", 0): [1, 2, 3, 4, 5, 6], ("a", 1): [1, 2, 3, 7, 8, 9], ("s", 0): [1, 5, 9], ("s", 1): [1, 5, 10]}
+    rows = [{"metric": m, "seed": sd, "mode": "global", "selection": "top_k", "rank": r, "param": "w",
+             "flat_index": f} for (m, sd), fl in sets.items() for r, f in enumerate(fl)]
+    rows += [{"metric": "a", "seed": 0, "mode": "global", "selection": "random_k", "rank": r, "param": "w",
+              "flat_index": 50 + r} for r in range(6)]
+    return pd.DataFrame(rows), sets
+
+
+def test_stability_shows_a_small_support_at_its_support():
+    df, sets = _support_rankings()
+    def J(x, y):
+        return len(set(x) & set(y)) / len(set(x) | set(y))
+    from superweight.edge.plot_stability import supported_ks, supported_stability
+
+    assert supported_ks(df, 4) == {"a": 4, "s": 3}
+    stab = supported_stability(df, 4)
+    got = {(r.a, r.b): (r.k, r.jaccard) for r in stab.itertuples()}
+    assert got[("a/seed0", "a/seed1")] == (4, pytest.approx(J(sets[("a", 0)][:4], sets[("a", 1)][:4])))
+    assert got[("s/seed0", "s/seed1")] == (3, pytest.approx(J(sets[("s", 0)], sets[("s", 1)])))
+    assert got[("a/seed0", "s/seed0")] == (3, pytest.approx(J(sets[("a", 0)][:3], sets[("s", 0)])))
+    figs = plots.stability_heatmaps(stab)
+    seeds = figs["stability_seeds"]
+    assert [a.text for a in seeds.layout.annotations] == ["a", "s (K=3)"]  # shown, labelled, not dropped
+    assert "Top-4" in seeds.layout.title.text
+    z = np.asarray(seeds.data[1].z)
+    assert z[0, 1] == pytest.approx(J(sets[("s", 0)], sets[("s", 1)]))
+    met = figs["stability_metrics"]
+    assert list(met.data[0].x) == ["a", "s (K=3)"]
+    mean = (J(sets[("a", 0)][:3], sets[("s", 0)]) + J(sets[("a", 1)][:3], sets[("s", 1)])) / 2
+    assert np.asarray(met.data[0].z)[0, 1] == pytest.approx(mean)
+
+
+def _scores_entry(rng, n=20_000, n_top=100, bins=40):
+    s = rng.lognormal(0, 2, n)
+    s[:3] = [5e4, 2e4, 1e4]  # three weights far above the rest
+    s[-50:] = 0.0
+    pos = s[s > 0]
+    edges = np.linspace(np.log10(pos.min()), np.log10(pos.max()), bins + 1)
+    count, _ = np.histogram(np.log10(pos), bins=edges)
+    order = np.argsort(-s, kind="stable")[:n_top]
+    return s, {"top_score": s[order].astype(np.float32), "top_pid": order % 2, "top_flat": order // 2,
+               "hist_log10_edges": edges, "hist_count": count.astype(np.int64), "n_zero": np.array(50)}
+
+
+def test_rank_score_curve_matches_the_scores():
+    from superweight.edge.plot_scores import rank_score_curve
+
+    s, entry = _scores_entry(np.random.default_rng(0))
+    c = rank_score_curve(entry)
+    top = c[c.source == "top"]
+    np.testing.assert_allclose(top["score"], np.sort(s)[::-1][:100], rtol=1e-6)
+    assert list(top["rank"]) == list(range(1, 101))
+    hist = c[c.source == "hist"]
+    assert len(hist) > 10 and (hist["rank"] > 100).all()
+    for r, v in zip(hist["rank"], hist["score"]):  # rank = how many scores are >= that score
+        assert r == int((s >= v * (1 - 1e-12)).sum())
+    assert c["rank"].max() == (s > 0).sum() and c["rank"].is_monotonic_increasing
+    assert c["score"].is_monotonic_decreasing
+    # without the histogram: the stored entries only
+    bare = rank_score_curve({"top_score": entry["top_score"]})
+    assert len(bare) == 100 and set(bare["source"]) == {"top"}
+
+
+def test_score_distribution_marks_the_threshold_and_names_the_top_weights():
+    from superweight.edge.plot_scores import score_distribution, weight_name
+
+    rng = np.random.default_rng(1)
+    meta = {"param_names": ["model.layers.3.mlp.down_proj.weight", "lm_head.weight"], "layers": [3, -1],
+            "modules": ["mlp.down_proj", "lm_head"], "param_shapes": [[100, 200], [10, 10]]}
+    assert weight_name(meta, 0, 1229) == "L3 down_proj[6, 29]" and weight_name(meta, 1, 7) == "lm_head[0, 7]"
+    summary = {}
+    for m in ("magnitude", "act_mag"):
+        for seed in (1, 0):
+            s, summary[f"{m}.seed{seed}"] = _scores_entry(rng)
+    fig = score_distribution(summary, meta, k=10)
+    assert [a.text for a in fig.layout.annotations][:2] == ["magnitude (seed 0)", "act_mag (seed 0)"]
+    thr = [t for t in fig.data if t.name == "Top-K threshold"]
+    e = summary["magnitude.seed0"]
+    assert list(thr[0].x) == [10] and thr[0].y[0] == pytest.approx(float(e["top_score"][9]))
+    named = [t for t in fig.data if t.name == "top weights"][0]
+    assert list(named.text) == ["1", "2", "3"]
+    assert named.hovertext[0] == weight_name(meta, int(e["top_pid"][0]), int(e["top_flat"][0]))
+    box = [a.text for a in fig.layout.annotations if a.text.startswith("1 ")][0]
+    assert named.hovertext[0] in box and "50 scores = 0" in box
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+
+
+def _gaps_effects():
+    rows, eff = [], []
+    ratios = {"m1": {1: 1.1, 10: 2.5, 100: 9.0}, "m2": {1: 2.2, 10: 3.0, 100: 9.0}, "m3": {1: 1.0, 10: 1.2, 100: 1.5}}
+    lo_ratio = {"m1": {1: 1.0, 10: 1.5, 100: 3.0}, "m2": {1: 1.9, 10: 2.1, 100: 5.0}, "m3": {1: 0.9, 10: 1.0, 100: 1.1}}
+    for m, by_k in ratios.items():
+        for k, r in by_k.items():
+            for sel in ("top_k", "random_k"):
+                eff.append({"perturbation": "zero", "mode": "global", "metric": m, "selection": sel, "k": k,
+                            "ppl_ratio": r if sel == "top_k" else 1.0,
+                            "ppl_ratio_lo": lo_ratio[m][k] if sel == "top_k" else 1.0, "ppl_ratio_hi": r + 1})
+            for control, shift in (("random_k", 0.0), ("bottom_k", 0.1)):
+                g = np.log(r) - shift
+                rows.append({"perturbation": "zero", "mode": "global", "metric": m, "k": k, "control": control,
+                             "gap_nll": g, "gap_nll_lo": g - 0.2, "gap_nll_hi": g + 0.2})
+    return pd.DataFrame(rows), pd.DataFrame(eff)
+
+
+def test_metric_comparison_ranks_by_the_k_that_doubles_ppl():
+    from superweight.core.comparison import comparison_text, metric_comparison
+
+    gp, eff = _gaps_effects()
+    t = metric_comparison(gp, eff)
+    assert len(t) == len(gp)
+    by = t.drop_duplicates("metric").set_index("metric")
+    # m2 doubles at K=1 (its lower bound at K=10), m1 at K=10 (bound at 100), m3 never
+    assert by.loc["m2", "k_double_ppl"] == 1 and by.loc["m2", "k_double_ppl_sure"] == 10
+    assert by.loc["m1", "k_double_ppl"] == 10 and by.loc["m1", "k_double_ppl_sure"] == 100
+    assert pd.isna(by.loc["m3", "k_double_ppl"])
+    assert list(t.drop_duplicates("metric")["metric"]) == ["m2", "m1", "m3"] and list(by["rank"]) == [1, 2, 3]
+    row = t[(t.metric == "m1") & (t.k == 10) & (t.control == "bottom_k")].iloc[0]
+    assert row["gap_nll"] == pytest.approx(np.log(2.5) - 0.1) and row["gap_nll_lo"] == pytest.approx(np.log(2.5) - 0.3)
+    assert row["top_ppl_ratio"] == pytest.approx(2.5) and bool(row["resolved"])
+    assert not t[(t.metric == "m3") & (t.k == 1) & (t.control == "random_k")]["resolved"].iloc[0]  # CI holds 0
+    text = comparison_text(t)
+    assert text.index("1. m2") < text.index("2. m1") < text.index("3. m3") and "m3: PPL doubled never" in text
+    fig = plots.figure_set(None, comparison=t)  # no results: no Δ figures, no comparison figure either
+    assert fig == {}
+    from superweight.edge.plot_comparison import comparison_figure
+
+    f = comparison_figure(t)
+    assert [a.text for a in f.layout.annotations][:2] == ["vs Random-K", "vs Bottom-K"]
+    first = [tr for tr in f.data if tr.showlegend][0]
+    assert first.name == "1. m2 (PPL×2 at K=1)"
+    m1 = [tr for tr in f.data if tr.legendgroup == "m1" and tr.xaxis == "x"][0]
+    np.testing.assert_allclose(m1.y, np.log([1.1, 2.5, 9.0]))
+    np.testing.assert_allclose(m1.error_y.array, [0.2, 0.2, 0.2])
+
+
+def test_no_chrome_warning_names_kaleidos_download(tmp_path, monkeypatch, capsys):
+    from superweight.edge import export
+
+    monkeypatch.setattr(export, "chrome_available", lambda: False)
+    written = export.save_figures({"d": plots.delta_vs_k(synthetic_results(), "delta_ppl")}, tmp_path, ["html", "pdf"])
+    err = capsys.readouterr().err
+    assert [p.name for p in written] == ["d.html"]
+    assert "kaleido_get_chrome" in err and "kaleido.get_chrome_sync()" in err and "apt-get install chromium" in err
+    import shutil
+
+    assert shutil.which("kaleido_get_chrome") or (Path(__file__).parent.parent / ".venv" / "bin" / "kaleido_get_chrome").exists()

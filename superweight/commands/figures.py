@@ -20,16 +20,16 @@ class FiguresOptions:
     sources: list[str] = field(default_factory=list)  # out_dirs, sweep dirs, offline W&B run dirs, or wandb:ENTITY/PROJECT[/GROUP]
     out: str | None = None  # output directory (default: <sweep dir>/figures for one sweep dir, else ./figures)
     k: int | None = None  # K of the stability heatmaps (default: the largest K with enough stored rows)
-    formats: list[str] = field(default_factory=lambda: ["html", "png", "svg"])  # html | png | svg | json
+    formats: list[str] = field(default_factory=lambda: ["html", "png", "svg", "pdf"])  # html | png | svg | pdf | json
     values: list[str] = field(default_factory=lambda: list(VALUES))  # delta_ppl | delta_nll | delta_acc | ppl_ratio
     sweep: str | None = None  # with wandb:ENTITY/PROJECT: only the runs of this sweep id
 
 
-@register("figures", usage="usage: superweight figures SOURCE... [--out DIR] [--k K] [--formats html,png,svg] "
+@register("figures", usage="usage: superweight figures SOURCE... [--out DIR] [--k K] [--formats html,png,svg,pdf] "
                            "[--values delta_ppl,...] [--sweep ID]", options=FiguresOptions, run_config=False)
 def main(argv: list[str]) -> int:
     """Pools the runs of every SOURCE; runs that differ in more than metric, perturbation and seeds are
-    variants with their own figures. Writes the figures, summary.csv, gaps.csv and runs.csv."""
+    variants with their own figures. Writes the figures, metric_comparison.csv, summary.csv, gaps.csv and runs.csv."""
     o, _ = parse_command(list(argv), FiguresOptions, positional="sources")
     if not o.sources:
         raise ConfigError("no source given; usage: superweight figures OUT_DIR_OR_SWEEP_DIR... [--out DIR]")

@@ -12,6 +12,7 @@ from ..config import RunConfig
 from ..run.experiment import Experiment, Result
 from ..edge.outputs import RunOutputs
 from ..run.resume import now
+from ..core.comparison import comparison_text
 from ..core.results import summary_table
 from ..edge.sweep import apply_sweep_env, check_agent_run
 from ..edge.signals import Preempted, interrupt
@@ -94,5 +95,7 @@ def main(argv: list[str]) -> int:
               "resume and publish again, or set wandb.mode=offline / wandb.mode=disabled)", file=sys.stderr)
         return 1
     print(summary_table(result.table, result.gaps))
+    if getattr(exp.sink, "comparison", None) is not None:
+        print("\n" + comparison_text(exp.sink.comparison))
     print(f"outputs: {exp.out.resolve()}")
     return 0

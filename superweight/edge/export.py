@@ -1,6 +1,8 @@
-"""Writing figures: HTML (plotly.js stored once per directory, so the HTML works offline), Plotly JSON (read
-back by tracking for interactive W&B charts) and, through kaleido and a headless Chrome/Chromium, PNG and SVG.
-Without a Chrome, PNG/SVG are skipped with a warning and HTML/JSON are still written."""
+"""Writing figures: HTML for the screen (plotly.js stored once per directory, so the HTML works offline),
+Plotly JSON (read back by tracking for interactive W&B charts) and, for papers, PDF, SVG and PNG through kaleido
+and a headless Chrome/Chromium, all from the same figure object at its print size (style.print_size: PDF/SVG
+at that size in inches, PNG at 300 dpi). Without a Chrome the static formats are skipped with a warning that
+says how to get one, and HTML/JSON are still written."""
 
 from __future__ import annotations
 
@@ -15,7 +17,14 @@ import plotly.graph_objects as go
 
 from ..files import atomic_write, atomic_write_text
 
-FORMATS = ("html", "json", "png", "svg")
+from .style import PNG_DPI, PX_PER_IN
+
+FORMATS = ("html", "json", "png", "svg", "pdf")
+STATIC = ("png", "svg", "pdf")
+NO_CHROME = ("no Chrome/Chromium found for {formats} export; wrote HTML/JSON only. Get one: `uv run kaleido_get_chrome` "
+             "(kaleido downloads Chrome for Testing where it looks for it; from Python: `import kaleido; "
+             "kaleido.get_chrome_sync()`), or `apt-get install chromium` on Debian/Ubuntu, or point BROWSER_PATH at "
+             "an installed Chrome")
 
 
 def _plain(obj):
@@ -43,9 +52,8 @@ def figure_json(fig: go.Figure) -> str:
 
 
 def chrome_available() -> bool:
-    """Whether kaleido can find a Chrome/Chromium for static export (BROWSER_PATH or the usual names)."""
-    import os
-
+    """Whether kaleido can find a Chrome/Chromium for static export (BROWSER_PATH, the usual names on PATH, or
+    the Chrome for Testing that `kaleido_get_chrome` downloads)."""
     env = os.environ.get("BROWSER_PATH")
     if env:
         return os.access(env, os.X_OK)
@@ -58,10 +66,11 @@ def chrome_available() -> bool:
 
 
 def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iterable[str] = FORMATS) -> list[Path]:
-    """Write each figure as <name>.html/.json/.png/.svg under plot_dir; return the written paths.
+    """Write each figure as <name>.html/.json/.png/.svg/.pdf under plot_dir; return the written paths.
 
-    HTML references one plotly.min.js written next to it (works offline). PNG/SVG go through one kaleido
-    call (one browser start for all figures); if no Chrome is found they are skipped with a warning."""
+    HTML references one plotly.min.js written next to it (works offline). PNG/SVG/PDF go through one kaleido
+    call (one browser start for all figures) at the figure's layout size; if no Chrome is found they are
+    skipped with a warning (NO_CHROME) naming the ways to get one."""
     formats = [f for f in formats if f != "none"]
     for f in formats:
         if f not in FORMATS:
@@ -72,29 +81,32 @@ def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iter
     for name, fig in figs.items():
         if "html" in formats:  # every file goes through temp + rename: a killed publish leaves no torn plot
             p = d / f"{name}.html"
-            atomic_write(p, lambda tmp, fig=fig: fig.write_html(tmp, include_plotlyjs="directory", full_html=True))
+            atomic_write(p, lambda tmp, fig=fig: fig.write_html(tmp, include_plotlyjs="directory", full_html=True,
+                                                                config={"displaylogo": False}))
             written.append(p)
         if "json" in formats:
             p = d / f"{name}.json"
             atomic_write_text(p, figure_json(fig))
             written.append(p)
-    static = [f for f in formats if f in ("png", "svg")]
+    static = [f for f in formats if f in STATIC]
     if static and figs:
         if not chrome_available():
-            print("superweight: warning: no Chrome/Chromium found for PNG/SVG export (apt-get install chromium, "
-                  "or set BROWSER_PATH); wrote HTML/JSON only", file=sys.stderr)
+            print(f"superweight: warning: {NO_CHROME.format(formats='/'.join(f.upper() for f in static))}",
+                  file=sys.stderr)
         else:
             import plotly.io as pio
 
-            targets, temps, fig_list = [], [], []
+            targets, temps, fig_list, scales, widths, heights = [], [], [], [], [], []
             for name, fig in figs.items():
                 for f in static:
                     targets.append(d / f"{name}.{f}")
                     temps.append(d / f".{name}.tmp{os.getpid()}.{f}")  # kaleido picks the format by suffix
-                    w = fig.layout.width or (fig.layout.meta or {}).get("static_width") if isinstance(fig.layout.meta, dict) else fig.layout.width
-                    fig_list.append(go.Figure(fig).update_layout(width=w) if w else fig)
+                    fig_list.append(fig)
+                    scales.append(PNG_DPI / PX_PER_IN if f == "png" else 1)
+                    widths.append(fig.layout.width or 700)
+                    heights.append(fig.layout.height or 500)
             try:
-                pio.write_images(fig_list, temps, scale=2 if "png" in static else 1)
+                pio.write_images(fig_list, temps, scale=scales, width=widths, height=heights)
                 for tmp, target in zip(temps, targets):
                     os.replace(tmp, target)
             finally:

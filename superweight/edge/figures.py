@@ -14,8 +14,9 @@ perturbation, seeds) and bookkeeping (out_dir, wandb, plots, resume, cache_dir) 
 and the per-selection effects get 95% CIs over seeds, draws and windows across runs (gaps.csv, effects.csv;
 a sweep that puts each seed in its own run gets the same numbers as one run with all seeds); layer/module histograms pool the score summaries
 of all (metric, seed); rank stability is recomputed from rankings.csv (global mode, Jaccard of the
-top-K rows, so metrics from different runs can be compared; K defaults to the largest K with enough
-stored rows). Also writes `summary.csv` (mean, std, n over seeds per variant × perturbation × mode ×
+top-K rows, so metrics from different runs can be compared; each metric at the largest K it supports, up to
+the largest K of the runs or --k). The figures are plots.figure_set's, the same set a run draws into its plots/. Also writes
+`metric_comparison.csv` (core/comparison.py), `summary.csv` (mean, std, n over seeds per variant × perturbation × mode ×
 metric × selection × K) and `runs.csv` (the runs used).
 """
 
@@ -29,7 +30,9 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import ConfigError, from_dict, is_result_key, to_flat
-from .plots import FORMATS, VALUES, delta_vs_k, layer_histograms, read_score_summary, save_figures, stability_heatmaps
+from ..core.comparison import metric_comparison
+from .plots import (VALUES, delta_vs_k, figure_set, read_score_summary, save_figures, sensitivity_heatmap,  # noqa: F401
+                    stability_heatmaps)
 from ..core.results import aggregate_over_seeds, effects, gaps, jaccard_from_rankings
 from .offline_runs import read_offline_run
 
@@ -192,15 +195,16 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", s).strip("_")[:80]
 
 
-def build(run_dirs: list[Path], out_dir: Path, k: int | None = None, formats=("html", "png", "svg"),
+def build(run_dirs: list[Path], out_dir: Path, k: int | None = None, formats=("html", "png", "svg", "pdf"),
           values=tuple(VALUES)) -> dict:
-    """Write the figures, summary.csv and runs.csv to out_dir; return {"figures": names, "files": paths}."""
+    """Write the figures, metric_comparison.csv, summary.csv, gaps.csv and runs.csv to out_dir; return
+    {"figures": names, "files": paths, ...}."""
     if not run_dirs:
         raise ConfigError("no runs found (no results.csv under the given sources)")
     runs = load_runs(run_dirs)
     tables = pooled_tables(runs)
     figs = {}
-    summaries, gap_tables = [], []
+    summaries, gap_tables, comparisons = [], [], []
     for variant, t in tables.items():
         sfx = "" if len(tables) == 1 else f"__{_slug(variant)}"
         res = t["results"]
@@ -209,34 +213,19 @@ def build(run_dirs: list[Path], out_dir: Path, k: int | None = None, formats=("h
             gp = gaps(t["rows"], t["baseline"])
             gp.insert(0, "variant", variant)
             gap_tables.append(gp)
-        combos = res[["perturbation", "mode"]].drop_duplicates()
-        for pert, mode in combos.itertuples(index=False):
-            csfx = sfx + ("" if len(combos) == 1 else f"__{pert}__{mode}")
-            for v in values:
-                if v in res.columns:
-                    figs[f"{v}_vs_k{csfx}"] = delta_vs_k(res, v, pert, mode, effects=eff,
-                                                         title_suffix="" if variant == "all" else f"<br>{variant}")
         for v in values:
             if v in res.columns:
                 a = aggregate_over_seeds(res, v)
                 a.insert(0, "value", v)
                 a.insert(0, "variant", variant)
                 summaries.append(a)
-        if t["scores"] is not None:
-            figs[f"layer_sensitivity{sfx}"] = layer_histograms(*t["scores"], by="layer")
-            figs[f"module_sensitivity{sfx}"] = layer_histograms(*t["scores"], by="module")
-        if t["rankings"] is not None and not t["rankings"].empty:
-            ranks = t["rankings"]
-            kk = k
-            if kk is None:
-                top = ranks[(ranks["mode"] == "global") & (ranks["selection"] == "top_k")] if "selection" in ranks else ranks
-                stored = top.groupby(["metric", "seed"]).size()  # Top-K rows only: a small support bounds K
-                cands = [c for c in sorted({int(x) for x in res["k"]}) if len(stored) and c <= int(stored.min())]
-                kk = cands[-1] if cands else None
-            if kk is not None:
-                stab = jaccard_from_rankings(ranks, int(kk))
-                for name, fig in stability_heatmaps(stab, k=int(kk), mode="global").items():
-                    figs[f"{name}{sfx}"] = fig
+        comp = metric_comparison(gp, eff) if eff is not None else None
+        if comp is not None and not comp.empty:
+            comparisons.append(comp.assign(variant=variant)[["variant", *comp.columns]])
+        for name, fig in figure_set(res, effects=eff, scores=t["scores"], rankings=t["rankings"], comparison=comp,
+                                    k=k, values=values,
+                                    title_suffix="" if variant == "all" else f" [{variant}]").items():
+            figs[f"{name}{sfx}"] = fig
     out_dir.mkdir(parents=True, exist_ok=True)
     files = save_figures(figs, out_dir, list(formats))
     summary = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame()
@@ -244,7 +233,10 @@ def build(run_dirs: list[Path], out_dir: Path, k: int | None = None, formats=("h
     runs.to_csv(out_dir / "runs.csv", index=False)
     gap_df = pd.concat(gap_tables, ignore_index=True) if gap_tables else pd.DataFrame()
     gap_df.to_csv(out_dir / "gaps.csv", index=False)
-    return {"figures": list(figs), "files": files, "runs": runs, "summary": summary, "gaps": gap_df}
+    comp_df = pd.concat(comparisons, ignore_index=True) if comparisons else pd.DataFrame()
+    comp_df.to_csv(out_dir / "metric_comparison.csv", index=False)
+    return {"figures": list(figs), "files": files, "runs": runs, "summary": summary, "gaps": gap_df,
+            "metric_comparison": comp_df}
 
 
 def resolve_sources(sources: list[str], tmp: Path, sweep: str | None = None) -> list[Path]:

@@ -1,7 +1,8 @@
 """The files of a finished run in out_dir, each written once, atomically (temp file + rename):
 
 results.csv, perturbation_results.json (rows with per-window NLL), gaps.csv (Top-K minus control, CIs),
-effects.csv (ΔNLL / PPL ratio per selection with CIs: the error bars of the plots), rankings.csv (Top-K and every
+effects.csv (ΔNLL / PPL ratio per selection with CIs: the error bars of the plots), metric_comparison.csv
+(per metric: the K that doubles PPL and the gap to each control at each K, ranked), rankings.csv (Top-K and every
 control selection, `select.save_top` rows each), selections.safetensors (the exact weights of every
 selection: parameter id and flat index, K_max of each, so any K is a prefix), stability.csv,
 stability_summary.csv, sensitivity_scores.safetensors, plots/, and manifest.json last (its presence means
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 from ..files import atomic_write, atomic_write_json
 from ..run.experiment import mask_groups
 from .manifest import build_manifest
+from ..core.comparison import metric_comparison
 from ..core.params import layer_of, module_type
 from .plots import run_figures, save_figures
 from ..core.results import STABILITY_COLUMNS, effects, results_frame, stability_summary
@@ -35,6 +37,7 @@ class RunOutputs:
         self.out = Path(out_dir)
         self.manifest: dict | None = None
         self.plots: list[str] = []
+        self.comparison: pd.DataFrame | None = None  # metric_comparison.csv, printed at the end of a run
 
     def write(self, result) -> None:
         out, cfg = self.out, result.cfg
@@ -45,6 +48,8 @@ class RunOutputs:
         atomic_write(out / "gaps.csv", lambda tmp: result.gaps.to_csv(tmp, index=False))
         eff = effects(result.rows, result.baseline)
         atomic_write(out / "effects.csv", lambda tmp: eff.to_csv(tmp, index=False))
+        self.comparison = metric_comparison(result.gaps, eff)
+        atomic_write(out / "metric_comparison.csv", lambda tmp: self.comparison.to_csv(tmp, index=False))
         rank_rows, sel = [], {}
         first = "+".join(next(iter(mask_groups(cfg.perturb.names, cfg.perturb).values())))
         for (metric, seed, mode, selection, draw, *group), r in result.rankings.items():

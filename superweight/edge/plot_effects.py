@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..core.results import aggregate_over_seeds
-from .style import SELECTION_COLORS, SELECTION_DASH, SELECTION_LABELS, SELECTION_MARKERS, TEMPLATE, VALUES
+from .style import (DOUBLE_IN, SELECTION_COLORS, SELECTION_DASH, SELECTION_LABELS, SELECTION_MARKERS, SINGLE_IN, VALUES,
+                    print_size)
 
 
 def delta_vs_k(df: pd.DataFrame, value: str = "delta_ppl", perturbation: str | None = None,
@@ -45,10 +48,14 @@ def delta_vs_k(df: pd.DataFrame, value: str = "delta_ppl", perturbation: str | N
     elif not use_ci:
         agg["upper"] = agg["lower"] = agg["std"]
     metrics = list(dict.fromkeys(d["metric"]))
-    fig = make_subplots(rows=1, cols=max(1, len(metrics)), subplot_titles=metrics, shared_yaxes=True,
-                        horizontal_spacing=0.04)
+    n = max(1, len(metrics))
+    cols = n if n <= 4 else 3  # 5-6 metrics: two rows of three, each panel still ~2.2 in wide
+    rows = math.ceil(n / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=metrics, shared_yaxes="all", shared_xaxes="all",
+                        horizontal_spacing=0.03, vertical_spacing=0.16 if rows > 1 else 0.1)
     shown = set()
-    for j, metric in enumerate(metrics, start=1):
+    for j, metric in enumerate(metrics):
+        r, c = j // cols + 1, j % cols + 1
         for sel in [s for s in SELECTION_COLORS if s in set(agg["selection"])] + \
                    sorted(set(agg["selection"]) - set(SELECTION_COLORS)):
             a = agg[(agg["metric"] == metric) & (agg["selection"] == sel)].sort_values("k")
@@ -57,30 +64,32 @@ def delta_vs_k(df: pd.DataFrame, value: str = "delta_ppl", perturbation: str | N
             fig.add_trace(go.Scatter(
                 x=a["k"], y=a["mean"], mode="lines+markers", name=SELECTION_LABELS.get(sel, sel),
                 legendgroup=sel, showlegend=sel not in shown,
-                line=dict(color=SELECTION_COLORS.get(sel), dash=SELECTION_DASH.get(sel, "solid")),
-                marker=dict(symbol=SELECTION_MARKERS.get(sel, "circle"), size=8),
+                line=dict(color=SELECTION_COLORS.get(sel), dash=SELECTION_DASH.get(sel, "solid"), width=1.5),
+                marker=dict(symbol=SELECTION_MARKERS.get(sel, "circle"), size=5),
                 error_y=dict(type="data", symmetric=False, array=a["upper"], arrayminus=a["lower"],
-                             visible=bool((a["count"] > 1).any())),
+                             visible=bool((a["count"] > 1).any()), thickness=1, width=2),
                 customdata=np.stack([a["count"], a["std"]], axis=-1),
                 hovertemplate="K=%{x}<br>mean=%{y:.4g}<br>std=%{customdata[1]:.3g}<br>seeds=%{customdata[0]}",
-            ), row=1, col=j)
+            ), row=r, col=c)
             shown.add(sel)
-        # one axis title for the row: per-panel titles overlap once there are several metrics
-        title = "K (weights perturbed)" if j == (len(metrics) + 1) // 2 else None
-        fig.update_xaxes(type="log", title_text=title, row=1, col=j)
-    fig.update_yaxes(title_text=label, row=1, col=1)
+        fig.update_xaxes(type="log", dtick=1, row=r, col=c)
+        if r == rows:
+            fig.update_xaxes(title_text="K (weights perturbed)", row=r, col=c, showticklabels=True)
+        if c == 1:
+            fig.update_yaxes(title_text=label, row=r, col=c)
     if logy:
         fig.update_yaxes(type="log")
     n_bad = int(agg["nonfinite"].sum())
     seeds = sorted(set(d["seed"]))
-    stat = ("mean, 95% CI over seeds, control draws and evaluation windows" if use_ci else
+    stat = ("mean, 95% CI over seeds, draws and windows" if use_ci else
             "geometric mean ×/÷ geometric std" if logy else "mean ± std")
-    title = f"{label} vs K — perturbation={perturbation}, mode={mode}<br><sup>{stat} over {len(seeds)} seed(s)</sup>"
+    title = f"{label} vs K ({perturbation}, {mode}): {stat}, {len(seeds)} seed(s)"
     if n_bad:
-        title += f" ({n_bad} non-finite evaluations omitted)"
-    fig.update_layout(title=title + title_suffix, template=TEMPLATE, autosize=True, height=480,
-                      margin=dict(t=130), legend=dict(title_text="selection", orientation="h", yanchor="bottom",
-                                                      y=1.08, xanchor="right", x=1.0))
-    fig.layout.meta = {"static_width": max(640, 380 * len(metrics))}
+        title += f"; {n_bad} non-finite omitted"
+    width, height = SINGLE_IN if n == 1 else DOUBLE_IN, 0.8 + 1.9 * rows
+    # title on the first line, the legend on the second (both inside the figure), then the panel titles
+    print_size(fig, width, height, legend=dict(orientation="h", xref="container", yref="container", x=0.0,
+                                               xanchor="left", y=1 - 0.24 / height, yanchor="top", title_text=""),
+               margin=dict(l=50, r=8, t=68, b=40))
+    fig.update_layout(title_text=title + title_suffix)
     return fig
-

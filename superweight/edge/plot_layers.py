@@ -11,7 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .style import TEMPLATE
+from .style import PX_PER_IN, SINGLE_IN, print_size
 
 
 def read_score_summary(path: str | Path) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
@@ -67,27 +67,47 @@ def _group_order(groups: Iterable[str], by: str) -> list[str]:
     return sorted(groups)
 
 
-def layer_histograms(summary, meta, by: str = "layer", top_n: int = 1000) -> go.Figure:
-    """Grouped bars per metric: score-mass share (top row) and top-N share (bottom row) per layer/module."""
+def _label(g: str, by: str) -> str:
+    if g == "-1":
+        return "other"  # embeddings, final norm, head: outside the blocks
+    return g if by == "layer" else g.replace("self_attn.", "attn.")
+
+
+def sensitivity_heatmap(summary, meta, by: str = "layer", top_n: int = 1000) -> go.Figure:
+    """Group (layer or module type) × metric heatmaps, one column wide: left the share of the metric's total
+    score mass in each group, right the share of its global top-N weights in each group (`score_mass`), both
+    in percent and averaged over seeds. Every layer of a 32-layer model gets its own row."""
     t = score_mass(summary, meta, by=by, top_n=top_n)
     order = _group_order(t["group"], by)
+    metrics = list(dict.fromkeys(t["metric"]))
     n = int(t["top_n"].max()) if len(t) else 0
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.14,
-                        subplot_titles=["share of total score mass (mean over seeds)",
-                                        f"share of the global top-{n} weights (mean over seeds)"])
-    palette = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880"]
-    for i, metric in enumerate(dict.fromkeys(t["metric"])):
-        m = t[t["metric"] == metric].groupby("group")[["mass_share", "top_share"]].mean().reindex(order)
-        color = palette[i % len(palette)]
-        x = [f"L{g}" if by == "layer" and g != "-1" else ("other" if g == "-1" else g) for g in order]
-        fig.add_trace(go.Bar(x=x, y=m["mass_share"], name=metric, marker_color=color, legendgroup=metric),
-                      row=1, col=1)
-        fig.add_trace(go.Bar(x=x, y=m["top_share"], name=metric, marker_color=color, legendgroup=metric,
-                             showlegend=False), row=2, col=1)
-    fig.update_yaxes(title_text="share", row=1, col=1)
-    fig.update_yaxes(title_text="share", row=2, col=1)
-    fig.update_xaxes(title_text="layer" if by == "layer" else "module type", row=2, col=1)
-    fig.update_layout(barmode="group", template=TEMPLATE, height=620, width=max(640, 26 * len(order) * max(1, t["metric"].nunique())),
-                      title=f"Sensitivity by {'layer' if by == 'layer' else 'module type'}", legend_title_text="metric")
+    mean = t.groupby(["group", "metric"])[["mass_share", "top_share"]].mean()
+    z = {c: np.array([[100 * mean[c].get((g, m), np.nan) for m in metrics] for g in order]) for c in
+         ("mass_share", "top_share")}
+    labels = [_label(g, by) for g in order]
+    seeds = t["seed"].nunique()
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.05,
+                        subplot_titles=["score mass (%)", f"top-{n} weights (%)"])
+    row_px = 9 if len(order) > 16 else 16
+    plot_h = max(len(order) * row_px, 110)
+    label_px = 6 * max(len(m) for m in metrics) * 0.8 + 8 if metrics else 20  # rotated metric names
+    margin = dict(l=58 if by == "module" else 36, r=8, t=52, b=int(label_px) + 40)
+    for j, (col, what) in enumerate((("mass_share", "share of the metric's total score"),
+                                     ("top_share", f"share of its global top-{n} weights")), start=1):
+        zz = z[col]
+        fig.add_trace(go.Heatmap(
+            z=zz, x=metrics, y=labels, coloraxis=f"coloraxis{'' if j == 1 else j}", name=what, xgap=1, ygap=1,
+            hovertemplate=f"%{{y}} / %{{x}}<br>{what}: %{{z:.2f}}%<extra></extra>"), row=1, col=j)
+        cb_y = -(label_px + 6) / plot_h
+        fig.update_layout({f"coloraxis{'' if j == 1 else j}": dict(
+            colorscale="Viridis", cmin=0, cmax=float(np.nanmax(zz)) if np.isfinite(zz).any() else 1.0,
+            colorbar=dict(orientation="h", x=0.25 if j == 1 else 0.77, xanchor="center", y=cb_y, yanchor="top",
+                          len=0.42, thickness=7,
+                          tickfont=dict(size=8), nticks=4))})
+    fig.update_xaxes(tickangle=-90, tickfont=dict(size=8))
+    fig.update_yaxes(autorange="reversed", tickfont=dict(size=8 if row_px < 12 else 9), dtick=1)
+    fig.update_yaxes(title_text="layer" if by == "layer" else "module", row=1, col=1)
+    title = f"Sensitivity by {'layer' if by == 'layer' else 'module type'} ({seeds} seed{'s' if seeds != 1 else ''})"
+    print_size(fig, SINGLE_IN, (plot_h + margin["t"] + margin["b"]) / PX_PER_IN, margin=margin)
+    fig.update_layout(title_text=title)
     return fig
-

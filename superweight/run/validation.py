@@ -58,7 +58,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     check_choice("wandb mode", cfg.wandb.mode, ["auto", "online", "offline", "disabled"])
     check_choice("wandb.scores", cfg.wandb.scores, ["upload", "reference", "none"])
     for f in cfg.plots:
-        check_choice("plot format", f, ["html", "png", "svg", "json", "none"])
+        check_choice("plot format", f, ["html", "png", "svg", "pdf", "json", "none"])
     for t in cfg.eval.tasks:
         TASKS.get(t)
     if not (cfg.model.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.model.device)):

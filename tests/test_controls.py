@@ -27,7 +27,9 @@ from superweight.run.experiment import Experiment
 from superweight.edge.outputs import RunOutputs
 from superweight.core.params import module_type
 from superweight.core.perturbation import _change_counts, changeable, perturbed
-from superweight.core.results import _bootstrap_gap, aggregate_over_seeds, effects, gaps, paired_ci
+from superweight.core.gaps import _bootstrap_gap, effects, gaps
+from superweight.core.results import paired_ci
+from superweight.core.summary import aggregate_over_seeds
 from superweight.core.matching import match_quality
 from superweight.core.overlap import ks_distance, tied_counts
 from superweight.core.selections import rank, rank_grid

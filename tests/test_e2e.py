@@ -14,7 +14,8 @@ from superweight.commands.run import make_experiment, run_experiment
 from superweight.config import ModelConfig
 from superweight.inputs.models import load_model
 from superweight.core.params import fingerprint
-from superweight.core.results import GAP_COLUMNS, RESULT_COLUMNS, make_row, results_frame
+from superweight.core.gaps import GAP_COLUMNS
+from superweight.core.results import RESULT_COLUMNS, make_row, results_frame
 
 
 def run_cli(*args, env=None):

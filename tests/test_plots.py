@@ -10,7 +10,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from superweight.edge import plots
-from superweight.core.results import EFFECT_COLUMNS, aggregate_over_seeds, jaccard_from_rankings
+from superweight.core.gaps import EFFECT_COLUMNS
+from superweight.core.stability import jaccard_from_rankings
+from superweight.core.summary import aggregate_over_seeds
 
 
 def synthetic_results(seeds=(0, 1, 2)):

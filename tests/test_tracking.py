@@ -15,7 +15,9 @@ from superweight.commands.run import make_experiment, run_experiment
 from superweight.config import config_hash, to_flat
 from superweight.edge.plots import chrome_available
 from superweight.resources import cache_root, code_version
-from superweight.core.results import gaps, jaccard_from_rankings, summary_metrics
+from superweight.core.gaps import gaps
+from superweight.core.stability import jaccard_from_rankings
+from superweight.core.summary import summary_metrics
 
 SECRETS = {"HF_TOKEN": "hf_TESTSECRETabcdef0123456789", "WANDB_API_KEY": "TESTSECRETwandbkey" + "7" * 22}
 WHERE = ("out_dir", "cache_dir", "wandb.dir", "wandb.group")  # where a run ran: never in run.config

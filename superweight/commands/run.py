@@ -13,7 +13,7 @@ from ..run.experiment import Experiment, Result
 from ..edge.outputs import RunOutputs
 from ..run.resume import now
 from ..core.comparison import comparison_text
-from ..core.results import summary_table
+from ..core.summary import summary_table
 from ..edge.sweep import apply_sweep_env, check_agent_run
 from ..edge.signals import Preempted, interrupt
 from ..edge.tracking import TrackingError, WandbTracker

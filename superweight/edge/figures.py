@@ -33,7 +33,9 @@ from ..config import ConfigError, from_dict, is_result_key, to_flat
 from ..core.comparison import metric_comparison
 from .plots import (VALUES, delta_vs_k, figure_set, read_score_summary, save_figures, sensitivity_heatmap,  # noqa: F401
                     stability_heatmaps)
-from ..core.results import aggregate_over_seeds, effects, gaps, jaccard_from_rankings
+from ..core.gaps import effects, gaps
+from ..core.stability import jaccard_from_rankings
+from ..core.summary import aggregate_over_seeds
 from .offline_runs import read_offline_run
 
 AXES = ("score.metrics", "perturb.names", "seeds")

@@ -24,7 +24,9 @@ from .manifest import build_manifest
 from ..core.comparison import metric_comparison
 from ..core.params import layer_of, module_type
 from .plots import run_figures, save_figures
-from ..core.results import STABILITY_COLUMNS, effects, results_frame, stability_summary
+from ..core.gaps import effects
+from ..core.results import results_frame
+from ..core.stability import STABILITY_COLUMNS, stability_summary
 from .ranking_rows import ranking_rows
 
 MANIFEST = "manifest.json"

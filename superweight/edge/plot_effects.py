@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..core.results import aggregate_over_seeds
+from ..core.summary import aggregate_over_seeds
 from .style import (DOUBLE_IN, SELECTION_COLORS, SELECTION_DASH, SELECTION_LABELS, SELECTION_MARKERS, SINGLE_IN, VALUES,
                     print_size)
 

@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..core.results import STABILITY_COLUMNS, jaccard_from_rankings
+from ..core.stability import STABILITY_COLUMNS, jaccard_from_rankings
 from .style import DOUBLE_IN, SINGLE_IN, print_size
 
 

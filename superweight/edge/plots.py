@@ -18,7 +18,8 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ..core.comparison import metric_comparison
-from ..core.results import aggregate_over_seeds, jaccard_from_rankings  # noqa: F401 (figures.py uses them)
+from ..core.stability import jaccard_from_rankings  # noqa: F401 (figures.py uses it)
+from ..core.summary import aggregate_over_seeds  # noqa: F401 (figures.py uses it)
 from .export import FORMATS, chrome_available, figure_json, save_figures  # noqa: F401 (the public API)
 from .plot_comparison import comparison_figure
 from .plot_effects import delta_vs_k

@@ -59,7 +59,7 @@ from .manifest import scrub
 from .signals import Preempted, shielded
 from .wandb_mode import resolve_mode
 from ..resources import cache_root
-from ..core.results import finite_or_none, summary_metrics
+from ..core.summary import finite_or_none, summary_metrics
 
 MAX_TABLE_ROWS = 200_000
 RUN_FILE = "wandb_run.json"

@@ -8,7 +8,7 @@
     loop     for metric, seed: scores (cached)
                for mode, candidate set: Top-K, then the controls (random_k / matched_k: several draws)
                  for K, perturbation: perturb -> evaluate -> restore (bit-exact), one row, logged as it ends
-    collect  stability, gaps with confidence intervals        (results.py, pure tables)
+    collect  stability, gaps with confidence intervals        (core/gaps.py, stability.py: pure tables)
     write    sink.write(result): result files, plots, manifest (edge: outputs.py)
     publish  tracker.finish(result): tables and artifacts    (edge: tracking.py)
 
@@ -45,7 +45,9 @@ from ..core.params import eligible_parameters, owner, weight_kind, weight_values
 from ..core.perturbation import PERTURBATIONS, changeable, perturbed
 from .resume import ResumeLog, now
 from ..resources import cache_root, code_version
-from ..core.results import gaps, make_row, results_frame, stability_pairs
+from ..core.gaps import gaps
+from ..core.results import make_row, results_frame
+from ..core.stability import stability_pairs
 from ..core.matching import match_quality
 from ..core.overlap import jaccard, tied_counts
 from ..core.ranking import Ranking

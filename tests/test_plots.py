@@ -357,3 +357,166 @@ def test_no_chrome_warning_names_kaleidos_download(tmp_path, monkeypatch, capsys
     import shutil
 
     assert shutil.which("kaleido_get_chrome") or (Path(__file__).parent.parent / ".venv" / "bin" / "kaleido_get_chrome").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# a tiny run's output: the run, `superweight figures` and the notebook draw the same set; Chromium checks it
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    from superweight import commands
+
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("figs") / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = commands.main(["run", f"model.name={tiny_model_dir}", "score.metrics=magnitude,act_mag", "seeds=0,1",
+                          "select.topk=1,2", "select.controls=random_k,bottom_k", "select.control_draws=1",
+                          "data.eval_windows=2", "data.calib_windows=1", "data.seq_len=16", "wandb.mode=disabled",
+                          "plots=html,json", f"out_dir={out}"])
+    assert rc == 0
+    (out / "stdout.txt").write_text(printed.getvalue())
+    return out
+
+
+FIGURES = {"delta_ppl_vs_k", "delta_nll_vs_k", "delta_acc_vs_k", "ppl_ratio_vs_k", "metric_comparison",
+           "layer_sensitivity", "module_sensitivity", "score_distribution", "stability_seeds", "stability_metrics"}
+
+
+@pytest.mark.slow
+def test_run_and_figures_command_draw_the_same_set(tiny_run, tmp_path):
+    from superweight import commands
+
+    drawn = {p.stem for p in (tiny_run / "plots").glob("*.html")}
+    assert drawn == FIGURES
+    printed = (tiny_run / "stdout.txt").read_text()  # printed at the end of the run, in rank order
+    table = pd.read_csv(tiny_run / "metric_comparison.csv")
+    first, second = table.drop_duplicates("metric")["metric"]
+    assert printed.index("Which metric finds them") < printed.index(f"1. {first}") < printed.index(f"2. {second}")
+    assert commands.main(["figures", str(tiny_run), "--out", str(tmp_path / "f"), "--formats", "html"]) == 0
+    assert {p.stem for p in (tmp_path / "f").glob("*.html")} == drawn
+    run_table = pd.read_csv(tiny_run / "metric_comparison.csv")
+    pooled = pd.read_csv(tmp_path / "f" / "metric_comparison.csv")
+    assert list(pooled["variant"].unique()) == ["all"]
+    pd.testing.assert_frame_equal(pooled.drop(columns="variant")[["metric", "k", "control", "rank", "k_double_ppl"]],
+                                  run_table[["metric", "k", "control", "rank", "k_double_ppl"]])
+    gaps = pd.read_csv(tiny_run / "gaps.csv")  # every gap of the run, with the same interval
+    merged = gaps.merge(run_table, on=["perturbation", "mode", "metric", "k", "control"], suffixes=("", "_c"))
+    assert len(merged) == len(gaps) == len(run_table)
+    np.testing.assert_allclose(merged["gap_nll_lo_c"], merged["gap_nll_lo"])
+
+
+@pytest.mark.slow
+def test_notebook_runs_top_to_bottom_on_a_run(tiny_run, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("SUPERWEIGHT_FIGURES_SOURCE", str(tiny_run))
+    monkeypatch.setenv("SUPERWEIGHT_FIGURES_OUT", str(tmp_path / "nbfigs"))
+    monkeypatch.setenv("SUPERWEIGHT_FIGURES_FORMATS", "html")
+    monkeypatch.setenv("PLOTLY_RENDERER", "plotly_mimetype")
+    nb = nbformat.read(Path(__file__).resolve().parent.parent / "notebooks" / "figures.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    shown = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(shown) == len(FIGURES)
+    assert {p.stem for p in (tmp_path / "nbfigs").glob("*.html")} == FIGURES
+
+
+CHECK_PAGE = """<!DOCTYPE html><html><body><pre id="sw-result">pending</pre><script>
+const FILES = %s, W = 1400;
+function load(name) {
+  return new Promise((resolve) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("GET", name);
+    xhr.onload = () => {
+      const f = document.createElement("iframe");
+      f.style.width = W + "px"; f.style.height = "1000px"; f.style.border = "0";
+      f.onload = () => resolve([name, f]);
+      f.srcdoc = xhr.responseText;
+      document.body.appendChild(f);
+    };
+    xhr.onerror = () => resolve([name, null]);
+    xhr.send();
+  });
+}
+function check(name, f) {
+  if (!f) return {name, error: "not loaded"};
+  const doc = f.contentDocument, win = f.contentWindow, gd = doc.querySelector(".plotly-graph-div");
+  if (!gd || !gd._fullData) return {name, error: "no plot"};
+  const r = gd.getBoundingClientRect();
+  const out = {name, page: win.innerWidth, scroll: doc.documentElement.scrollWidth, right: r.right,
+               width: r.width, height: r.height, unlabelled: []};
+  const lg = doc.querySelector(".legend");
+  if (lg) { const l = lg.getBoundingClientRect(); out.legend = [l.left - r.left, l.top - r.top, l.right - r.left, l.bottom - r.top]; }
+  // a trace's own name (gd.data), not plotly's "trace N" default; a legend entry needs the legend shown
+  const legend = gd._fullLayout.showlegend;
+  const entry = (t, i) => legend && gd._fullData[i].showlegend && !!t.name;
+  const shown = new Set(gd.data.filter(entry).map(t => t.legendgroup || t.name));
+  gd.data.forEach((t, i) => {
+    const heat = gd._fullData[i].type === "heatmap" && t.name && (gd._fullData[i].showscale || t.coloraxis);
+    const texted = (t.mode || "").includes("text") && t.text;
+    const inLegend = entry(t, i) || (t.legendgroup && shown.has(t.legendgroup));
+    if (!(heat || texted || inLegend)) out.unlabelled.push(i + ":" + gd._fullData[i].type);
+  });
+  return out;
+}
+Promise.all(FILES.map(load)).then(async (loaded) => {
+  await new Promise(r => setTimeout(r, 1000));
+  document.getElementById("sw-result").textContent = JSON.stringify(loaded.map(([n, f]) => check(n, f)));
+});
+</script></body></html>"""
+
+
+def _chromium():
+    import shutil
+
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+@pytest.mark.slow
+def test_every_html_figure_fits_a_1400px_page_and_labels_its_traces(tiny_run, tmp_path):
+    """Each HTML figure of a run opened in headless Chromium (one launch: a page loads every figure into a
+    1,400 px frame): nothing wider than the page, the legend inside the figure, every trace in the legend or
+    labelled. Two bad figures (the old 3,900 px layer bars, an unnamed trace) must be caught."""
+    import shutil
+    import subprocess
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium installed (CI installs Debian's chromium)")
+    d = tmp_path / "plots"
+    shutil.copytree(tiny_run / "plots", d)
+    import plotly.graph_objects as go
+
+    plots.save_figures({"bad_wide": go.Figure(go.Bar(x=[1, 2], y=[1, 2], name="bars")).update_layout(width=3900),
+                        "bad_unlabelled": go.Figure([go.Scatter(x=[1], y=[1], name="a"), go.Scatter(x=[1], y=[2])])
+                        .update_layout(width=400)}, d, ["html"])
+    names = sorted(p.name for p in d.glob("*.html"))
+    (d / "check.html").write_text(CHECK_PAGE % json.dumps(names))
+    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--allow-file-access-from-files",
+                          "--window-size=1400,1000", "--virtual-time-budget=30000", "--dump-dom",
+                          (d / "check.html").as_uri()], capture_output=True, text=True, timeout=120)
+    import html
+    import re
+
+    m = re.search(r'<pre id="sw-result">(.*?)</pre>', out.stdout, re.S)
+    assert m, out.stderr[-2000:]
+    got = {r["name"].removesuffix(".html"): r for r in json.loads(html.unescape(m.group(1)))}
+    assert set(got) == FIGURES | {"bad_wide", "bad_unlabelled"}
+    for name in FIGURES:
+        r = got[name]
+        assert "error" not in r, r
+        assert r["scroll"] <= r["page"] == 1400 and r["right"] <= 1400, r
+        assert r["width"] <= 7 * 96 + 1, r  # at most a double column
+        assert not r["unlabelled"], r
+        if "legend" in r:
+            x0, y0, x1, y1 = r["legend"]
+            assert x0 >= 0 and y0 >= 0 and x1 <= r["width"] + 1 and y1 <= r["height"] + 1, r
+    assert got["bad_wide"]["scroll"] > 1400
+    assert got["bad_unlabelled"]["unlabelled"] == ["1:scatter"]

@@ -200,7 +200,7 @@ def _slug(s: str) -> str:
 def build(run_dirs: list[Path], out_dir: Path, k: int | None = None, formats=("html", "png", "svg", "pdf"),
           values=tuple(VALUES)) -> dict:
     """Write the figures, metric_comparison.csv, summary.csv, gaps.csv and runs.csv to out_dir; return
-    {"figures": names, "files": paths, ...}."""
+    {"figures": names, "objects": {name: figure}, "files": paths, ...}."""
     if not run_dirs:
         raise ConfigError("no runs found (no results.csv under the given sources)")
     runs = load_runs(run_dirs)
@@ -237,7 +237,7 @@ def build(run_dirs: list[Path], out_dir: Path, k: int | None = None, formats=("h
     gap_df.to_csv(out_dir / "gaps.csv", index=False)
     comp_df = pd.concat(comparisons, ignore_index=True) if comparisons else pd.DataFrame()
     comp_df.to_csv(out_dir / "metric_comparison.csv", index=False)
-    return {"figures": list(figs), "files": files, "runs": runs, "summary": summary, "gaps": gap_df,
+    return {"figures": list(figs), "objects": figs, "files": files, "runs": runs, "summary": summary, "gaps": gap_df,
             "metric_comparison": comp_df}
 
 

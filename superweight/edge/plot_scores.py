@@ -87,11 +87,15 @@ def score_distribution(summary: dict, meta: dict, k: int | None = None, n_named:
                 part = pd.concat([last_top, part])
             if part.empty:
                 continue
-            fig.add_trace(go.Scatter(x=part["rank"], y=part["score"], mode="lines", name=label, legendgroup=source,
-                                     showlegend=source not in shown, line=dict(color=color, dash=dash, width=1.5),
+            if source not in shown:  # one neutral legend entry per line style (each metric has its own colour)
+                fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=label, legendgroup=source,
+                                         line=dict(color="#444", dash=dash, width=1.5)), row=r, col=c)
+                shown.add(source)
+            fig.add_trace(go.Scatter(x=part["rank"], y=part["score"], mode="lines", name=f"{metric}: {label}",
+                                     legendgroup=source, showlegend=False,
+                                     line=dict(color=color, dash=dash, width=1.5),
                                      hovertemplate=f"{metric}<br>rank %{{x:,}}<br>score %{{y:.3g}}<extra></extra>"),
                           row=r, col=c)
-            shown.add(source)
         top = curve[curve["source"] == "top"]
         pid, flat = np.asarray(entry.get("top_pid", [])), np.asarray(entry.get("top_flat", []))
         named = min(n_named, len(top), len(pid))
@@ -123,8 +127,9 @@ def score_distribution(summary: dict, meta: dict, k: int | None = None, n_named:
         if lines:
             xref = "x domain" if j == 0 else f"x{j + 1} domain"
             yref = "y domain" if j == 0 else f"y{j + 1} domain"
-            fig.add_annotation(text="<br>".join(lines), xref=xref, yref=yref, x=0.98, y=0.98, xanchor="right",
-                               yanchor="top", showarrow=False, align="right", font=dict(size=8),
+            # bottom left: below a falling curve, where it never draws
+            fig.add_annotation(text="<br>".join(lines), xref=xref, yref=yref, x=0.02, y=0.02, xanchor="left",
+                               yanchor="bottom", showarrow=False, align="left", font=dict(size=8),
                                bgcolor="rgba(255,255,255,0.75)")
         fig.update_xaxes(type="log", dtick=1 if len(curve) and curve["rank"].max() < 1e5 else 2, row=r, col=c,
                          exponentformat="power")

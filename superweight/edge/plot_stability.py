@@ -107,7 +107,10 @@ def stability_heatmaps(stab: pd.DataFrame, k: int | None = None, mode: str | Non
                                      hovertemplate=f"{metric}, K={kof[metric]}<br>%{{y}} vs %{{x}}: J=%{{z:.3f}}"
                                                    "<extra></extra>"),
                           row=j // cols + 1, col=j % cols + 1)
-        fig.update_yaxes(autorange="reversed", scaleanchor=None)
+        fig.update_yaxes(autorange="reversed")
+        for j in range(len(metrics)):
+            if j % cols:  # the seed labels once per row
+                fig.update_yaxes(showticklabels=False, row=j // cols + 1, col=j % cols + 1)
         fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=0, cmax=1,
                                          colorbar=dict(title=dict(text="Jaccard", side="right"), thickness=8,
                                                        len=0.9, x=1.0, xanchor="left", tickfont=dict(size=8))))

@@ -3,8 +3,8 @@ inside a group comes from the selection's `Rule` (its ranking key and informativ
 draw), so a new selection needs no change here.
 
 * `global`     one group: every candidate weight of every scored tensor. Never concatenates all scores:
-               a per-tensor top-K is merged into a running buffer, so extra memory is O(K) beyond one
-               tensor's temporaries.
+               the top-K of each chunk of a tensor is merged into a running buffer, so extra memory is
+               O(K + CHUNK).
 * `per_layer`  one group per parameter tensor.
 * `per_row`    one group per output neuron (Wanda's comparison group): the weights feeding one output
                feature, whatever the storage layout (nn.Linear [out, in], GPT-2 Conv1D [in, out], fused
@@ -28,6 +28,7 @@ from .draws import generator, sample_without_replacement
 from .ranking import SHIFT, Mask, Ranking, Scores, best, gather, groups, tie_hash
 
 MODES = Registry("mode")
+CHUNK = 1 << 20  # scores per step of the global merge: its temporaries are O(CHUNK + K), not O(tensor)
 InAxis = Callable[[str], int]  # parameter name -> its input axis (the axis a row of one output neuron runs along)
 
 
@@ -43,13 +44,16 @@ class Rule:
     support: bool = False
 
     def candidates(self, scores: Scores, name: str, mask_fn: Mask | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ranking key, candidate bool mask) of one tensor, flat. Keys compare in fp64 for fp64 and integer
-        scores, fp32 otherwise; NaN ranks last."""
-        s = scores[name].detach().reshape(-1)
-        ok = self.informative(s) if self.informative is not None else torch.ones_like(s, dtype=torch.bool)
+        """(ranking key, candidate bool mask) of one tensor, flat."""
         m = mask_fn(name) if mask_fn is not None else None
+        return self.keys(scores[name].detach().reshape(-1), m.reshape(-1) if m is not None else None)
+
+    def keys(self, s: torch.Tensor, m: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ranking key, candidate bool mask) of flat scores `s` with candidate mask `m` (None: all). Keys
+        compare in fp64 for fp64 and integer scores, fp32 otherwise; NaN ranks last."""
+        ok = self.informative(s) if self.informative is not None else torch.ones_like(s, dtype=torch.bool)
         if m is not None:
-            ok = ok & m.reshape(-1).to(ok.device)
+            ok = ok & m.to(ok.device)
         if self.key is None:
             return torch.zeros(s.numel(), dtype=torch.float64, device=s.device), ok
         x = s.double() if s.dtype == torch.float64 or not s.is_floating_point() else s.float()
@@ -77,31 +81,36 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
         vals, us, pids, idxs, waiting = [v[pos]], [u[pos]], [p[pos]], [i[pos]], pos.numel()
 
     for pid, n in enumerate(names):
-        x, ok = rule.candidates(scores, n, mask_fn)
-        n_ok = int(ok.sum())
-        n_cand += n_ok
-        if n_ok == 0:
-            continue
-        if n_ok > k:  # this tensor's own k best, ties by u (computed for the tied entries only). Memory: the
-            # key copy and a mask, never an index of every candidate (8 B each: 2x an fp32 score tensor)
-            x = x.masked_fill_(~ok, float("-inf"))  # candidates' keys are finite, so -inf marks the rest
-            del ok
-            kth = torch.topk(x, k, sorted=False).values.min()
-            cand = torch.nonzero(x >= kth).squeeze(1)
-        else:
-            cand = torch.nonzero(ok).squeeze(1)
-        x = x[cand]
-        u = tie_hash(seed, n, cand)
-        if cand.numel() > k:
-            pos = best(x, u, k)
-            cand, x, u = cand[pos], x[pos], u[pos]
-        vals.append(x.cpu().double())
-        us.append(u.cpu())
-        pids.append(torch.full((cand.numel(),), pid, dtype=torch.int64))
-        idxs.append(cand.cpu())
-        waiting += cand.numel()
-        if waiting > 2 * k:
-            compact()
+        s = scores[n].detach().reshape(-1)
+        m = mask_fn(n) if mask_fn is not None else None
+        m = m.reshape(-1) if m is not None else None
+        step = max(CHUNK, 4 * k)  # a chunk's temporaries at a time, never a whole tensor's (chunks >> K)
+        for st in range(0, s.numel(), step):
+            x, ok = rule.keys(s[st : st + step], m[st : st + step] if m is not None else None)
+            n_ok = int(ok.sum())
+            n_cand += n_ok
+            if n_ok == 0:
+                continue
+            if n_ok > k:  # this chunk's own k best, ties by u (computed for the tied entries only)
+                x = x.masked_fill_(~ok, float("-inf"))  # a fresh key copy (nan_to_num); -inf marks non-candidates
+                del ok
+                kth = torch.topk(x, k, sorted=False).values.min()
+                cand = torch.nonzero(x >= kth).squeeze(1)
+            else:
+                cand = torch.nonzero(ok).squeeze(1)
+            x = x[cand]
+            cand = cand + st
+            u = tie_hash(seed, n, cand)
+            if cand.numel() > k:
+                pos = best(x, u, k)
+                cand, x, u = cand[pos], x[pos], u[pos]
+            vals.append(x.cpu().double())
+            us.append(u.cpu())
+            pids.append(torch.full((cand.numel(),), pid, dtype=torch.int64))
+            idxs.append(cand.cpu())
+            waiting += cand.numel()
+            if waiting > 2 * k:
+                compact()
     if not vals:
         return _empty(names, shapes, "global", rule, n_cand)
     compact()

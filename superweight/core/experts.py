@@ -29,7 +29,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from .params import EXPERT_WEIGHTS, input_device
+from .params import EXPERT_WEIGHTS, input_device, owner, weight_kind
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,6 +74,18 @@ def in_axis(mod: torch.nn.Module) -> int:
 
 def out_axis(mod: torch.nn.Module) -> int:
     return 3 - in_axis(mod)
+
+
+def input_axis(model, name: str) -> int:
+    """The axis of an eligible weight that runs along one output neuron's inputs (per_row groups by output
+    neuron, as Wanda does): 0 for GPT-2 Conv1D ([in, out]), the experts module's own for fused experts
+    ([E, out, in] or transposed [E, in, out]), else the last (nn.Linear [out, in])."""
+    kind = weight_kind(model, name)
+    if kind == "conv1d":
+        return 0
+    if kind == "experts":
+        return in_axis(owner(model, name)[1])
+    return model.get_parameter(name).ndim - 1
 
 
 # --------------------------------------------------------------------------------------------------

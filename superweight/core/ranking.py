@@ -132,6 +132,8 @@ def order(vals: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def best(vals: torch.Tensor, u: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of the k best entries by (vals desc, u asc), in that order; O(n) selection then a sort of k."""
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64, device=vals.device)
     if vals.numel() > k:
         kth = torch.topk(vals, k, sorted=False).values.min()
         gt = torch.nonzero(vals > kth).squeeze(1)

@@ -40,8 +40,8 @@ from ..files import kill_point, remove_stale_temps
 from ..core.metrics import METRICS, ScoreContext, compute_scores
 from ..inputs.models import (bos_every_window, build_fake_model, load_model, load_model_config, load_tokenizer, model_context,
                      model_info, pick_dtype)
-from ..core.experts import in_axis as expert_in_axis
-from ..core.params import eligible_parameters, owner, weight_kind, weight_values
+from ..core.experts import input_axis
+from ..core.params import eligible_parameters, owner, weight_values
 from ..core.perturbation import PERTURBATIONS, changeable, perturbed
 from .resume import ResumeLog, now
 from ..resources import cache_root, code_version
@@ -296,14 +296,8 @@ class Experiment:
         return tied_counts(scores, r, self.cfg.select.topk, mask)
 
     def in_axis(self, name: str) -> int:
-        """The input axis of an eligible weight (per_row groups weights by output neuron): 0 for GPT-2
-        Conv1D ([in, out]), the experts module's own for fused experts, else the last (nn.Linear [out, in])."""
-        kind = weight_kind(self.model, name)
-        if kind == "conv1d":
-            return 0
-        if kind == "experts":
-            return expert_in_axis(owner(self.model, name)[1])
-        return self.params[name].ndim - 1
+        """The input axis of an eligible weight (per_row groups weights by output neuron)."""
+        return input_axis(self.model, name)
 
     def evaluate(self) -> dict:
         ids, labels = self.windows.eval_inputs()

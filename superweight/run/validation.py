@@ -20,6 +20,7 @@ import torch
 from ..config import ConfigError, RunConfig
 from ..inputs.data import CORPORA, check_text_file
 from ..core.evaluation import TASKS
+from ..core.experts import input_axis
 from ..core.metrics import METRICS
 from ..core.params import layer_of, quant_kind, weight_kind
 from ..core.perturbation import PERTURBATIONS, parse_bits, supports
@@ -200,6 +201,7 @@ def check_capabilities(cfg: RunConfig, model, params: dict[str, torch.Tensor], q
             raise ConfigError(f"topk={kmax} with mode=per_layer is larger than the smallest eligible tensor "
                               f"{name} ({n} weights); valid: 1..{n}")
     if "per_row" in cfg.select.modes:
-        name, n = min(((nm, p.shape[-1] if p.ndim >= 2 else p.numel()) for nm, p in params.items()), key=lambda x: x[1])
+        name, n = min(((nm, p.shape[input_axis(model, nm)] if p.ndim >= 2 else p.numel()) for nm, p in params.items()),
+                      key=lambda x: x[1])  # a row = one output neuron's inputs (Conv1D stores [in, out])
         if kmax > n:
             raise ConfigError(f"topk={kmax} with mode=per_row is larger than the row length {n} of {name}; valid: 1..{n}")

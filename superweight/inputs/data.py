@@ -276,14 +276,29 @@ def bos_token(tokenizer) -> int | None:
     return int(bos) if ids and ids[0] == bos else None
 
 
-def _tokenizer_id(tokenizer) -> str:
+# A fixed text that exercises what tokenizers disagree on: spaces and runs of them, newlines and tabs, case,
+# digits, punctuation and contractions, accents, CJK, emoji and code.
+PROBE_TEXT = ("The  quick\tbrown fox's 12,345.67 jumps\n\nover  the lazy dog!? — naïve café, Ünïcödé "
+              "日本語のテキスト 😀👍🏽 def f(x):\n    return x**2  # ok\r\nEND")
+
+
+def tokenizer_id(tokenizer) -> str:
+    """A key of what the tokenizer does, for the token-window cache: its class, its serialized form (for a
+    fast tokenizer the whole pipeline: normalizer, pre-tokenizer, model with vocab and merges,
+    post-processor, decoder; otherwise its full vocabulary) and the ids it gives a fixed probe text, with
+    and without special tokens. Two tokenizers that would cut a corpus differently get different keys."""
     h = hashlib.sha256()
     h.update(type(tokenizer).__name__.encode())
-    h.update(str(len(tokenizer)).encode())
-    vocab = tokenizer.get_vocab()
-    for tok_str in sorted(vocab)[:: max(1, len(vocab) // 2000)]:
-        h.update(f"{tok_str}={vocab[tok_str]};".encode())
-    h.update(str(tokenizer.eos_token_id).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        h.update(backend.to_str().encode())
+    else:
+        vocab = tokenizer.get_vocab()
+        for tok_str in sorted(vocab):
+            h.update(f"{tok_str}={vocab[tok_str]};".encode())
+    h.update(f"|{len(tokenizer)}|{tokenizer.eos_token_id}|{getattr(tokenizer, 'bos_token_id', None)}|".encode())
+    for special in (False, True):
+        h.update(repr(list(tokenizer(PROBE_TEXT, add_special_tokens=special)["input_ids"])).encode())
     return h.hexdigest()[:16]
 
 
@@ -339,7 +354,7 @@ def build_windows(cfg: DataConfig, tokenizer, cache_dir: str | None = None, cont
     protocol = "paper" if corpus.joiner is not None else "documents"
     bos = bos_token(tokenizer) if cfg.bos == "auto" else None
     bos_mode = "never" if bos is None else ("window" if bos_every_window else "stream")
-    tid = _tokenizer_id(tokenizer)
+    tid = tokenizer_id(tokenizer)
     if protocol == "paper":
         text_key = f"{_hash_texts(corpus.docs, corpus.joiner)}-{tid}"
         stream = _cached_stream(text_key, lambda: tokenize_text(corpus.joiner.join(corpus.docs), tokenizer), cache_dir)

@@ -19,7 +19,7 @@ class FiguresOptions:
 
     sources: list[str] = field(default_factory=list)  # out_dirs, sweep dirs, offline W&B run dirs, or wandb:ENTITY/PROJECT[/GROUP]
     out: str | None = None  # output directory (default: <sweep dir>/figures for one sweep dir, else ./figures)
-    k: int | None = None  # K of the stability heatmaps (default: the largest K with enough stored rows)
+    k: int | None = None  # K of the stability heatmaps and the score threshold (default: the largest K of the runs; a metric ranking fewer weights is shown at its support)
     formats: list[str] = field(default_factory=lambda: ["html", "png", "svg", "pdf"])  # html | png | svg | pdf | json
     values: list[str] = field(default_factory=lambda: list(VALUES))  # delta_ppl | delta_nll | delta_acc | ppl_ratio
     sweep: str | None = None  # with wandb:ENTITY/PROJECT: only the runs of this sweep id

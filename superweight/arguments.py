@@ -208,7 +208,7 @@ class _Parser(simple_parsing.ArgumentParser):
             if bad in message:
                 message += f"; valid: {valid}"
                 break
-        raise ConfigError(message)
+        raise ConfigError(message.replace(repr(_SHIELD)[1:-1], "").replace(_SHIELD, ""))  # argparse quotes repr()
 
 
 def _parser(cls, dest: str, add_help: bool = False) -> _Parser:
@@ -219,17 +219,43 @@ def _parser(cls, dest: str, add_help: bool = False) -> _Parser:
     return parser
 
 
+# argparse drops a lone `--` from an option's values (`corpus=--` became an empty list that crashed later) and
+# reads a list value such as `-x` as an option. Such values cross argparse behind this marker, which `_unshield`
+# removes from the parsed config (and `_Parser.error` from a message), so every option sees the value typed.
+_SHIELD = "\x00"
+_NEGATIVE_NUMBER = re.compile(r"-\d+|-\d*\.\d+")  # what argparse itself takes for a value, not an option
+
+
+def _shield(v: str, in_list: bool) -> str:
+    if v == "--" or (in_list and v.startswith("-") and not _NEGATIVE_NUMBER.fullmatch(v)):
+        return _SHIELD + v
+    return v
+
+
+def _unshield(obj):
+    """The parsed dataclass tree with every shielded string value restored (in place)."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            _unshield(v)
+        elif isinstance(v, str) and v.startswith(_SHIELD):
+            setattr(obj, f.name, v[len(_SHIELD):])
+        elif isinstance(v, list):
+            setattr(obj, f.name, [x[len(_SHIELD):] if isinstance(x, str) and x.startswith(_SHIELD) else x for x in v])
+    return obj
+
+
 def _tokens(merged: dict[str, list[str]], types: dict[str, Any]) -> list[str]:
     tokens: list[str] = []
     for k, vals in merged.items():
         tp = types[k]
         if _is_list(tp):
             tokens.append(f"--{k}")
-            tokens.extend(vals)
+            tokens.extend(_shield(v, True) for v in vals)
         elif type(None) in typing.get_args(tp) and vals[0].lower() in ("none", "null", ""):
             continue  # keep the default None
         else:
-            tokens.append(f"--{k}={vals[0]}")
+            tokens.append(f"--{k}={_shield(vals[0], False)}")
     return tokens
 
 
@@ -254,8 +280,8 @@ def parse_command(argv: list[str], options=None, positional: str | None = None):
     ns = _parser(RunConfig, "config").parse_args(_tokens(merged, FIELDS))
     opts = None
     if options is not None:
-        opts = _parser(options, "opts").parse_args(_tokens(own, extra)).opts
-    return opts, ns.config
+        opts = _unshield(_parser(options, "opts").parse_args(_tokens(own, extra)).opts)
+    return opts, _unshield(ns.config)
 
 
 def help_text(usage: str, options=None, run_config: bool = True) -> str:

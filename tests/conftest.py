@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("SUPERWEIGHT_CACHE", str(ROOT / ".cache"))
@@ -14,6 +15,11 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Property tests are reproducible: examples derive from each test's source (derandomize), and no example
+# database carries failures from one run into the next (a clean clone has none), so a red run is a regression.
+settings.register_profile("superweight", derandomize=True, database=None, print_blob=True)
+settings.load_profile("superweight")
 
 
 def make_tiny_llama(vocab_size: int = 64, hidden: int = 16, layers: int = 2, seed: int = 0, **kw):
@@ -60,25 +66,48 @@ def tiny_llama():
 
 @pytest.fixture(scope="session")
 def smollm():
-    """(model, tokenizer, device) of the real shipped SmolLM2-135M on CPU, loaded once per session."""
+    """(model, tokenizer, device) of the real shipped SmolLM2-135M on CPU, loaded once per session. Only the
+    tests that need the real model use it (all marked slow); the others use the small tokenizer below."""
     from superweight.config import ModelConfig
     from superweight.inputs.models import load_model
 
     return load_model(ModelConfig(device="cpu"))
 
 
-@pytest.fixture(scope="session")
-def smollm_tokenizer(smollm):
-    """The real SmolLM2 tokenizer (as `load_model` returns it for the embedded default)."""
-    return smollm[1]
+SMALL_VOCAB = 512
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm_tokenizer):
-    """A local HF model dir: a tiny random Llama with the real SmolLM2 tokenizer (fast CLI end-to-end)."""
-    tok = smollm_tokenizer
-    d = tmp_path_factory.mktemp("tiny-llama")
-    model = make_tiny_llama(vocab_size=len(tok), hidden=32, layers=2, seed=1)
+def small_tokenizer():
+    """A byte-level BPE tokenizer of 512 tokens trained on the first 400 shipped BoolQ passages: any UTF-8 text
+    encodes, English words are a few tokens each, and the special tokens follow SmolLM2's (`<|im_start|>` is
+    BOS = EOS = pad, no BOS added to a text). A tiny model with the real 49,152-token vocabulary spends most of
+    every forward and backward in its embedding and head; with this one the weights it scores dominate."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from superweight.inputs.data import boolq_passages
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=SMALL_VOCAB, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(boolq_passages().docs[:400], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_start|>",
+                                   pad_token="<|im_start|>", unk_token="<|endoftext|>")
+
+
+def save_tiny_model(d: Path, tok, seed: int, **kw) -> Path:
+    """A local HF model dir: a tiny random Llama (hidden 32, 2 layers) with the small tokenizer."""
+    model = make_tiny_llama(vocab_size=len(tok), hidden=32, layers=2, seed=seed, **kw)
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, small_tokenizer):
+    """A local HF model dir: a tiny random Llama with the small tokenizer (fast CLI end-to-end)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), small_tokenizer, seed=1)

@@ -1,5 +1,5 @@
 """The architecture matrix: tiny random-init models of the families users point the tool at first, each built
-from a config (no download), saved with the real SmolLM2 tokenizer, and run in process through a full
+from a config (no download), saved with the small test tokenizer, and run in process through a full
 experiment with every metric, every control and two perturbations, and through the Super Weight detector.
 
 Families: Llama, GPT-2 (Conv1D), OPT, GPT-NeoX (fused qkv), Phi-3 (fused qkv and gate_up), Qwen2 (tied

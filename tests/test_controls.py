@@ -202,13 +202,17 @@ def test_matched_k_is_disjoint_and_matches_magnitudes(planted):
             assert ks_distance(a, b) == pytest.approx(ks)
             q = match_quality(sel)
             assert q["match_ks"] == pytest.approx(ks) and ks <= (0.2 if k == 10 else 0.1), (k, q)
-        # each match: the same module type as its target, |w| within 5% (the windows are tiny here)
+        # each match: the same module type as its target, |w| within 1% for nearly all (the nearest free |w|
+        # where a target's ±1% window has no free candidate left: here two, within 20%)
+        errs = []
         for r, p, f in zip(mk.group_rank.tolist(), mk.pid.tolist(), mk.flat.tolist()):
             tn, tf = tvals[int(r)]
             assert module_type(mk.names[p]) == module_type(tn)
             w = abs(float(params[mk.names[p]].detach().reshape(-1)[f]))
             t = abs(float(params[tn].detach().reshape(-1)[tf]))
-            assert w != 0 and abs(math.log(w / t)) <= math.log(1.05)
+            assert w != 0
+            errs.append(abs(w / t - 1))
+        assert sum(e <= 0.01 for e in errs) >= 0.98 * K and max(errs) <= 0.2, sorted(errs)[-3:]
         # a matched weight carries its own score (auditable), not its target's
         assert torch.equal(mk.score, torch.tensor([float(scores[mk.names[p]].reshape(-1)[f])
                                                    for p, f in zip(mk.pid.tolist(), mk.flat.tolist())]))

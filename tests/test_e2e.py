@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -10,31 +11,53 @@ import pytest
 from safetensors import safe_open
 
 from superweight.arguments import parse_config
+from superweight.commands import main
 from superweight.commands.run import make_experiment, run_experiment
 from superweight.config import ModelConfig
 from superweight.inputs.models import load_model
 from superweight.core.params import fingerprint
-from superweight.core.gaps import GAP_COLUMNS
-from superweight.core.results import RESULT_COLUMNS, make_row, results_frame
+from superweight.core.results import make_row, results_frame
 
 
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "superweight", "run", *args], capture_output=True, text=True, env=env)
+# results.csv's schema, written out here (not read from the code) so that a change to it is a deliberate one
+SCHEMA = ["metric", "seed", "mode", "selection", "draw", "k", "n_selected", "support", "n_tied", "perturbation",
+          "ppl", "nll", "acc", "delta_ppl", "delta_nll", "delta_nll_lo", "delta_nll_hi", "delta_acc", "ppl_ratio",
+          "changed", "delta_w_l2", "delta_w_linf", "mean_abs_w", "match_ks", "match_err_median", "match_err_max",
+          "nonfinite_weights", "nonfinite", "tokens"]
+GAP_SCHEMA = ["perturbation", "mode", "metric", "k", "control", "gap_nll", "gap_nll_lo", "gap_nll_hi",
+              "top_delta_nll", "control_delta_nll", "n_seeds", "n_draws", "n_windows"]
 
 
-def test_cli_run_writes_every_output(tiny_model_dir, tmp_path):
+def test_python_m_superweight_runs_end_to_end(tiny_model_dir, tmp_path):
+    """The one real `python -m superweight` of the default run (a cold interpreter, as a user or wandb agent
+    starts it): a small run exits 0, prints its table, writes its rows, and nothing lands on stderr but
+    warnings (no traceback). Every other CLI test calls `superweight.commands.main` in-process."""
     out = tmp_path / "run"
-    p = run_cli(f"model={tiny_model_dir}", "metric=magnitude,grad_x_weight,grad_squared", "topk=1,10,100",
-                "mode=global,per_layer", "perturb=zero,sign_flip", "controls=random_k,bottom_k", "seeds=0,1",
-                "data.eval_windows=4", "data.calib_windows=2", "data.seq_len=32", "wandb.mode=disabled",
-                f"out_dir={out}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    p = subprocess.run([sys.executable, "-m", "superweight", "run", f"model={tiny_model_dir}", "metric=magnitude",
+                        "topk=1,2", "controls=random_k", "seeds=0", "data.eval_windows=2", "data.calib_windows=1",
+                        "data.seq_len=16", "wandb.mode=disabled", "plots=none", f"out_dir={out}"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "magnitude" in p.stdout
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 2 * (1 + 2)  # 2 Ks x (top_k + 2 random_k draws)
+    assert (out / "manifest.json").is_file()
+
+
+def test_cli_run_writes_every_output(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["run", f"model={tiny_model_dir}", "metric=magnitude,grad_x_weight,grad_squared", "topk=1,10,100",
+               "mode=global,per_layer", "perturb=zero,sign_flip", "controls=random_k,bottom_k", "seeds=0,1",
+               "data.eval_windows=4", "data.calib_windows=2", "data.seq_len=32", "wandb.mode=disabled",
+               f"out_dir={out}"])
+    assert rc == 0, capsys.readouterr().err[-2000:]
     for f in ("manifest.json", "results.csv", "perturbation_results.json", "rankings.csv", "stability.csv",
               "stability_summary.csv", "gaps.csv", "effects.csv", "selections.safetensors",
               "sensitivity_scores.safetensors"):
         assert (out / f).is_file(), f
     df = pd.read_csv(out / "results.csv")
-    assert list(df.columns[: len(RESULT_COLUMNS)]) == RESULT_COLUMNS  # the fixed schema, whatever the controls
+    assert list(df.columns[: len(SCHEMA)]) == SCHEMA  # the fixed schema, whatever the controls
     assert df["match_ks"].isna().all()  # no matched_k in this run
     # one row per metric x seed x K x mode x selection (random_k: select.control_draws = 2 draws) x perturbation
     assert len(df) == 3 * 2 * 3 * 2 * (1 + 2 + 1) * 2
@@ -49,7 +72,7 @@ def test_cli_run_writes_every_output(tiny_model_dir, tmp_path):
     top_rows = df[(df["selection"] == "top_k") & (df["mode"] == "global")]
     assert (top_rows["support"] >= top_rows["n_selected"]).all() and (top_rows["n_tied"] >= 1).all()
     gp = pd.read_csv(out / "gaps.csv")
-    assert list(gp.columns) == GAP_COLUMNS
+    assert list(gp.columns) == GAP_SCHEMA
     # one gap per perturbation x mode x metric x K x control
     assert len(gp) == 2 * 2 * 3 * 3 * 2 and set(gp["control"]) == {"random_k", "bottom_k"}
     assert (gp.loc[gp["control"] == "random_k", "n_draws"] == 2).all() and (gp["n_seeds"] == 2).all()
@@ -89,7 +112,7 @@ def test_results_csv_has_the_fixed_schema():
     row = make_row(keys, res, base, {"changed": 1, "nonfinite": 0, "delta_w_l2": 1.0, "delta_w_linf": 1.0,
                                      "mean_abs_w": 1.0})
     df = results_frame([row])
-    assert list(df.columns[: len(RESULT_COLUMNS)]) == RESULT_COLUMNS
+    assert list(df.columns[: len(SCHEMA)]) == SCHEMA
     assert df.loc[0, "delta_nll"] == pytest.approx(0.5)
 
 
@@ -107,12 +130,12 @@ def test_real_model_top_k_hurts_far_more_than_controls(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def half_zero_model_dir(tmp_path_factory, smollm_tokenizer):
+def half_zero_model_dir(tmp_path_factory, small_tokenizer):
     """A tiny Llama whose block weights are half exact zeros (as a pruned or GGUF checkpoint can be)."""
     import torch
     from conftest import make_tiny_llama
 
-    model = make_tiny_llama(vocab_size=len(smollm_tokenizer), hidden=32, layers=2, seed=3)
+    model = make_tiny_llama(vocab_size=len(small_tokenizer), hidden=32, layers=2, seed=3)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -120,7 +143,7 @@ def half_zero_model_dir(tmp_path_factory, smollm_tokenizer):
                 p[torch.rand(p.shape, generator=g) < 0.5] = 0.0
     d = tmp_path_factory.mktemp("half-zero")
     model.save_pretrained(d)
-    smollm_tokenizer.save_pretrained(d)
+    small_tokenizer.save_pretrained(d)
     return d
 
 

@@ -119,8 +119,8 @@ def test_strided_perplexity_with_full_stride_context(model_and_windows):
     assert res.nll == pytest.approx(nll / 29, rel=1e-5)
 
 
-def test_calibration_and_evaluation_windows_disjoint(tmp_path, smollm_tokenizer):
-    tok = smollm_tokenizer
+def test_calibration_and_evaluation_windows_disjoint(tmp_path, small_tokenizer):
+    tok = small_tokenizer
     lines = [f"Document {i} talks about topic {i * 7 % 13} and number {i * i}." for i in range(80)]
     path = tmp_path / "docs.txt"
     path.write_text("\n".join(lines))

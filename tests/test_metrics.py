@@ -425,9 +425,9 @@ def test_act_outlier_on_smollm_finds_a_catastrophic_weight(smollm):
 
 
 @pytest.fixture(scope="module")
-def planted_model_dir(tmp_path_factory, smollm_tokenizer):
-    """A local HF dir: tiny random Llama with the real tokenizer and a super weight planted on ' the'."""
-    tok = smollm_tokenizer
+def planted_model_dir(tmp_path_factory, small_tokenizer):
+    """A local HF dir: tiny random Llama with the small tokenizer and a super weight planted on ' the'."""
+    tok = small_tokenizer
     the = tok(" the", add_special_tokens=False)["input_ids"][0]
     model = make_tiny_llama(vocab_size=len(tok), hidden=32, layers=2, seed=2)
     pname, r, c = plant_super_weight(model, layer=1, d=3, c=7, r=5, token=the)

@@ -126,6 +126,10 @@ def parse_pairs(argv: list[str], extra: dict[str, Any] | None = None, positional
         key, eq, raw = body.partition("=")
         values_raw = [raw] if eq else []
         i += 1
+        if key == "_wandb":  # W&B's own key in a sweep controller's resume command (wandb/wandb#4237): no option
+            while not eq and i < len(argv) and not _looks_like_key(argv[i]):
+                i += 1
+            continue
         ckey = None if key in ("config", "config_path") else canonical_key(key, extra)
         tp = types.get(ckey)
         if not eq or not positional:

@@ -114,7 +114,7 @@ class TrackConfig:
     tags: list[str] = field(default_factory=list)  # W&B tags
     dir: str | None = None  # where wandb writes its run dirs (default: out_dir)
     requeue_on_sigterm: bool = False  # SIGTERM marks the run preempting (W&B requeues it) instead of stopped
-    scores: str = "upload"  # score-set artifacts: upload | reference (a file:// reference to the cache) | none
+    scores: str = "reference"  # score-set artifacts: reference (a file:// reference to the cache: no copy, no upload) | upload (the file, once per cache key) | none
 
 
 @dataclass

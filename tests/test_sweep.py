@@ -273,3 +273,29 @@ def test_notebook_executes_on_the_sweep(tiny_sweep, tmp_path, monkeypatch):
     plotly_outputs = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
     kinds = [sorted(o.get("data", {})) or o.get("output_type") for o in outputs]
     assert len(plotly_outputs) >= 4, kinds  # 2 delta figures, 2 histograms (+ stability)
+
+
+def test_every_agent_macro_expands_as_the_agent_does(tmp_path, monkeypatch):
+    """Expected lists written out by hand from wandb_agent.Agent._command_run's rule: a token that is exactly
+    ${name} becomes the macro's list (a dict: its keys), an unknown macro nothing, an embedded one stays."""
+    monkeypatch.setenv("SW_TEST_VAR", "v")
+    s = {"program": "superweight", "command": [
+        "${env}", "${interpreter}", "-m", "${program}", "run", "${args_no_equals}", "${args_json_file}",
+        "${args_dict}", "${args_no_hyphens}", "${args_no_boolean_flags}", "${args_json}", "${args_append_hydra}",
+        "${args_override_hydra}", "${no_such_macro}", "--x=${args}", "${envvar:SW_TEST_VAR}", "${args}"]}
+    params = {"seeds": [0], "wandb.requeue_on_sigterm": True, "perturb.prob": 0.5, "flag": False}
+    got = sweep.command_line(s, params, tmp_path / "c.json")
+    assert got == [
+        "/usr/bin/env", "python", "-m", "superweight", "run",
+        "--seeds", "[0]", "--wandb.requeue_on_sigterm", "True", "--perturb.prob", "0.5", "--flag", "False",
+        str(tmp_path / "c.json"),
+        "seeds", "wandb.requeue_on_sigterm", "perturb.prob", "flag",
+        "seeds=[0]", "wandb.requeue_on_sigterm=True", "perturb.prob=0.5", "flag=False",
+        "--seeds=[0]", "--wandb.requeue_on_sigterm", "--perturb.prob=0.5",
+        '{"seeds": [0], "wandb.requeue_on_sigterm": true, "perturb.prob": 0.5, "flag": false}',
+        "+seeds=[0]", "+wandb.requeue_on_sigterm=True", "+perturb.prob=0.5", "+flag=False",
+        "++seeds=[0]", "++wandb.requeue_on_sigterm=True", "++perturb.prob=0.5", "++flag=False",
+        "--x=${args}", "v",
+        "--seeds=[0]", "--wandb.requeue_on_sigterm=True", "--perturb.prob=0.5", "--flag=False"]
+    # the CLI reads the no-equals form the same as the default one
+    assert parse_config(["--seeds", "[0]", "--perturb.prob", "0.5"]) == parse_config(["--seeds=[0]", "--perturb.prob=0.5"])

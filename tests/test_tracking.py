@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from superweight.edge import offline_runs, tracking
+from superweight.edge import offline_runs, run_identity
 from superweight.arguments import parse_config
 from superweight.commands.run import make_experiment, run_experiment
 from superweight.config import config_hash, to_flat
@@ -57,7 +57,11 @@ def test_config_is_the_flat_dotted_config(tracked):
     """run.config holds the flat dotted keys a sweep names, without the keys that say where a run ran."""
     rec, cfg = tracked["rec"], tracked["cfg"]
     want = {k: v for k, v in to_flat(cfg).items() if k not in WHERE}
-    assert rec["config"] == json.loads(json.dumps(want))
+    axes = {k: v for k, v in rec["config"].items() if k.startswith("axis_")}
+    assert {k: v for k, v in rec["config"].items() if k not in axes} == json.loads(json.dumps(want))
+    # the swept axes as undotted scalars the runs table can group by (lists joined by ',')
+    assert axes == {"axis_metric": "magnitude,grad_x_weight", "axis_perturbation": "zero", "axis_seed": "0,1",
+                    "axis_k": "1,10,100", "axis_model": cfg.model.name.rstrip("/").split("/")[-1]}
     assert rec["config"]["select.topk"] == [1, 10, 100]
     assert rec["config"]["score.metrics"] == ["magnitude", "grad_x_weight"]
     assert rec["config"]["select.controls"] == ["random_k", "bottom_k", "matched_k"]  # the defaults
@@ -125,7 +129,7 @@ def _table(path) -> pd.DataFrame:
 
 
 def _artifacts(tracked) -> dict:
-    return {a["type"]: a for a in tracked["rec"]["artifacts"] if a["type"] != "scores"}
+    return {a["type"]: a for a in tracked["rec"]["artifacts"] if a["type"] not in ("scores", "run_table")}
 
 
 def test_results_table_equals_the_csv_plus_config_columns(tracked):
@@ -133,7 +137,7 @@ def test_results_table_equals_the_csv_plus_config_columns(tracked):
     files = _artifacts(tracked)["results"]["files"]
     table = next(local for name, local in files.items() if name.startswith("results_table"))
     tab, csv = _table(table), pd.read_csv(out / "results.csv")
-    cols = tracking.config_columns(cfg)
+    cols = run_identity.config_columns(cfg)
     assert "model.name" in cols and "perturb.scale" in cols and "out_dir" not in cols
     assert list(tab.columns) == list(csv.columns) + list(cols)
     assert len(tab) == len(csv) > 0
@@ -153,9 +157,11 @@ def test_artifacts_hold_the_out_dir_files(tracked):
     by_type = _artifacts(tracked)
     assert set(by_type) == {"results", "rankings", "manifest", "plots"}
     for kind, a in by_type.items():
-        assert a["name"] == f"{kind}-{tracking.model_slug(cfg.model.name)}"
-        assert {f"cfg-{chash(cfg)}", f"run-{run_id}"} <= set(a["aliases"])
+        assert a["name"] == f"{kind}-{run_identity.model_slug(cfg.model.name)}"
+        assert sorted(a["aliases"]) == ["latest", f"run-{run_id}"]  # one version per alias: labels are tags
+        assert a["tags"] == [f"cfg-{chash(cfg)}", "seed-0", "seed-1"]
         assert a["metadata"]["config_hash"] == chash(cfg) and a["metadata"]["run"] == run_id
+        assert a["metadata"]["seeds"] == [0, 1] and a["metadata"]["sweep_id"] is None
     files = {k: {n for n in a["files"] if not n.endswith(".table.json")} for k, a in by_type.items()}
     assert files["results"] == {"results.csv", "gaps.csv", "perturbation_results.json"}
     assert files["rankings"] == {"rankings.csv", "selections.safetensors", "stability.csv", "stability_summary.csv"}
@@ -176,23 +182,46 @@ def test_artifacts_hold_the_out_dir_files(tracked):
 
 
 def test_score_sets_logged_as_inputs_named_by_cache_key(tracked):
-    """One scores artifact per (metric, seed) score set, holding the cached file, aliased by its cache key."""
+    """One scores artifact per (metric, seed) score set, a reference to the cached file (no copy), aliased by
+    its cache key and tagged with its seed."""
     rec, cfg, result = tracked["rec"], tracked["cfg"], tracked["result"]
     keys = result.extra["score_keys"]
     assert set(keys) == {f"{m}.seed{s}" for m in ("magnitude", "grad_x_weight") for s in (0, 1)}
     assert keys["magnitude.seed0"] == keys["magnitude.seed1"]  # no calibration data: one score set
     scores = [a for a in rec["artifacts"] if a["type"] == "scores"]
     assert len(scores) == 4
-    model = tracking.model_slug(cfg.model.name)
+    model = run_identity.model_slug(cfg.model.name)
     for tag, key in keys.items():
         metric, seed = tag.split(".seed")
-        a = next(x for x in scores if f"key-{key}" in x["aliases"] and f"seed{seed}" in x["aliases"])
+        a = next(x for x in scores if f"key-{key}" in x["aliases"] and f"seed-{seed}" in x["tags"])
+        assert sorted(a["aliases"]) == [f"key-{key}", "latest"]
         assert a["name"] == f"scores-{model}-{metric}" and a["metadata"]["cache_key"] == key
         cached = cache_root(cfg.cache_dir) / "scores" / f"{key}.safetensors"
-        assert open(a["files"]["scores.safetensors"], "rb").read() == cached.read_bytes()
+        assert a["files"]["scores.safetensors"] == cached.resolve().as_uri()  # a reference: nothing copied
+        assert a["metadata"]["cache_path"] == str(cached.resolve())
         assert rec["summary"][f"inputs/{tag}"] == f"scores-{model}-{metric}:key-{key}"
     mag = [a for a in scores if a["name"].endswith("-magnitude")]
-    assert mag[0]["digest"] == mag[1]["digest"]  # the same content: one digest
+    assert mag[0]["digest"] == mag[1]["digest"]  # the same score set: one digest
+    # no staging copy of any score set: no file in W&B's staging folder holds a score set's bytes
+    sets = {(cache_root(cfg.cache_dir) / "scores" / f"{k}.safetensors").read_bytes() for k in keys.values()}
+    staged = [p for p in (tracked["out"] / "wandb" / "staging").rglob("*") if p.is_file()]
+    assert staged and not [p for p in staged if p.read_bytes() in sets]
+
+
+def test_csv_tables_are_in_the_workspace_and_the_sweep_metric_is_finite(tracked):
+    """Every out_dir CSV logged to the run as a table (the same rows); the sweep metric recomputed from the CSV."""
+    out, rec = tracked["out"], tracked["rec"]
+    s, files = rec["summary"], tracked["run_dir"] / "files"
+    for name in ("results", "gaps"):
+        csv = pd.read_csv(out / f"{name}.csv")
+        assert s[f"tables/{name}._type"] == "table-file" and s[f"tables/{name}_rows"] == len(csv)
+        tab = json.loads((files / s[f"tables/{name}.path"]).read_text())
+        assert tab["columns"] == list(csv.columns) and len(tab["data"]) == len(csv)
+    rows = pd.read_csv(out / "results.csv")
+    top = rows[rows["selection"] == "top_k"]
+    want = max(g["delta_nll"].mean() for _, g in top.groupby(["perturbation", "mode", "metric", "k"]))
+    assert s["sweep/max_delta_nll_top_k"] == pytest.approx(min(want, 30.0))
+    assert tracked["rec"]["run"]["run_group"] == "test-group"
 
 
 def test_plots_logged_as_images_and_charts(tracked):

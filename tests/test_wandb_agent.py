@@ -200,15 +200,18 @@ def test_two_runs_sharing_a_score_set_log_one_digest(two_run_sweep):
     model = Path(plan["runs"][0]["params"]["model.name"]).name
     assert a["name"] == b["name"] == f"scores-{model}-magnitude"
     assert a["digest"] == b["digest"] and b["metadata"]["cache_key"] == key
-    assert {f"key-{key}", "seed0"} <= set(a["aliases"]) and {f"key-{key}", "seed0"} <= set(b["aliases"])
+    assert sorted(a["aliases"]) == sorted(b["aliases"]) == [f"key-{key}", "latest"]
+    assert a["tags"] == b["tags"] == ["seed-0"]
     for r, rec in zip(plan["runs"], recs):
         assert rec["summary"]["inputs/magnitude.seed0"] == f"{a['name']}:key-{key}"
-        outs = {x["type"]: x for x in rec["artifacts"] if x["type"] != "scores"}
+        outs = {x["type"]: x for x in rec["artifacts"] if x["type"] not in ("scores", "run_table")}
         assert set(outs) == {"results", "rankings", "manifest"}
         chash = rec["summary"]["meta/config_hash"]
         for x in outs.values():
             assert x["name"] == f"{x['type']}-{model}"
-            assert {f"cfg-{chash}", f"run-{r['run_id']}", f"sweep-{plan['group']}"} <= set(x["aliases"])
+            assert sorted(x["aliases"]) == ["latest", f"run-{r['run_id']}"]  # labels many versions share: tags
+            assert x["tags"] == [f"cfg-{chash}", f"sweep-{plan['group']}", "seed-0"]
+            assert x["metadata"]["sweep_id"] == plan["group"] and x["metadata"]["seeds"] == [0]
     # the two runs' results differ (two perturbations), their score set does not
     res = [next(x for x in rec["artifacts"] if x["type"] == "results") for rec in recs]
     assert res[0]["name"] == res[1]["name"] and res[0]["digest"] != res[1]["digest"]
@@ -303,7 +306,7 @@ def test_sigterm_requeue_marks_preempting_and_the_rerun_finishes_the_same_run(ti
             f"exit_code={first['exit_code']}, run id {first['run']['run_id']}")
     assert first["preempting"] and first["exit_code"] == 143
     assert done - 1 <= n <= done and [h["row"] for h in first["history"]] == list(range(1, n + 1))
-    assert first["summary"]["meta/stopped"] == "SIGTERM, requeued"
+    assert first["summary"]["meta/stopped"] == "SIGTERM, marked preempting (requeued)"
     from superweight.edge.figures import materialize_offline_run
 
     with pytest.raises(ConfigError, match="exit code 143"):
@@ -318,6 +321,13 @@ def test_sigterm_requeue_marks_preempting_and_the_rerun_finishes_the_same_run(ti
     assert second["run"]["run_id"] == first["run"]["run_id"] == json.loads((out / "wandb_run.json").read_text())["id"]
     assert second["exit_code"] == 0 and not second["preempting"]
     assert [h["row"] for h in second["history"]] == list(range(1, 33))  # offline: the rerun's record is complete
+    assert "meta/stopped" not in second["summary"]  # the first attempt's end is not this run's (removed at start)
+    # `wandb sync <out_dir>/wandb` (wandb's own file selection) uploads exactly the complete record
+    from wandb.cli import beta_sync
+
+    picked = beta_sync._find_wandb_files([out / "wandb"], skip_synced=True, skip_online=True, verbose=False)
+    assert [p.parent.name for p in picked] == [offline_run_dirs(out / "wandb")[1].name]
+    assert [h["row"] for h in read_offline_run(next(iter(picked)))["history"]] == list(range(1, 33))
 
 
 LOG_ROW = WandbTracker.log_row
@@ -341,7 +351,7 @@ def test_sigterm_without_requeue_and_ctrl_c(tiny_model_dir, tmp_path, monkeypatc
     assert rec["exit_code"] == 143 and not rec["preempting"] and rec["summary"]["meta/stopped"] == "SIGTERM"
     assert len(rec["history"]) == 1
     err = capsys.readouterr().err
-    assert "SIGTERM after 1/2 rows: run stopped; rerun the same command to resume" in err
+    assert "SIGTERM after 1/2 rows: run stopped, not requeued; rerun the same command to resume" in err
     # Ctrl-C on the rerun: one line saying how to resume, exit 130, the same W&B run
     _kill_at_row(monkeypatch, 2, signal.SIGINT)
     assert run(tiny_model_dir, out) == 130
@@ -350,6 +360,56 @@ def test_sigterm_without_requeue_and_ctrl_c(tiny_model_dir, tmp_path, monkeypatc
     first, second = records(out)
     assert second["run"]["run_id"] == first["run"]["run_id"] and second["exit_code"] == 130
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_ui_stop_and_preemption_take_different_paths(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A Stop in the W&B UI reaches the run through wandb's run-stop checker, which calls
+    wandb.sdk.lib.interrupt.interrupt_main from its thread (SIGINT to the main thread): exit 130, never marked
+    preempting, so W&B does not requeue it, even with wandb.requeue_on_sigterm. A SIGTERM (preempted VM)
+    with it: marked preempting, exit 143, requeued."""
+    import threading
+
+    from wandb.sdk.lib import interrupt
+
+    def stop_from_ui(self, r, done, total):
+        LOG_ROW(self, r, done, total)
+        if done == 1:  # the stop checker's thread fires while the main thread works
+            t = threading.Thread(target=interrupt.interrupt_main)
+            t.start()
+            t.join()
+            time.sleep(0.5)  # the main thread takes the signal at its next bytecode
+
+    monkeypatch.setattr(WandbTracker, "log_row", stop_from_ui)
+    assert run(tiny_model_dir, tmp_path / "ui", "wandb.requeue_on_sigterm=true") == 130
+    (ui,) = records(tmp_path / "ui")
+    assert ui["exit_code"] == 130 and not ui["preempting"]
+    assert ui["summary"]["meta/stopped"] == "SIGINT (Ctrl-C or a W&B UI Stop), not requeued"
+    _kill_at_row(monkeypatch, 1, signal.SIGTERM)
+    assert run(tiny_model_dir, tmp_path / "vm", "wandb.requeue_on_sigterm=true") == 143
+    (vm,) = records(tmp_path / "vm")
+    assert vm["exit_code"] == 143 and vm["preempting"]
+    assert "marked preempting, W&B requeues it" in capsys.readouterr().err
+
+
+def test_sigterm_after_the_run_finished_exits_0_and_says_so(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from superweight.edge.sweep import is_finished
+
+    close = WandbTracker._supersede_offline
+
+    def late(self):  # runs inside the shield right after run.finish(): the W&B run is complete
+        os.kill(os.getpid(), signal.SIGTERM)
+        close(self)
+
+    monkeypatch.setattr(WandbTracker, "_supersede_offline", late)
+    out = tmp_path / "late"
+    assert run(tiny_model_dir, out, "wandb.requeue_on_sigterm=true") == 0
+    err = capsys.readouterr().err
+    assert "SIGTERM arrived after the run had finished and was published; nothing to resume or requeue" in err
+    assert "preempting" not in err
+    (rec,) = records(out)
+    assert rec["exit_code"] == 0 and not rec["preempting"] and "meta/stopped" not in rec["summary"]
+    assert is_finished(out, parse_config([f"model.name={tiny_model_dir}", *TINY, f"out_dir={out}",
+                                          "wandb.requeue_on_sigterm=true"]))
 
 
 def test_crash_marks_the_record_failed_with_the_error(tiny_model_dir, tmp_path, monkeypatch):

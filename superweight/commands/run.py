@@ -15,7 +15,7 @@ from ..run.resume import now
 from ..core.comparison import comparison_text
 from ..core.summary import summary_table
 from ..edge.sweep import apply_sweep_env, check_agent_run
-from ..edge.signals import Preempted, interrupt
+from ..edge.signals import Preempted, interrupt, shielded
 from ..edge.tracking import TrackingError, WandbTracker
 from .base import register
 
@@ -56,10 +56,21 @@ def make_experiment(cfg: RunConfig, progress: bool = True) -> Experiment:
 
 
 def run_experiment(exp: Experiment) -> Result:
-    """Run it and mark it finished (the record `superweight sweep` checks) once W&B has its final state."""
+    """Run it and mark it finished (the record `superweight sweep` checks) once W&B has its final state.
+    A SIGTERM/SIGINT that arrives after the W&B run finished changes nothing: the run is complete, the progress
+    log says finished, and the command says so and exits 0."""
+    late = None
     with signals_raise():
         result = exp.run()
-    exp.log.record(("finished",), {"at": now()})
+        try:
+            with shielded():
+                exp.log.record(("finished",), {"at": now()})
+        except (Preempted, KeyboardInterrupt) as e:
+            late = "SIGTERM" if isinstance(e, Preempted) else "SIGINT"
+    late = late or getattr(exp.tracker, "late_signal", None)
+    if late:
+        print(f"superweight: {late} arrived after the run had finished and was published; nothing to resume or "
+              "requeue (exit 0)", file=sys.stderr)
     return result
 
 
@@ -82,7 +93,8 @@ def main(argv: list[str]) -> int:
     try:
         result = run_experiment(exp)
     except Preempted:
-        how = "marked preempting, W&B requeues it" if cfg.wandb.requeue_on_sigterm else "stopped"
+        how = ("marked preempting, W&B requeues it" if getattr(exp.tracker, "marked_preempting", False)
+               else "stopped, not requeued")
         print(f"superweight: SIGTERM {_rows_done(exp)}: run {how}; rerun the same command to resume "
               f"(out_dir {cfg.out_dir})", file=sys.stderr)
         return 143

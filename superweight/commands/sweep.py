@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -12,8 +13,8 @@ from pathlib import Path
 
 from ..arguments import parse_command
 from ..config import ConfigError
-from ..files import atomic_write_json
-from ..edge.sweep import ENV_DIR, ENV_GROUP, plan, write_param_file
+from ..files import atomic_write_json, atomic_write_text
+from ..edge.sweep import ENV_DIR, ENV_GROUP, param_file, plan, write_param_file
 from .base import register
 
 
@@ -27,11 +28,6 @@ class SweepOptions:
     seed: int = 0  # seed of method random's draws
     sweep_dir: str | None = None  # where the runs' out_dirs go (default outputs/sweeps/<name>-<hash>; a shared filesystem lets another machine resume)
     online: bool = False  # log to W&B online (default: offline runs under each out_dir; `wandb sync` uploads them)
-
-
-def param_path(root: Path, group: str, run_id: str) -> Path:
-    """Where wandb agent puts a run's parameter file (<WANDB_DIR>/wandb/sweep-<id>/config-<run id>.yaml)."""
-    return (Path(root) / "wandb" / f"sweep-{group}" / f"config-{run_id}.yaml").resolve()
 
 
 @register("sweep", usage="usage: superweight sweep SWEEP.yaml [--dry-run] [--count N] [--seed S] [--sweep-dir DIR] "
@@ -64,7 +60,7 @@ def main(argv: list[str]) -> int:
         for i, r in enumerate(p["runs"], 1):
             state = "done" if r["finished"] else "todo"
             print(f"[{i}/{n} {state}] {prefix} WANDB_RUN_ID={r['run_id']} "
-                  f"WANDB_SWEEP_PARAM_PATH={shlex.quote(str(param_path(root, p['group'], r['run_id'])))} "
+                  f"WANDB_SWEEP_PARAM_PATH={shlex.quote(str(param_file(root, p['group'], r['run_id'])))} "
                   f"{shlex.join(r['command'])}")
         return 0
     root.mkdir(parents=True, exist_ok=True)
@@ -81,8 +77,9 @@ def main(argv: list[str]) -> int:
         if r["finished"]:
             print(f"[{i}/{n}] finished, skipping: {r['out_dir']}")
             continue
-        param_file = write_param_file(param_path(root, p["group"], r["run_id"]), r["params"])
-        env = {**base, "WANDB_RUN_ID": r["run_id"], "WANDB_SWEEP_PARAM_PATH": str(param_file.resolve())}
+        pfile = write_param_file(param_file(root, p["group"], r["run_id"]), r["params"])
+        atomic_write_text(pfile.with_suffix(".json"), json.dumps(r["params"]))  # ${args_json_file}, as the agent
+        env = {**base, "WANDB_RUN_ID": r["run_id"], "WANDB_SWEEP_PARAM_PATH": str(pfile)}
         print(f"[{i}/{n}] {shlex.join(r['command'])}", flush=True)
         rc = subprocess.run(r["command"], env=env).returncode
         if rc != 0:

@@ -3,13 +3,14 @@ is commands/sweep.py):
 
   * the same YAML works unchanged with `wandb sweep SWEEP.yaml` + `wandb agent ID` on GPU VMs (give it a
     `project:`, or the project comes from the checkout's folder name);
-  * `method: grid` expands like the W&B sweep controller: parameters sorted by name, the Cartesian
-    product of their `values` (int_uniform / q_uniform become value lists) in that order, `run_cap`
-    runs at most; `method: random` draws `run_cap` (or --count) runs with a seeded RNG (--seed, default 0);
-    `bayes` needs the W&B server;
-  * each run is the agent's command line: `command` with `${env}` -> /usr/bin/env, `${interpreter}` ->
-    python (this interpreter's directory goes first on PATH), `${program}`, and `${args}` -> one
-    `--name=value` per parameter (name order, Python str() of the value, e.g. `--select.topk=[1, 10]`);
+  * `method: grid` expands like the W&B sweep controller: parameters sorted by name, the Cartesian product of
+    their `values` (int_uniform / q_uniform become value lists) in that order, `run_cap` runs at most; `method:
+    random` draws `run_cap` (or --count) runs with a seeded RNG (--seed, default 0); `bayes` needs the server;
+  * each run is the agent's command line, built by wandb's own functions (`command_line`): every macro the
+    agent knows (`${env}` -> /usr/bin/env, `${interpreter}` -> python, this interpreter's directory first on
+    PATH, `${program}`, `${args}` -> one `--name=value` per parameter in name order with Python str() of the
+    value, e.g. `--select.topk=[1, 10]`, `${args_no_equals}`, `${args_json_file}`, `${args_dict}`, ...,
+    `${envvar:NAME}`); an unknown macro expands to nothing, as under the agent;
   * every run gets its own out_dir `<sweep dir>/<readable params>-<config hash>` (sweep dir default
     `outputs/sweeps/<sweep name>-<hash of the YAML>`), all runs share the W&B group `<name>-<hash>`,
     and a run whose progress log ends `finished` (same config and code) is skipped, so a killed sweep
@@ -214,27 +215,27 @@ def agent_args(params: dict) -> list[str]:
     return [f"--{name}={value}" for name, value in params.items()]
 
 
-def command_line(sweep: dict, params: dict) -> list[str]:
-    """The agent's command: macros `${env}`, `${interpreter}`, `${program}`, `${args}`,
-    `${args_no_hyphens}` expanded; `${envvar:NAME}` replaced by the environment value (or NAME)."""
-    args = agent_args(params)
-    macros = {
-        "env": ["/usr/bin/env"] if os.name != "nt" else [],
-        "interpreter": ["python"],
-        "program": [str(sweep.get("program"))] if sweep.get("program") else [],
-        "args": args,
-        "args_no_hyphens": [a[2:] for a in args],
-        "args_no_boolean_flags": [f"--{n}" if v is True else f"--{n}={v}" for n, v in params.items() if v is not False],
-        "args_json": [json.dumps(params)],
-    }
+def command_line(sweep: dict, params: dict, json_file: str | Path | None = None) -> list[str]:
+    """The command `wandb agent` runs for one parameter set, built by wandb's own functions
+    (wandb.sdk.launch.sweeps.utils: create_sweep_command for `${envvar:NAME}`, create_sweep_command_args for
+    `${args}`, `${args_no_equals}`, `${args_no_hyphens}`, `${args_no_boolean_flags}`, `${args_json}`,
+    `${args_dict}`, `${args_append_hydra}`, `${args_override_hydra}`) and expanded by the agent's own rule
+    (wandb_agent.Agent._command_run): a token that is exactly `${name}` becomes that macro's list (`${env}` ->
+    /usr/bin/env, `${interpreter}` -> python, `${program}`, `${args_json_file}` -> json_file, where the
+    caller writes the parameters as JSON); an unknown macro becomes nothing, as under the agent."""
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    command = sweep_utils.create_sweep_command([str(c) for c in sweep.get("command", DEFAULT_COMMAND)])
+    macros = sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
+    macros.update(interpreter=["python"], program=[sweep.get("program")],
+                  args_json_file=[str(json_file)] if json_file is not None else None)
+    if os.name != "nt":
+        macros["env"] = ["/usr/bin/env"]
     out: list[str] = []
-    for c in sweep.get("command", DEFAULT_COMMAND):
+    for c in command:
         c = str(c)
-        c = re.sub(r"\$\{envvar:([A-Z0-9_]*)\}", lambda m: os.environ.get(m.group(1), m.group(1)), c)
-        if c.startswith("${") and c.endswith("}") and c[2:-1] in macros:
-            out.extend(macros[c[2:-1]])
-        elif c.startswith("${") and c.endswith("}"):
-            raise ConfigError(f"unknown sweep command macro '{c}'; valid: " + ", ".join("${" + m + "}" for m in macros))
+        if c.startswith("${") and c.endswith("}"):
+            out += [str(x) for x in (macros.get(c[2:-1]) or [])]  # the agent's `replace_list or []`
         else:
             out.append(c)
     return out
@@ -332,7 +333,8 @@ def agent_params(env=None) -> dict:
     if not Path(path).is_file():
         raise ConfigError(f"wandb agent: WANDB_SWEEP_PARAM_PATH '{path}' does not exist")
     data = yaml.safe_load(Path(path).read_text()) or {}
-    return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in data.items() if k != "wandb_version"}
+    return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in data.items()
+            if k not in ("wandb_version", "_wandb")}  # _wandb: W&B's own key, sent in resume commands
 
 
 def check_agent_run(cfg: RunConfig, env=None) -> None:
@@ -341,6 +343,12 @@ def check_agent_run(cfg: RunConfig, env=None) -> None:
     params = agent_params(env)
     check_param_names(params, "wandb agent")
     check_param_values(params, cfg, "wandb agent")
+
+
+def param_file(root: str | Path, group: str, run_id: str) -> Path:
+    """Where wandb agent puts a run's parameter file (<WANDB_DIR>/wandb/sweep-<id>/config-<run id>.yaml);
+    `${args_json_file}` is the same path with .json."""
+    return (Path(root) / "wandb" / f"sweep-{group}" / f"config-{run_id}.yaml").resolve()
 
 
 def write_param_file(path: str | Path, params: dict) -> Path:
@@ -372,7 +380,8 @@ def plan(path: str | Path, count: int | None = None, seed: int = 0, sweep_dir: s
     root = Path(sweep_dir) if sweep_dir else Path("outputs") / "sweeps" / group
     runs = []
     for i, params in enumerate(expand(sweep, count, seed)):
-        cmd = command_line(sweep, params)
+        run_id = sweep_run_id(group, params)
+        cmd = command_line(sweep, params, param_file(root, group, run_id).with_suffix(".json"))
         args = agent_args(params)
         try:
             cfg = parse_config(args)
@@ -384,5 +393,5 @@ def plan(path: str | Path, count: int | None = None, seed: int = 0, sweep_dir: s
         except ConfigError as e:
             raise ConfigError(f"sweep run {i + 1} ({' '.join(args)}): {e}") from None
         runs.append({"params": params, "command": cmd, "out_dir": cfg.out_dir, "finished": is_finished(cfg.out_dir, cfg),
-                     "config": cfg, "run_id": sweep_run_id(group, params)})
+                     "config": cfg, "run_id": run_id})
     return {"sweep": sweep, "group": group, "dir": root, "runs": runs}

@@ -1,39 +1,38 @@
-"""Weights & Biases, as its users live in it (the only module that imports wandb).
+"""Weights & Biases, as its users live in it: the experiment's tracker (experiment.Tracker).
 
-`WandbTracker` is the experiment's tracker (experiment.Tracker): the run is live from before the model
-loads until the end, and an interrupted run comes back into the same W&B run.
+The run is live from before the model loads until the end, and an interrupted run comes back into the same
+W&B run. wandb is imported only by the edge (this module, lineage.py, wandb_mode.py, offline_runs.py).
 
 * `start`   wandb.init after the config and capabilities are validated (bad input creates no run).
             `run.config` is the FLAT dotted config (`model.name`, `perturb.scale`, ...), the keys a sweep
-            YAML names, so `wandb agent` overriding a swept key changes only that key; the keys that say
-            where a run ran rather than what it is (out_dir, cache_dir, wandb.dir, wandb.group) are left out
-            (summary `meta/*`, the W&B group), so a run started by the agent and the same run started by
-            `superweight sweep` have identical configs. The run id is the agent's (WANDB_RUN_ID) or the one
-            in out_dir/wandb_run.json when the config hash matches (a rerun resumes the same run). Under an
-            agent (WANDB_SWEEP_ID) project/entity/id come from the sweep, as wandb.init requires.
+            YAML names, so `wandb agent` overriding a swept key changes only that key, plus the undotted
+            scalar axis keys (run_identity.py); the keys that say where a run ran (out_dir, cache_dir,
+            wandb.dir, wandb.group) go to summary `meta/*`. Name, group and job type: run_identity.py.
+            The run id is the agent's (WANDB_RUN_ID) or the one in out_dir/wandb_run.json when the config
+            hash matches (a rerun resumes the same run). An id W&B refuses (a deleted run: W&B never reuses
+            its id) is recorded in wandb_run.json (`refused_ids`) and the run starts under a new id, which is
+            recorded too. Under an agent (WANDB_SWEEP_ID) project/entity/id come from the sweep.
+            A resumed run's summary holds the earlier attempt's summary (wandb reloads it): the keys that
+            described how that attempt ended (STALE_SUMMARY) are removed at every start.
 * `log_row` one history step per finished row: `row` (counter, the x axis of `row/*`), `progress`,
             `eta_s` and `row/<column>`. Rows a resumed online run already has (its starting step) are not
-            logged twice; an offline rerun's record logs every row, so it alone holds the whole history.
+            logged twice. An offline record cannot be resumed, so an offline rerun logs every row again; when
+            it holds every row the earlier offline records of the same run id held, they are marked
+            superseded with wandb's own `.wandb.synced` marker, and `wandb sync <out_dir>/wandb` uploads
+            exactly one complete history per run (the newest record).
 * `log_stage` stage timings into the summary as they happen (`stage/<name>_s`); system metrics by W&B.
-* `finish`  the summary (results.summary_metrics: baseline, deltas, gaps with CIs, headline), plots as
-            images/charts (committed with the last row's step), and artifacts with lineage:
-              results-<model>   results.csv, gaps.csv, perturbation_results.json, results table (with a
-                                column per result config key, so merged tables tell runs apart)
-              rankings-<model>  rankings.csv, selections.safetensors, stability*.csv
-              plots-<model>     plots/*
-              manifest-<model>  manifest.json
-            each version aliased `cfg-<config hash>`, `run-<run id>` (and `sweep-<id>` in a sweep); inputs:
-              scores-<model>-<metric>  one cached score set per seed, aliased `key-<cache key>` and `seed<N>`:
-                                       identical content = one version, so the runs of a sweep that share a
-                                       score set share one artifact digest (uploaded, or a file:// reference to
-                                       the shared cache with wandb.scores=reference)
-            declared with `use_artifact` online (the version with that key alias when it exists, else this
-            run's draft: the lineage graph shows who shares it); offline, where use_artifact raises, logged by
-            each run (same digest), named in `inputs/*` of the summary.
-* `fail`    a crash marks the run failed (exit code 1, `meta/error`); SIGTERM exits 143 and, with
-            wandb.requeue_on_sigterm=true, first marks the run preempting, so the sweep requeues it (W&B cannot
-            tell a preempted VM from a UI Stop: both reach the run as SIGTERM from the agent, hence the
-            explicit option); Ctrl-C exits 130.
+* `finish`  the summary (results.summary_metrics: baseline, deltas, gaps with CIs, headline; plus the sweep
+            metric `sweep/max_delta_nll_top_k`, finite for every run: SWEEP_NLL_CAP), plots as images/charts
+            and the out_dir CSVs as tables (lineage.log_tables), committed with the last row's step; output
+            artifacts (lineage.log_outputs). Then, outside the signal shield, the score sets the run used
+            (lineage.declare_score_sets: a reference by default, never a staging copy), then `run.finish`.
+            A SIGTERM/SIGINT that arrives once the W&B run is finished changes nothing: `late_signal` says
+            which, and the command exits 0.
+* `fail`    a crash marks the run failed (exit code 1, `meta/error`). SIGTERM (a preempted VM, `kill`, the
+            agent's own stop command) exits 143 and, with wandb.requeue_on_sigterm=true (the shipped sweeps
+            set it), first marks the run preempting, so the sweep controller requeues it. SIGINT (Ctrl-C, or a
+            Stop in the W&B UI: wandb's run-stop checker interrupts the run's main thread with SIGINT) exits
+            130 and is never marked preempting: a stopped run is not requeued.
 
 Signals: signals.py (no W&B call is torn by a signal). Mode: wandb_mode.py (wandb's own credential lookup).
 Offline runs go to `<wandb.dir or out_dir>/wandb/offline-run-*`; offline_runs.py reads them back with wandb's
@@ -45,48 +44,31 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-
-from ..config import TrackConfig, is_result_key, to_flat
-from ..files import atomic_write_json
-from .manifest import scrub
+from ..config import TrackConfig, to_flat
+from ..core.summary import finite_or_none, summary_metrics
+from ..files import atomic_write_json, atomic_write_text
+from .lineage import declare_score_sets, log_outputs, log_tables
+from .run_identity import LOCAL_KEYS, axis_config, model_slug, run_config, run_group, run_name
 from .signals import Preempted, shielded
 from .wandb_mode import resolve_mode
-from ..resources import cache_root
-from ..core.summary import finite_or_none, summary_metrics
 
-MAX_TABLE_ROWS = 200_000
 RUN_FILE = "wandb_run.json"
 ROW_KEYS = ("metric", "seed", "mode", "selection", "draw", "k", "perturbation", "n_selected", "support", "ppl", "nll",
             "acc", "delta_ppl", "delta_nll", "delta_nll_lo", "delta_nll_hi", "ppl_ratio", "changed", "delta_w_l2",
             "mean_abs_w")
-# where a run ran, not what it is: summary meta/<key> (and the W&B group), never run.config
-LOCAL_KEYS = ("out_dir", "cache_dir", "wandb.dir", "wandb.group")
-ARTIFACT_FILES = {
-    "results": ["results.csv", "gaps.csv", "perturbation_results.json"],
-    "rankings": ["rankings.csv", "selections.safetensors", "stability.csv", "stability_summary.csv"],
-    "manifest": ["manifest.json"],
-}
+STALE_SUMMARY = ("meta/stopped", "meta/error")  # how an earlier attempt ended: never true of this one
+SWEEP_METRIC = "sweep/max_delta_nll_top_k"
+SWEEP_NLL_CAP = 30.0  # nats/token (a perplexity ratio of e^30): a broken model (inf/NaN NLL) counts as this
 
 
 class TrackingError(RuntimeError):
     """W&B failed (init, logging or upload): the command exits non-zero; result files stay on disk."""
-
-
-def _table(df: pd.DataFrame):
-    import wandb
-
-    df = df.head(MAX_TABLE_ROWS).copy()
-    for c in df.columns:
-        if pd.api.types.is_float_dtype(df[c]):
-            df[c] = df[c].map(finite_or_none).astype(object)
-    return wandb.Table(dataframe=df)
 
 
 @contextlib.contextmanager
@@ -103,42 +85,49 @@ def _env(**values):
                 os.environ[k] = v
 
 
-def slug(s: str, n: int = 60) -> str:
-    """A W&B artifact-name-safe slug (letters, digits, - _ .)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s).strip("/")).strip("_")[:n] or "model"
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
 
 
-def model_slug(name: str) -> str:
-    """The model part of artifact names: a hub id or alias as written (org_name), a local path by its
-    last component (the same model on two VMs gets the same collection)."""
-    p = Path(str(name))
-    local = str(name).startswith(("/", ".", "~")) or p.suffix == ".gguf" or p.exists()
-    return slug(p.name if local else str(name))
-
-
-def run_config(cfg) -> dict:
-    """run.config: the flat dotted config without LOCAL_KEYS (scrubbed)."""
-    return scrub({k: v for k, v in to_flat(cfg).items() if k not in LOCAL_KEYS})
-
-
-def config_columns(cfg) -> dict:
-    """The result-relevant config keys as columns for merged results tables (model, dtype, prob, bits, ...)."""
-    skip = ("score.metrics", "perturb.names", "seeds", "select.topk", "select.modes", "select.controls")
-    out = {}
-    for k, v in to_flat(cfg).items():
-        if is_result_key(k) and k not in skip:
-            out[k] = json.dumps(v) if isinstance(v, (list, dict)) else v
-    return out
-
-
-def _sweep_id() -> str | None:
+def sweep_id() -> str | None:
     """The W&B sweep id (wandb agent), or the local sweep's group (`superweight sweep`)."""
     return os.environ.get("WANDB_SWEEP_ID") or os.environ.get("SUPERWEIGHT_SWEEP_GROUP") or None
 
 
-# ---------------------------------------------------------------------------------------------------
-# the tracker
-# ---------------------------------------------------------------------------------------------------
+def sweep_metric(results) -> float:
+    """The largest mean ΔNLL of a Top-K cell (mean over seeds and draws per perturbation, mode, metric, K),
+    each cell capped to ±SWEEP_NLL_CAP and a non-finite one (inf or NaN: the perturbed model broke) counted
+    as +SWEEP_NLL_CAP, so the sweep's sort key is a finite number for every run; 0.0 without Top-K rows."""
+    if results is None or results.empty or "delta_nll" not in results.columns:
+        return 0.0
+    top = results[results["selection"] == "top_k"]
+    if top.empty:
+        return 0.0
+    import pandas as pd
+
+    means = pd.to_numeric(top["delta_nll"], errors="coerce").groupby(
+        [top["perturbation"], top["mode"], top["metric"], top["k"]], sort=False).mean()
+    vals = [min(max(float(v), -SWEEP_NLL_CAP), SWEEP_NLL_CAP) if math.isfinite(float(v)) else SWEEP_NLL_CAP
+            for v in means]
+    return max(vals)
+
+
+def refused_id(e: BaseException) -> bool:
+    """W&B refused the run id itself (HTTP 409: a deleted run's id is never reused)."""
+    text = str(e).lower()
+    return "409" in text or "deleted" in text or "conflict" in text
+
+
+def agent_params() -> dict:
+    """The agent's parameters of this run (its WANDB_SWEEP_PARAM_PATH file), or {}."""
+    from .sweep import agent_params as read
+
+    try:
+        return read()
+    except Exception:  # checked (one clear line) before the tracker starts: see commands/run.py
+        return {}
+
+
 class WandbTracker:
     """experiment.Tracker backed by wandb (see the module docstring). `mode=disabled` does nothing."""
 
@@ -151,7 +140,11 @@ class WandbTracker:
         self.logged_before = 0  # rows the (resumed, online) W&B run already has
         self.computed = 0  # rows logged by this process after the resumed ones (for the ETA)
         self.resumed_rows = 0
+        self.last_row = 0  # the last row number this process logged
         self.pending = False  # the last row's step is left open for the final media
+        self.late_signal: str | None = None  # SIGTERM/SIGINT that arrived after the W&B run finished
+        self.marked_preempting = False
+        self.record_dir: Path | None = None
         self._info: dict = {"mode": self.mode}
 
     # -- lifecycle --------------------------------------------------------------------------------------
@@ -165,7 +158,7 @@ class WandbTracker:
             if self.run is not None:
                 self.fail(e)
             if isinstance(e, Exception) and not isinstance(e, TrackingError):
-                raise TrackingError(f"wandb.init failed: {type(e).__name__}: {' '.join(str(e).split())}"[:500]) from e
+                raise TrackingError(f"wandb.init failed: {_one_line(e)}") from e
             raise
 
     def _init(self, exp) -> None:
@@ -176,35 +169,47 @@ class WandbTracker:
         self.resumed_rows = sum(1 for k in getattr(log, "done", {}) if k and k[0] == "row")
         wdir = (Path(cfg.wandb.dir) if cfg.wandb.dir else self.out).resolve()  # absolute: a shared wandb-core
         wdir.mkdir(parents=True, exist_ok=True)                              # service may run in another cwd
-        prev = {}
         try:
             prev = json.loads((self.out / RUN_FILE).read_text()) if (self.out / RUN_FILE).exists() else {}
         except json.JSONDecodeError:
             prev = {}
+        refused = list(prev.get("refused_ids") or [])
         kwargs = {}
         if not os.environ.get("WANDB_SWEEP_ID"):  # under an agent wandb.init ignores (and warns about) these
             default = TrackConfig().project
             kwargs["project"] = (os.environ.get("WANDB_PROJECT") or default) if cfg.wandb.project == default \
                 else cfg.wandb.project
             kwargs["entity"] = cfg.wandb.entity
-            if not os.environ.get("WANDB_RUN_ID") and prev.get("config_hash") == chash:
-                kwargs["id"] = prev.get("id")
+            if not os.environ.get("WANDB_RUN_ID") and prev.get("config_hash") == chash and prev.get("id"):
+                kwargs["id"] = prev["id"]
         self.staging = (wdir / "wandb" / "staging").resolve()
+        init = dict(mode=self.mode, group=run_group(cfg), tags=list(cfg.wandb.tags) or None,
+                    name=cfg.wandb.name or run_name(cfg), config={**run_config(cfg), **axis_config(cfg, agent_params())},
+                    dir=str(wdir), resume="allow", job_type="experiment", save_code=False, reinit="finish_previous")
         with _env(WANDB_DATA_DIR=str(self.staging)):
-            self.run = wandb.init(
-                mode=self.mode, group=cfg.wandb.group, tags=list(cfg.wandb.tags) or None,
-                name=cfg.wandb.name or self.out.resolve().name, config=run_config(cfg), dir=str(wdir),
-                resume="allow", job_type="experiment", save_code=False, reinit="finish_previous", **kwargs,
-            )
+            try:
+                self.run = wandb.init(**init, **kwargs)
+            except Exception as e:
+                if not (kwargs.get("id") and refused_id(e)):
+                    raise
+                refused.append(kwargs.pop("id"))  # a deleted run's id: start a new run, say so
+                print(f"superweight: W&B refused run id {refused[-1]} ({_one_line(e)[:200]}); starting a new "
+                      "W&B run", file=sys.stderr)
+                self.run = wandb.init(**init, **kwargs)
         run = self.run
         run.define_metric("row")
         run.define_metric("row/*", step_metric="row")
         self.logged_before = int(run.starting_step or 0) if run.resumed else 0
+        self.record_dir = Path(run.dir).parent.resolve()
         self._info = {"mode": self.mode, "id": run.id, "project": run.project, "entity": run.entity or None,
                       "path": "/".join(p for p in (run.entity, run.project, run.id) if p),
-                      "url": run.url if self.mode == "online" else None, "sweep_id": _sweep_id(),
-                      "dir": str(Path(run.dir).parent.resolve()), "config_hash": chash}
+                      "url": run.url if self.mode == "online" else None, "sweep_id": sweep_id(),
+                      "dir": str(self.record_dir), "config_hash": chash}
+        if refused:
+            self._info["refused_ids"] = refused
         atomic_write_json(self.out / RUN_FILE, self._info)
+        for k in STALE_SUMMARY:
+            del run.summary[k]  # a remove record: wandb drops the key if the resumed summary has it
         flat = to_flat(cfg)
         run.summary["meta/config_hash"] = chash
         run.summary["meta/out_dir"] = str(self.out.resolve())
@@ -232,6 +237,7 @@ class WandbTracker:
         with shielded():
             self.run.log({k: v for k, v in item.items() if v is not None}, commit=not last)
         self.pending = last
+        self.last_row = done
 
     def log_stage(self, name: str, seconds: float) -> None:
         if self.run is not None:
@@ -243,25 +249,35 @@ class WandbTracker:
             return
         try:
             with shielded():
-                self._publish(result)
+                model = self._publish(result)
+            inputs = declare_score_sets(self.run, self.cfg, result, model, offline=self.mode == "offline")
+            with shielded():
+                for k, v in inputs.items():
+                    self.run.summary[f"inputs/{k}"] = v
                 self.run.finish(exit_code=0)
                 self.run = None
+                self._supersede_offline()
+        except (Preempted, KeyboardInterrupt) as e:
+            if self.run is not None:
+                raise
+            self.late_signal = "SIGTERM" if isinstance(e, Preempted) else "SIGINT"  # the run was complete
         except Exception as e:
             if isinstance(e, TrackingError):
                 raise
-            raise TrackingError(f"publishing to W&B failed: {type(e).__name__}: {' '.join(str(e).split())}"[:500]) from e
+            raise TrackingError(f"publishing to W&B failed: {_one_line(e)}") from e
 
-    def _publish(self, result) -> None:
+    def _publish(self, result) -> str:
         import wandb
 
         run, out, cfg = self.run, self.out, self.cfg
         with _env(WANDB_DATA_DIR=str(self.staging)):
-            df = result.table
-            summary = summary_metrics(df, result.baseline, result.gaps)
+            summary = summary_metrics(result.table, result.baseline, result.gaps)
+            summary[SWEEP_METRIC] = sweep_metric(result.table)
             summary["stage/total_s"] = round(time.perf_counter() - self.t0, 3)
+            media, rows = log_tables(result, out)
+            summary.update(rows)
             for k, v in summary.items():
                 run.summary[k] = v
-            media: dict = {}
             plot_dir = out / "plots"
             if plot_dir.is_dir():
                 import plotly.io as pio
@@ -274,66 +290,21 @@ class WandbTracker:
                 run.log(media, commit=True)  # into the last row's step, when this process logged it
             self.pending = False
             model = model_slug(cfg.model.name)
-            aliases = [f"cfg-{result.config_hash}", f"run-{run.id}"]
-            if _sweep_id():
-                aliases.append(f"sweep-{slug(_sweep_id(), 100)}")
-            meta = {"out_dir": str(out.resolve()), "config_hash": result.config_hash, "run": run.id,
-                    "config": run_config(cfg)}
-            cols = config_columns(cfg)
-            table = df.assign(**{k: [v] * len(df) for k, v in cols.items()}) if len(df) else df
-            files = dict(ARTIFACT_FILES)
-            if plot_dir.is_dir():
-                files["plots"] = [str(p.relative_to(out)) for p in sorted(plot_dir.iterdir()) if p.is_file()]
-            for kind, names in files.items():
-                present = [f for f in names if (out / f).is_file()]
-                if not present:
-                    continue
-                art = wandb.Artifact(f"{kind}-{model}", type=kind, metadata=meta)
-                for f in present:
-                    art.add_file(str(out / f), name=f)
-                if kind == "results":
-                    art.add(_table(table), "results_table")
-                    if not result.gaps.empty:
-                        art.add(_table(result.gaps), "gaps_table")
-                run.log_artifact(art, aliases=aliases)
-            for k, v in self.declare_inputs(result, model).items():
-                run.summary[f"inputs/{k}"] = v
+            log_outputs(run, cfg, result, out, model, sweep_id())
+        return model
 
-    def declare_inputs(self, result, model: str) -> dict:
-        """The score sets this run read or computed, as artifacts named by their cache key (module docstring)."""
-        import wandb
-
-        if self.cfg.wandb.scores == "none":
-            return {}
-        root = cache_root(self.cfg.cache_dir) / "scores"
-        names = {}
-        for tag, key in result.extra.get("score_keys", {}).items():
-            path = root / f"{key}.safetensors"
-            if not path.is_file():
+    def _supersede_offline(self) -> None:
+        """Mark the earlier offline records of this run id synced once this record holds every row they held
+        (module docstring): `wandb sync` then uploads one complete history per run."""
+        if self.mode != "offline" or self.record_dir is None or self.last_row < self.resumed_rows:
+            return
+        run_id = self._info.get("id")
+        for d in sorted(self.record_dir.parent.glob(f"offline-run-*-{run_id}")):
+            if d.name >= self.record_dir.name:
                 continue
-            metric, _, seed = tag.rpartition(".seed")
-            name, alias = f"scores-{model}-{slug(metric)}", f"key-{key}"
-            aliases = [alias, f"seed{seed}"]
-
-            def draft():
-                art = wandb.Artifact(name, type="scores",
-                                     metadata={"cache_key": key, "metric": metric, "seed": int(seed),
-                                               "model_fingerprint": result.model.get("fingerprint")})
-                if self.cfg.wandb.scores == "reference":
-                    art.add_reference(path.resolve().as_uri(), name=path.name)
-                else:
-                    art.add_file(str(path), name="scores.safetensors")
-                return art
-
-            if self.mode == "offline":  # use_artifact raises offline; the same content gives the same digest
-                self.run.log_artifact(draft(), aliases=aliases)
-            else:
-                try:  # the version another run logged: no re-hash, no upload
-                    self.run.use_artifact(f"{name}:{alias}", type="scores")
-                except Exception:  # not found (ValueError) or a lookup error: the draft path reports real failures
-                    self.run.use_artifact(draft(), aliases=aliases)  # logs it, then declares it used
-            names[tag] = f"{name}:{alias}"
-        return names
+            for f in d.glob("run-*.wandb"):
+                atomic_write_text(f.with_suffix(".wandb.synced"),
+                                  f"superseded by {self.record_dir.name}, which logged every row again\n")
 
     def fail(self, exc: BaseException) -> None:
         """Close the run with the reason (never raises: the original exception is what matters)."""
@@ -346,13 +317,15 @@ class WandbTracker:
                     requeue = bool(self.cfg.wandb.requeue_on_sigterm)
                     if requeue:
                         run.mark_preempting()
-                    run.summary["meta/stopped"] = "SIGTERM, requeued" if requeue else "SIGTERM"
+                        self.marked_preempting = True
+                    run.summary["meta/stopped"] = "SIGTERM, marked preempting (requeued)" if requeue else "SIGTERM"
                     run.finish(exit_code=143)
                 elif isinstance(exc, KeyboardInterrupt):
-                    run.summary["meta/stopped"] = "interrupted"
+                    run.summary["meta/stopped"] = "SIGINT (Ctrl-C or a W&B UI Stop), not requeued"
                     run.finish(exit_code=130)
                 else:
                     run.summary["meta/error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:1000]
                     run.finish(exit_code=1)
+                self._supersede_offline()
         except Exception as e:  # W&B itself is what failed: say so, keep the original error
             print(f"superweight: W&B could not record the end of the run: {type(e).__name__}: {e}", file=sys.stderr)

@@ -178,7 +178,11 @@ def test_agent_and_local_sweep_record_the_same_config(two_run_sweep):
     assert ac["score.metrics"] == ["magnitude"] and ac["perturb.names"] == ["zero"] and ac["select.topk"] == [1]
     assert ac["seeds"] == [0] and ac["plots"] == ["none"] and ac["model.name"] == lc["model.name"]
     assert not {"out_dir", "cache_dir", "wandb.dir", "wandb.group", "model", "perturb", "metric"} & set(ac)
-    assert set(ac) == set(run_config(parse_config([])))
+    assert {k for k in ac if not k.startswith("axis_")} == set(run_config(parse_config([])))
+    # the swept axes as undotted scalars: the four the runs table always has, and each swept result key
+    assert ac["axis_metric"] == "magnitude" and ac["axis_perturbation"] == "zero" and ac["axis_seed"] == 0
+    assert ac["axis_data_eval_windows"] == 2 and "axis_plots" not in ac  # plots: no result key
+    assert "axis_perturb_names" not in ac and "axis_wandb_requeue_on_sigterm" not in ac
     # the agent's run: its id, its sweep, out_dir under $SUPERWEIGHT_SWEEP_ROOT/<sweep id>/
     assert agent[0]["run"]["run_id"] == "simrun01" and agent[0]["run"]["sweep_id"] == "simsweep1"
     assert agent[0]["exit_code"] == 0 and local[0]["exit_code"] == 0
@@ -236,7 +240,7 @@ def test_live_run_one_step_per_row_plots_in_the_last(tiny_model_dir, tmp_path):
               "headline/max_delta_ppl_random_k", "baseline/ppl", "meta/config_hash", "inputs/magnitude.seed0"):
         assert k in s, k
     assert rec["exit_code"] == 0 and not rec["preempting"]
-    assert rec["config"] == json.loads(json.dumps(run_config(parse_config(
+    assert {k: v for k, v in rec["config"].items() if not k.startswith("axis_")} == json.loads(json.dumps(run_config(parse_config(
         [f"model.name={tiny_model_dir}", *TINY, "select.topk=1,2", "plots=json"]))))
     # figures read a finished offline record back from its artifacts
     from superweight.edge.figures import materialize_offline_run
@@ -326,7 +330,7 @@ def test_sigterm_requeue_marks_preempting_and_the_rerun_finishes_the_same_run(ti
     from wandb.cli import beta_sync
 
     picked = beta_sync._find_wandb_files([out / "wandb"], skip_synced=True, skip_online=True, verbose=False)
-    assert [p.parent.name for p in picked] == [offline_run_dirs(out / "wandb")[1].name]
+    assert [p.resolve().parent for p in picked] == [offline_run_dirs(out / "wandb")[1].resolve()]
     assert [h["row"] for h in read_offline_run(next(iter(picked)))["history"]] == list(range(1, 33))
 
 
@@ -495,16 +499,39 @@ class _Api:
         return iter(self._runs)
 
 
-def test_figures_download_finished_runs_and_latest_versions(tmp_path):
+def test_figures_download_finished_runs_and_latest_versions(tmp_path, capsys):
     from superweight.edge.figures import download_wandb_runs
 
     api = _Api([_Run("a", "finished", [_Art("results", 3), _Art("results", 12), _Art("results", 7),
                                        _Art("manifest", 0), _Art("scores", 9)]),
-                _Run("b", "preempted", [_Art("results", 1)])])
+                _Run("b", "preempted", [_Art("results", 1)]), _Run("c", "finished", [_Art("manifest", 0)])])
     dirs = download_wandb_runs("ent/proj/grp", tmp_path, sweep="sw1", api=api)
-    assert api.calls == [("ent/proj", {"state": "finished", "group": "grp", "sweep": "sw1"})]
+    assert api.calls == [("ent/proj", {"group": "grp", "sweep": "sw1"})]
     assert dirs == [tmp_path / "a"]
     assert (tmp_path / "a" / "results.csv").read_text() == "results v12"
     assert not (tmp_path / "b").exists()
-    with pytest.raises(ConfigError, match="no finished W&B runs"):
+    err = capsys.readouterr().err.splitlines()  # every skipped run named, with the reason
+    assert err == ["superweight: skipped W&B run b (b): state preempted (the sweep requeues it; it counts once a "
+                   "rerun finishes)", "superweight: skipped W&B run c (c): finished without a results artifact"]
+    with pytest.raises(ConfigError, match="no finished W&B runs.*1 skipped"):
         download_wandb_runs("ent/proj", tmp_path / "x", api=_Api([_Run("b", "crashed", [_Art("results", 1)])]))
+    # --sweep as `wandb sweep` prints it: ENTITY/PROJECT/ID, with or without a wandb: source
+    api = _Api([_Run("a", "finished", [_Art("results", 1)])])
+    assert download_wandb_runs("", tmp_path / "y", sweep="ent/proj/sw2", api=api) == [tmp_path / "y" / "a"]
+    assert api.calls == [("ent/proj", {"sweep": "sw2"})]
+    with pytest.raises(ConfigError, match="--sweep 'ent/other/sw2' is in ent/other, the source is wandb:ent/proj"):
+        download_wandb_runs("ent/proj", tmp_path / "z", sweep="ent/other/sw2", api=_Api([]))
+
+
+def test_figures_sweep_path_alone_names_the_project(tmp_path, monkeypatch):
+    from superweight.edge import figures
+
+    seen = []
+
+    def fake(spec, dest, sweep=None, api=None):
+        seen.append((spec, sweep))
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(figures, "download_wandb_runs", fake)
+    assert commands.main(["figures", "--sweep", "ent/proj/sw3", "--out", str(tmp_path / "f")]) == 2
+    assert seen == [("", "ent/proj/sw3")]

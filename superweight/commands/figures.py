@@ -22,15 +22,17 @@ class FiguresOptions:
     k: int | None = None  # K of the stability heatmaps and the score threshold (default: the largest K of the runs; a metric ranking fewer weights is shown at its support)
     formats: list[str] = field(default_factory=lambda: ["html", "png", "svg", "pdf"])  # html | png | svg | pdf | json
     values: list[str] = field(default_factory=lambda: list(VALUES))  # delta_ppl | delta_nll | delta_acc | ppl_ratio
-    sweep: str | None = None  # with wandb:ENTITY/PROJECT: only the runs of this sweep id
+    sweep: str | None = None  # only the runs of this W&B sweep: ENTITY/PROJECT/ID as `wandb sweep` prints it (no wandb: source needed), or the bare ID with wandb:ENTITY/PROJECT
 
 
 @register("figures", usage="usage: superweight figures SOURCE... [--out DIR] [--k K] [--formats html,png,svg,pdf] "
-                           "[--values delta_ppl,...] [--sweep ID]", options=FiguresOptions, run_config=False)
+                           "[--values delta_ppl,...] [--sweep ENTITY/PROJECT/ID]", options=FiguresOptions, run_config=False)
 def main(argv: list[str]) -> int:
     """Pools the runs of every SOURCE; runs that differ in more than metric, perturbation and seeds are
     variants with their own figures. Writes the figures, metric_comparison.csv, summary.csv, gaps.csv and runs.csv."""
     o, _ = parse_command(list(argv), FiguresOptions, positional="sources")
+    if not o.sources and o.sweep and "/" in o.sweep:
+        o.sources = ["wandb:"]  # the project comes from --sweep ENTITY/PROJECT/ID
     if not o.sources:
         raise ConfigError("no source given; usage: superweight figures OUT_DIR_OR_SWEEP_DIR... [--out DIR]")
     if o.k is not None and o.k <= 0:

@@ -89,24 +89,47 @@ def materialize_offline_run(run_dir: Path, dest: Path) -> Path:
     return out
 
 
+def sweep_path(spec: str, sweep: str) -> tuple[str, str]:
+    """(`ENTITY/PROJECT[/GROUP]`, sweep id) from a W&B source and --sweep, which may be the bare id or the
+    `ENTITY/PROJECT/ID` that `wandb sweep` prints (its entity/project must then match the source's)."""
+    parts = sweep.strip("/").split("/")
+    if len(parts) == 1 and parts[0]:
+        return spec, parts[0]
+    if len(parts) == 4 and parts[2] == "sweeps":  # ENTITY/PROJECT/sweeps/ID, as in the sweep's URL
+        parts = [parts[0], parts[1], parts[3]]
+    if len(parts) != 3 or not all(parts):
+        raise ConfigError(f"bad --sweep '{sweep}'; use the sweep id or ENTITY/PROJECT/ID as wandb sweep prints it")
+    if spec and spec.split("/")[:2] != parts[:2]:
+        raise ConfigError(f"--sweep '{sweep}' is in {parts[0]}/{parts[1]}, the source is wandb:{spec}")
+    return spec or f"{parts[0]}/{parts[1]}", parts[2]
+
+
 def download_wandb_runs(spec: str, dest: Path, sweep: str | None = None, api=None) -> list[Path]:
     """Download the artifacts of the finished runs of ENTITY/PROJECT[/GROUP] (or of one sweep) via wandb.Api:
     of each run, the latest version it logged of each of its results/rankings/manifest artifacts, read from
-    the artifact files (tables are never truncated)."""
+    the artifact files (tables are never truncated). Every run it skips is named on stderr with the reason
+    (not finished: its state; finished without a results artifact)."""
+    import sys
+
     import wandb
 
+    if sweep:
+        spec, sweep = sweep_path(spec, sweep)
     parts = spec.split("/")
     if len(parts) not in (2, 3) or not all(parts):
         raise ConfigError(f"bad W&B source 'wandb:{spec}'; use wandb:ENTITY/PROJECT or wandb:ENTITY/PROJECT/GROUP")
-    filters = {"state": "finished"}  # a crashed, running, preempted or stopped run is not a result
+    filters = {}
     if len(parts) == 3:
         filters["group"] = parts[2]
     if sweep:
         filters["sweep"] = sweep
     api = api if api is not None else wandb.Api()
-    out = []
+    out, skipped = [], []
     for run in api.runs(f"{parts[0]}/{parts[1]}", filters=filters):
-        if run.state != "finished":
+        label = f"{run.id} ({getattr(run, 'name', None) or run.id})"
+        if run.state != "finished":  # a crashed, running, preempted or stopped run is not a result
+            why = " (the sweep requeues it; it counts once a rerun finishes)" if run.state == "preempted" else ""
+            skipped.append(f"{label}: state {run.state}{why}")
             continue
         latest: dict[str, object] = {}
         for art in run.logged_artifacts():  # a resumed run may have logged several versions: the newest wins
@@ -119,8 +142,13 @@ def download_wandb_runs(spec: str, dest: Path, sweep: str | None = None, api=Non
             if not (d / "manifest.json").exists():
                 (d / "manifest.json").write_text(json.dumps({"config": from_dict(dict(run.config)).to_dict()}))
             out.append(d)
+        else:
+            skipped.append(f"{label}: finished without a results artifact")
+    for line in skipped:
+        print(f"superweight: skipped W&B run {line}", file=sys.stderr)
     if not out:
-        raise ConfigError(f"no finished W&B runs with a results artifact in '{spec}'" + (f" sweep {sweep}" if sweep else ""))
+        raise ConfigError(f"no finished W&B runs with a results artifact in '{spec}'" + (f" sweep {sweep}" if sweep else "")
+                          + (f" ({len(skipped)} skipped, named above)" if skipped else ""))
     return out
 
 
@@ -243,6 +271,8 @@ def build(run_dirs: list[Path], out_dir: Path, k: int | None = None, formats=("h
 
 def resolve_sources(sources: list[str], tmp: Path, sweep: str | None = None) -> list[Path]:
     dirs: list[Path] = []
+    if sweep and "/" in sweep and not any(s.startswith("wandb:") for s in sources):
+        sources = [*sources, "wandb:"]  # --sweep ENTITY/PROJECT/ID names the project itself
     for s in sources:
         if s.startswith("wandb:"):
             dirs.extend(download_wandb_runs(s[len("wandb:"):], tmp / "wandb", sweep))

@@ -8,7 +8,7 @@ config it records (the keys a sweep names).
   part: the seeds of one configuration share a group, so the runs table aggregates them.
 * Axis keys: each swept axis as one scalar, undotted config key that is no command-line option or alias
   (`axis_metric`, `axis_perturbation`, `axis_seed`, `axis_k`, `axis_model`, and `axis_<key with _ for .>` for
-  every other parameter the agent swept, e.g. `axis_perturb_prob`). A single value stays itself; several
+  every other result parameter the agent passed, e.g. `axis_perturb_prob`). A single value stays itself; several
   are joined by `,` (a list is no scalar the runs table can group by). The agent never passes them back: it
   passes only its sweep parameters, and `superweight run` refuses any other option.
 """
@@ -99,6 +99,6 @@ def axis_config(cfg, swept: dict | None = None) -> dict:
     out = {name: _scalar(flat[key]) for name, key in AXES.items()}
     out["axis_model"] = model_slug(flat["model.name"])
     for key in sorted(swept or {}):
-        if key in flat and key not in AXES.values() and key not in LOCAL_KEYS:
+        if key in flat and key not in AXES.values() and is_result_key(key):
             out["axis_" + key.replace(".", "_")] = _scalar(flat[key])
     return scrub(out)

@@ -56,6 +56,7 @@ from ..files import atomic_write_json, atomic_write_text
 from .lineage import declare_score_sets, log_outputs, log_tables
 from .run_identity import LOCAL_KEYS, axis_config, model_slug, run_config, run_group, run_name
 from .signals import Preempted, shielded
+from .sweep import agent_params
 from .wandb_mode import resolve_mode
 
 RUN_FILE = "wandb_run.json"
@@ -118,12 +119,10 @@ def refused_id(e: BaseException) -> bool:
     return "409" in text or "deleted" in text or "conflict" in text
 
 
-def agent_params() -> dict:
+def swept_params() -> dict:
     """The agent's parameters of this run (its WANDB_SWEEP_PARAM_PATH file), or {}."""
-    from .sweep import agent_params as read
-
     try:
-        return read()
+        return agent_params()
     except Exception:  # checked (one clear line) before the tracker starts: see commands/run.py
         return {}
 
@@ -184,7 +183,7 @@ class WandbTracker:
                 kwargs["id"] = prev["id"]
         self.staging = (wdir / "wandb" / "staging").resolve()
         init = dict(mode=self.mode, group=run_group(cfg), tags=list(cfg.wandb.tags) or None,
-                    name=cfg.wandb.name or run_name(cfg), config={**run_config(cfg), **axis_config(cfg, agent_params())},
+                    name=cfg.wandb.name or run_name(cfg), config={**run_config(cfg), **axis_config(cfg, swept_params())},
                     dir=str(wdir), resume="allow", job_type="experiment", save_code=False, reinit="finish_previous")
         with _env(WANDB_DATA_DIR=str(self.staging)):
             try:

@@ -2,6 +2,9 @@
 converted once into a cache that persists between test runs (.cache/ at the repo root, git-ignored)."""
 
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,6 +51,48 @@ def make_int8_linear(n_in: int, n_out: int):
     if lin.weight.dtype != torch.int8:
         pytest.skip("bitsandbytes did not quantize on CPU")
     return ref, lin
+
+
+def _main_in_child(argv: list[str], env: dict[str, str], out: str, err: str) -> None:
+    """Body of a `run_forked` child: stdout/stderr to files, `superweight.commands.main(argv)`, exit with its code."""
+    fo, fe = os.open(out, os.O_WRONLY | os.O_CREAT), os.open(err, os.O_WRONLY | os.O_CREAT)
+    os.dup2(fo, 1)
+    os.dup2(fe, 2)
+    sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+    code = 1
+    try:
+        for k, v in env.items():
+            if v:
+                os.environ[k] = v
+            else:
+                os.environ.pop(k, None)
+        from superweight.commands import main
+
+        code = main(argv)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(code) if isinstance(code, int) else 1)
+
+
+def run_forked(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`superweight <argv>` as its own process, forked from a fork server that imported the package once (a
+    cold interpreter costs seconds of imports per call). Its returncode is negative when a signal killed it,
+    as subprocess reports it. env: variables to set in the child ("" = unset)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["superweight.commands", "conftest"])
+    with tempfile.TemporaryDirectory() as d:
+        out, err = os.path.join(d, "out"), os.path.join(d, "err")
+        p = ctx.Process(target=_main_in_child, args=(list(argv), dict(env or {}), out, err))
+        p.start()
+        p.join()
+        return subprocess.CompletedProcess(argv, p.exitcode, Path(out).read_text(), Path(err).read_text())
 
 
 @pytest.fixture(scope="module")

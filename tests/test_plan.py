@@ -119,6 +119,7 @@ def _plan(spec):
     return estimate(cfg, [w for w in spec["what"] if w != "evaluation"], None, model=model, fake_mode=fm)
 
 
+@pytest.mark.slow  # builds and runs three real-size models in a fresh interpreter (a clean peak-RSS counter)
 def test_estimate_within_15_percent_of_measured_peak(measuring):
     specs, proc = measuring
     plans = [_plan(spec) for spec in specs]

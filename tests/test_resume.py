@@ -1,4 +1,4 @@
-"""Killed runs lose nothing: SIGKILL a real `python -m superweight run` at each kill point (during scoring,
+"""Killed runs lose nothing: SIGKILL a real `superweight run` process (forked from the warm test process) at each kill point (during scoring,
 between perturbations, with an output's temp file written but not renamed, after the outputs but before
 publishing), then rerun with the same out_dir. After every kill no output file is half-written (each is
 absent or parses, temp files are hidden dot files that the next run deletes); every rerun reuses the
@@ -22,6 +22,8 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+
+from conftest import run_forked
 
 from superweight.arguments import parse_config
 from superweight.commands.run import make_experiment, run_experiment
@@ -72,14 +74,13 @@ def same_scores_file(a: Path, b: Path) -> None:
                 tb.view(-1).view(torch.uint8)), k
 
 
-def cli(args: list[str], kill_at: str | None = None, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled",
-               OMP_NUM_THREADS="1")
-    env.pop("SUPERWEIGHT_TEST_KILL_AT", None)
-    if kill_at:
-        env["SUPERWEIGHT_TEST_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "superweight", *args], capture_output=True, text=True, env=env,
-                          timeout=400, **kw)
+def cli(args: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """`superweight <args>` in a process forked from a warm fork server (imports done once: no cold
+    interpreter per run; autograd cannot run in a child forked from this test process, which ran backward
+    passes), SUPERWEIGHT_TEST_KILL_AT set in the child only. A kill point SIGKILLs the child itself, as `kill -9`
+    would a real run: its return code is -SIGKILL and no `finally` or atexit runs."""
+    env = {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "SUPERWEIGHT_TEST_KILL_AT": kill_at or ""}
+    return run_forked(args, env)
 
 
 def check_no_half_files(out: Path) -> dict[str, str]:
@@ -226,10 +227,10 @@ def test_rerun_with_another_config_starts_over(tiny_model_dir, tmp_path, referen
         (reference / "manifest.json").read_text())["config_hash"]
 
 
+@pytest.mark.slow  # five cold interpreters: `superweight sweep` starts each run as `python -m superweight run`
 def test_killed_sweep_resumes(tiny_model_dir, tmp_path, corpus):
     """`superweight sweep` SIGKILLed (with its run) right after run 1 finished; rerun: run 1 is skipped,
     run 2 completes with the same results as the same run done directly."""
-    pytest.importorskip("superweight.edge.sweep")
     sweep = {
         "name": "killtest", "method": "grid",
         "command": ["${env}", "${interpreter}", "-m", "superweight", "run", "${args}"],

@@ -128,7 +128,7 @@ class RunConfig:
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: TrackConfig = field(default_factory=TrackConfig)
-    seeds: list[int] = field(default_factory=lambda: [0, 1])  # calibration seeds (also seed the controls and stochastic perturbations)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # calibration seeds (also seed the controls and stochastic perturbations)
     out_dir: str = "outputs/default"  # where the result files go; rerunning the same command resumes
     cache_dir: str | None = None  # score/model/token cache (default: $SUPERWEIGHT_CACHE or ~/.cache/superweight)
     resume: bool = True  # reuse finished rows of an interrupted run in the same out_dir

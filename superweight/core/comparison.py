@@ -43,6 +43,8 @@ def metric_comparison(gaps: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame
         if c not in g:
             g[c] = math.nan
     g["resolved"] = (g["gap_nll_lo"] > 0) | (g["gap_nll_hi"] < 0)
+    if "conditional_on" in g:  # one seed: an interval conditional on it is no finding
+        g["resolved"] &= g["conditional_on"].fillna("") == ""
     parts = []
     for (pert, mode), block in g.groupby(["perturbation", "mode"], sort=False):
         order = []

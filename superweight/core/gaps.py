@@ -1,6 +1,12 @@
 """The research answer: Top-K minus control ΔNLL gaps per (perturbation, mode, metric, K, control), and the
-per-selection effects (the error bars of the Δ-vs-K figures), each with a 95% interval over seeds, control
-draws and evaluation windows.
+per-selection effects (the error bars of the Δ-vs-K figures), each with a 95% interval from
+`superweight.stats.gap_interval` over seeds, control draws and evaluation windows.
+
+A gap's interval depends on that gap's rows alone (the interval is closed-form), so a run's gaps.csv and the
+one `superweight figures` pools from the same rows are equal, whatever other rows either table holds. With
+one calibration seed the interval cannot hold the seed-to-seed variance: `conditional_on` names what it is
+conditional on ("calibration seed", or "calibration seed and control draw" with one draw), and no headline
+uses such a gap as a finding. Rows of a Top-K past its metric's support (`past_support`) make no gap.
 """
 
 from __future__ import annotations
@@ -10,33 +16,66 @@ import math
 import numpy as np
 import pandas as pd
 
+from ..stats import conditional_on, gap_interval
 from .results import past_support, per_window_delta
+from .selections import SELECTIONS
 
 GAP_COLUMNS = ["perturbation", "mode", "metric", "k", "control", "gap_nll", "gap_nll_lo", "gap_nll_hi",
-               "top_delta_nll", "control_delta_nll", "n_seeds", "n_draws", "n_windows"]
-BOOTSTRAP = 2000
+               "conditional_on", "top_delta_nll", "control_delta_nll", "n_seeds", "n_draws", "n_windows"]
+EFFECT_COLUMNS = ["perturbation", "mode", "metric", "selection", "k", "delta_nll", "delta_nll_lo", "delta_nll_hi",
+                  "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi", "delta_ppl", "delta_ppl_lo", "delta_ppl_hi",
+                  "conditional_on", "n_seeds", "n_draws", "n_windows"]
 
 
-def gaps(rows: list[dict], baseline: dict, n_boot: int = BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
-    """gap = ΔNLL(top_k) − ΔNLL(control) per (perturbation, mode, metric, K, control), with a 95% CI from a
-    hierarchical bootstrap over seeds, control draws and evaluation windows (module docstring).
+def _draw(r: dict):
+    d = r.get("draw")
+    try:
+        return int(d)
+    except (TypeError, ValueError):
+        return 0
 
-    Rows from several runs can be pooled (a sweep that puts each seed in its own run) as long as they share
-    the evaluation windows (the same data config). Rows without per-window data give the point estimate only.
-    A K past a metric's support has no Top-K at that K (`past_support`): no gap."""
-    if not rows:
-        return pd.DataFrame(columns=GAP_COLUMNS)
-    base_n = np.asarray(baseline.get("window_tokens") or [], float)
-    out = []
-    by: dict[tuple, dict] = {}
+
+def _collect(rows: list[dict], baseline: dict, key) -> dict:
+    """{key(row): {seed: {draw: (per-window ΔNLL or None, ΔNLL)}}} without past-support rows; a (seed, draw)
+    seen twice (pooled runs that repeat a seed) is counted once, the first."""
+    by: dict = {}
     for r in rows:
         if past_support(r):
             continue
-        key = (r["perturbation"], r["mode"], r["metric"], int(r["k"]))
-        d = per_window_delta(r, baseline)
-        by.setdefault(key, {}).setdefault(r["selection"], {}).setdefault(int(r["seed"]), []).append(
-            (d, float(r["delta_nll"])))
-    rng = np.random.default_rng(seed)
+        by.setdefault(key(r), {}).setdefault(int(r["seed"]), {}).setdefault(
+            _draw(r), (per_window_delta(r, baseline), float(r["delta_nll"])))
+    return by
+
+
+def _label(selection: str, n_seeds: int, n_draws: int) -> str:
+    """`conditional_on` of a selection's rows: a selection that is not a random draw (top_k, bottom_k: fixed
+    by the seed) has no draw to be conditional on."""
+    random = selection in SELECTIONS and SELECTIONS.get(selection).random
+    return conditional_on(n_seeds, n_draws if random else 2)
+
+
+def _interval(top: list | None, ctl: list[list], n: np.ndarray) -> tuple[float, float]:
+    """gap_interval of top − ctl (top None: of −ctl), NaN without per-window data."""
+    if any(d is None for cs in ctl for d in cs) or (top is not None and any(d is None for d in top)):
+        return float("nan"), float("nan")
+    T = top if top is not None else [np.zeros(n.size) for _ in ctl]
+    return gap_interval(T, ctl, n)
+
+
+def gaps(rows: list[dict], baseline: dict) -> pd.DataFrame:
+    """gap = ΔNLL(top_k) − ΔNLL(control) per (perturbation, mode, metric, K, control): the mean over the seeds
+    that have both of (Top-K ΔNLL − the mean over the control's draws), with its `gap_interval`.
+
+    Rows from several runs pool (a sweep that puts each seed in its own run) when they share the evaluation
+    windows (edge/figures.py checks). Rows without per-window data give the point estimate only."""
+    if not rows:
+        return pd.DataFrame(columns=GAP_COLUMNS)
+    n = np.asarray(baseline.get("window_tokens") or [], float)
+    by: dict = {}
+    for (pert, mode, metric, k, sel), per_seed in _collect(
+            rows, baseline, lambda r: (r["perturbation"], r["mode"], r["metric"], int(r["k"]), r["selection"])).items():
+        by.setdefault((pert, mode, metric, k), {})[sel] = per_seed
+    out = []
     for key, sels in by.items():
         if "top_k" not in sels:
             continue
@@ -46,91 +85,44 @@ def gaps(rows: list[dict], baseline: dict, n_boot: int = BOOTSTRAP, seed: int = 
             seeds = sorted(set(per_seed) & set(sels["top_k"]))
             if not seeds:
                 continue
-            top = np.mean([sels["top_k"][s][0][1] for s in seeds])
-            ctl = np.mean([np.mean([x[1] for x in per_seed[s]]) for s in seeds])
-            lo = hi = float("nan")
-            n_draws = max(len(per_seed[s]) for s in seeds)
-            have_windows = all(x[0] is not None for s in seeds for x in per_seed[s] + sels["top_k"][s][:1])
-            n_win = base_n.size
-            if have_windows and n_win >= 2 and n_boot > 0:
-                lo, hi = _bootstrap_gap([sels["top_k"][s][0][0] for s in seeds],
-                                        [[x[0] for x in per_seed[s]] for s in seeds], base_n, n_boot, rng)
+            tops = [next(iter(sels["top_k"][s].values())) for s in seeds]
+            ctls = [list(per_seed[s].values()) for s in seeds]
+            top = float(np.mean([t[1] for t in tops]))
+            ctl = float(np.mean([np.mean([c[1] for c in cs]) for cs in ctls]))
+            lo, hi = _interval([t[0] for t in tops], [[c[0] for c in cs] for cs in ctls], n)
+            n_draws = min(len(cs) for cs in ctls)
             out.append({"perturbation": key[0], "mode": key[1], "metric": key[2], "k": key[3], "control": control,
-                        "gap_nll": float(top - ctl), "gap_nll_lo": lo, "gap_nll_hi": hi,
-                        "top_delta_nll": float(top), "control_delta_nll": float(ctl), "n_seeds": len(seeds),
-                        "n_draws": n_draws, "n_windows": int(n_win)})
+                        "gap_nll": top - ctl, "gap_nll_lo": lo, "gap_nll_hi": hi,
+                        "conditional_on": _label(control, len(seeds), n_draws),
+                        "top_delta_nll": top, "control_delta_nll": ctl, "n_seeds": len(seeds),
+                        "n_draws": max(len(cs) for cs in ctls), "n_windows": int(n.size)})
     return pd.DataFrame(out, columns=GAP_COLUMNS)
 
 
-def _bootstrap_gap(top: list[np.ndarray] | None, ctl: list[list[np.ndarray]], n: np.ndarray, n_boot: int,
-                   rng: np.random.Generator) -> tuple[float, float]:
-    """Percentile 95% interval of the mean over seeds s of the token-weighted mean over windows of
-    (top_s − mean over draws d of ctl_s,d), resampling seeds, then draws within each resampled seed
-    (independently for every pick), then windows (the same windows for every seed: they are shared).
-    top=None: the interval of the mean of ctl alone (one selection's ΔNLL). Vectorized over resamples."""
-    S, W = len(ctl), n.size
-    if (top is not None and not all(np.all(np.isfinite(t)) for t in top)) or \
-            not all(np.all(np.isfinite(c)) for cs in ctl for c in cs):
-        return float("nan"), float("nan")
-    T = np.stack(top).astype(float) if top is not None else np.zeros((S, W))
-    nd = np.asarray([len(cs) for cs in ctl])
-    D = int(nd.max())
-    C = np.zeros((S, D, W))
-    for s, cs in enumerate(ctl):
-        C[s, : len(cs)] = np.stack(cs)
-    stats = np.empty(n_boot)
-    chunk = max(1, 4_000_000 // (S * D * W))
-    for start in range(0, n_boot, chunk):
-        B = min(chunk, n_boot - start)
-        ss = rng.integers(0, S, (B, S))  # seeds
-        ww = rng.integers(0, W, (B, W))  # windows
-        k = nd[ss]  # draws of each picked seed
-        dd = np.minimum((rng.random((B, S, D)) * k[..., None]).astype(np.int64), k[..., None] - 1)
-        valid = np.arange(D)[None, None, :] < k[..., None]
-        c = (C[ss[..., None], dd] * valid[..., None]).sum(2) / k[..., None]  # [B, S, W]
-        diff = np.take_along_axis(T[ss] - c, np.broadcast_to(ww[:, None, :], (B, S, W)), axis=2)
-        wn = n[ww]  # [B, W]
-        stats[start : start + B] = ((diff * wn[:, None, :]).sum(2) / wn.sum(1)[:, None]).mean(1)
-    if top is None:
-        stats = -stats
-    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+def _exp(v: float) -> float:
+    return v if not math.isfinite(v) else (math.exp(v) if v < 700 else float("inf"))
 
 
-EFFECT_COLUMNS = ["perturbation", "mode", "metric", "selection", "k", "delta_nll", "delta_nll_lo", "delta_nll_hi",
-                  "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi", "delta_ppl", "delta_ppl_lo", "delta_ppl_hi",
-                  "n_seeds", "n_draws", "n_windows"]
-
-
-def effects(rows: list[dict], baseline: dict, n_boot: int = 1000, seed: int = 1) -> pd.DataFrame:
-    """Mean ΔNLL per (perturbation, mode, metric, selection, K) over seeds and draws, with a 95% CI from the
-    same hierarchical bootstrap as `gaps` (seeds, draws, windows); the PPL ratio and ΔPPL with the CI carried
-    through their monotone maps (ratio = exp(ΔNLL), ΔPPL = PPL_base · (exp(ΔNLL) − 1)). These are the error
-    bars of the Δ-vs-K figures."""
+def effects(rows: list[dict], baseline: dict) -> pd.DataFrame:
+    """Mean ΔNLL per (perturbation, mode, metric, selection, K) over seeds and draws, with its `gap_interval`
+    (the selection against no control); the PPL ratio and ΔPPL with the interval carried through their
+    monotone maps (ratio = exp(ΔNLL), ΔPPL = PPL_base · (exp(ΔNLL) − 1)). The error bars of the Δ-vs-K figures."""
     if not rows:
         return pd.DataFrame(columns=EFFECT_COLUMNS)
-    base_n = np.asarray(baseline.get("window_tokens") or [], float)
+    n = np.asarray(baseline.get("window_tokens") or [], float)
     base_ppl = float(baseline["ppl"])
-    by: dict[tuple, dict] = {}
-    for r in rows:
-        if past_support(r):
-            continue
-        key = (r["perturbation"], r["mode"], r["metric"], r["selection"], int(r["k"]))
-        by.setdefault(key, {}).setdefault(int(r["seed"]), []).append((per_window_delta(r, baseline), float(r["delta_nll"])))
-    rng = np.random.default_rng(seed)
     out = []
-    for key, per_seed in by.items():
-        seeds = sorted(per_seed)
-        mean = float(np.mean([np.mean([x[1] for x in per_seed[s]]) for s in seeds]))
-        lo = hi = float("nan")
-        if base_n.size >= 2 and all(x[0] is not None for s in seeds for x in per_seed[s]) and n_boot > 0:
-            lo, hi = _bootstrap_gap(None, [[x[0] for x in per_seed[s]] for s in seeds], base_n, n_boot, rng)
-        ex = lambda v: math.exp(v) if v < 700 else float("inf")  # noqa: E731
+    for key, per_seed in _collect(rows, baseline, lambda r: (r["perturbation"], r["mode"], r["metric"],
+                                                               r["selection"], int(r["k"]))).items():
+        ctls = [list(per_seed[s].values()) for s in sorted(per_seed)]
+        mean = float(np.mean([np.mean([c[1] for c in cs]) for cs in ctls]))
+        lo, hi = _interval(None, [[c[0] for c in cs] for cs in ctls], n)
+        lo, hi = -hi, -lo  # the interval of −(−ΔNLL)
         out.append({"perturbation": key[0], "mode": key[1], "metric": key[2], "selection": key[3], "k": key[4],
                     "delta_nll": mean, "delta_nll_lo": lo, "delta_nll_hi": hi,
-                    "ppl_ratio": ex(mean) if math.isfinite(mean) else mean,
-                    "ppl_ratio_lo": ex(lo) if math.isfinite(lo) else lo, "ppl_ratio_hi": ex(hi) if math.isfinite(hi) else hi,
-                    "delta_ppl": base_ppl * (ex(mean) - 1) if math.isfinite(mean) else mean,
-                    "delta_ppl_lo": base_ppl * (ex(lo) - 1) if math.isfinite(lo) else lo,
-                    "delta_ppl_hi": base_ppl * (ex(hi) - 1) if math.isfinite(hi) else hi,
-                    "n_seeds": len(seeds), "n_draws": max(len(v) for v in per_seed.values()), "n_windows": int(base_n.size)})
+                    "ppl_ratio": _exp(mean), "ppl_ratio_lo": _exp(lo), "ppl_ratio_hi": _exp(hi),
+                    "delta_ppl": base_ppl * (_exp(mean) - 1), "delta_ppl_lo": base_ppl * (_exp(lo) - 1),
+                    "delta_ppl_hi": base_ppl * (_exp(hi) - 1),
+                    "conditional_on": _label(key[3], len(ctls), min(len(cs) for cs in ctls)),
+                    "n_seeds": len(ctls), "n_draws": max(len(cs) for cs in ctls), "n_windows": int(n.size)})
     return pd.DataFrame(out, columns=EFFECT_COLUMNS)

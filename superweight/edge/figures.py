@@ -10,21 +10,24 @@
 The runs are pooled. Runs whose configs differ in anything other than the plotted axes (metric,
 perturbation, seeds) and bookkeeping (out_dir, wandb, plots, resume, cache_dir) are *variants*
 (e.g. bit-flip probability or model) and get their own figures, suffixed `__<variant>`. Within a variant:
-Δ vs K uses every result row; with per-window data (perturbation_results.json) the Top-K minus control gaps
-and the per-selection effects get 95% CIs over seeds, draws and windows across runs (gaps.csv, effects.csv;
-a sweep that puts each seed in its own run gets the same numbers as one run with all seeds); layer/module histograms pool the score summaries
+Δ vs K uses every result row (a seed in two runs once); with per-window data (perturbation_results.json) the
+Top-K minus control gaps and the per-selection effects get 95% CIs over seeds, draws and windows across the
+runs that share the evaluation windows (`pooled_tables`; gaps.csv, effects.csv: a sweep that puts each seed
+in its own run gets the same numbers as one run with all seeds); layer/module histograms pool the score summaries
 of all (metric, seed); rank stability is recomputed from rankings.csv (global mode, Jaccard of the
 top-K rows, so metrics from different runs can be compared; each metric at the largest K it supports, up to
 the largest K of the runs or --k). The figures are plots.figure_set's, the same set a run draws into its plots/. Also writes
 `metric_comparison.csv` (core/comparison.py), `summary.csv` (mean, std, n over seeds per variant × perturbation × mode ×
-metric × selection × K) and `runs.csv` (the runs used).
+metric × selection × K) and `runs.csv` (the runs used; `note` names a run left out of the gaps and why).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -184,24 +187,73 @@ def load_runs(run_dirs: list[Path]) -> pd.DataFrame:
                          for r in rows])
 
 
+ROW_KEY = ("metric", "seed", "mode", "selection", "draw", "k", "perturbation")  # one evaluated selection
+
+
+def window_identity(d: Path) -> tuple | None:
+    """(data fingerprint, evaluation window indices) of a run from its manifest.json; None when it lacks them."""
+    m = json.loads((d / "manifest.json").read_text()) if (d / "manifest.json").exists() else {}
+    data = m.get("data") or {}
+    fp, idx = data.get("fingerprint"), data.get("eval_window_index")
+    return (str(fp), tuple(int(i) for i in idx)) if fp and idx is not None else None
+
+
+def _row_key(r) -> tuple:
+    draw = r.get("draw")
+    return tuple(str(r.get(c)) for c in ROW_KEY[:4]) + (str(int(draw)) if pd.notna(draw) else "0",
+                                                        str(int(r["k"])), str(r.get("perturbation")))
+
+
 def pooled_tables(runs: pd.DataFrame) -> dict[str, dict]:
     """{variant: {"results": df, "rankings": df|None, "scores": (summary, meta)|None, "rows": per-window rows,
-    "baseline": the shared baseline or None}}."""
+    "baseline": the shared baseline or None, "notes": {run dir: why it is (partly) left out}}}.
+
+    Per-window rows (gaps.csv, effects.csv) pool only across runs with the same evaluation windows: the same
+    data fingerprint and window indices (manifest.json), the identity most runs of the variant share. A run
+    with other windows, no identity or no per-window data is named in `notes` with the reason. An evaluated
+    selection (metric, seed, mode, selection, draw, K, perturbation) already seen in an earlier run is
+    counted once (the first), in the results as in the per-window rows: a seed in two runs is one seed."""
     out: dict[str, dict] = {}
     for variant, g in runs.groupby("variant", sort=False):
         res, ranks, summary, meta = [], [], {}, None
-        rows, baseline = [], None
-        seen_rank = set()
-        for d in map(Path, g["dir"]):
+        rows, baseline, notes = [], None, {}
+        seen_rank, seen_rows, seen_res = set(), {}, set()
+        dirs = list(map(Path, g["dir"]))
+        ids = {d: window_identity(d) for d in dirs if (d / "perturbation_results.json").exists()}
+        counts = Counter(i for i in ids.values() if i is not None)
+        ref = max(counts, key=lambda i: counts[i]) if counts else None  # Counter keeps first-seen order on ties
+        for d in dirs:
+            note = []
             df = pd.read_csv(d / "results.csv")
+            keys = [_row_key(r) for r in df.to_dict("records")]
+            dup = [k in seen_res for k in keys]
+            seen_res.update(keys)
             df.insert(0, "run", d.name)
-            res.append(df)
-            pr = d / "perturbation_results.json"
-            if pr.exists():
-                pj = json.loads(pr.read_text())
-                if baseline is None or baseline.get("window_nll") == pj["baseline"].get("window_nll"):
-                    baseline = pj["baseline"]  # runs pool only when they share the evaluation windows
-                    rows.extend(pj["rows"])
+            res.append(df[[not x for x in dup]])
+            if d not in ids:
+                note.append("no per-window data (perturbation_results.json): left out of gaps.csv and effects.csv")
+            elif ids[d] is None:
+                note.append("its manifest.json has no data fingerprint and evaluation window indices: left out of "
+                            "gaps.csv and effects.csv")
+            elif ids[d] != ref:
+                what = "data fingerprint" if ids[d][0] != ref[0] else "evaluation window indices"
+                note.append(f"its {what} differs from the pooled runs' ({ids[d][0]} vs {ref[0]}): other evaluation "
+                            "windows, left out of gaps.csv and effects.csv")
+            else:
+                pj = json.loads((d / "perturbation_results.json").read_text())
+                baseline = baseline or pj["baseline"]
+                for r in pj["rows"]:
+                    k = _row_key(r)
+                    if k in seen_rows:
+                        continue
+                    seen_rows[k] = d.name
+                    rows.append(r)
+            twice = sorted({(k[0], k[1]) for k, x in zip(keys, dup) if x})
+            if twice:
+                note.append("already pooled from an earlier run, counted once: "
+                            + ", ".join(f"{m} seed {s}" for m, s in twice))
+            if note:
+                notes[str(d)] = "; ".join(note)
             if (d / "rankings.csv").exists():
                 r = pd.read_csv(d / "rankings.csv")
                 keep = [key not in seen_rank for key in zip(r["metric"], r["seed"], r["mode"])]
@@ -215,7 +267,7 @@ def pooled_tables(runs: pd.DataFrame) -> dict[str, dict]:
         out[variant] = {"results": pd.concat(res, ignore_index=True),
                         "rankings": pd.concat(ranks, ignore_index=True) if ranks else None,
                         "scores": (summary, meta) if summary else None,
-                        "rows": rows, "baseline": baseline}
+                        "rows": rows, "baseline": baseline, "notes": notes}
     return out
 
 
@@ -260,6 +312,10 @@ def build(run_dirs: list[Path], out_dir: Path, k: int | None = None, formats=("h
     files = save_figures(figs, out_dir, list(formats))
     summary = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame()
     summary.to_csv(out_dir / "summary.csv", index=False)
+    notes = {d: n for t in tables.values() for d, n in t["notes"].items()}
+    runs["note"] = [notes.get(d, "") for d in runs["dir"]]
+    for d, n in notes.items():
+        print(f"superweight: warning: run {d}: {n}", file=sys.stderr)
     runs.to_csv(out_dir / "runs.csv", index=False)
     gap_df = pd.concat(gap_tables, ignore_index=True) if gap_tables else pd.DataFrame()
     gap_df.to_csv(out_dir / "gaps.csv", index=False)

@@ -79,18 +79,24 @@ def _main_in_child(argv: list[str], env: dict[str, str], out: str, err: str) -> 
         os._exit(int(code) if isinstance(code, int) else 1)
 
 
-def run_forked(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`superweight <argv>` as its own process, forked from a fork server that imported the package once (a
-    cold interpreter costs seconds of imports per call). Its returncode is negative when a signal killed it,
-    as subprocess reports it. env: variables to set in the child ("" = unset)."""
+def start_forked(argv: list[str], env: dict[str, str] | None, out: str, err: str):
+    """Start `superweight <argv>` as its own process, forked from a fork server that imported the package once
+    (a cold interpreter costs seconds of imports per call); stdout/stderr go to the files out/err. env:
+    variables to set in the child ("" = unset). Returns the started multiprocessing.Process."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["superweight.commands", "conftest"])
+    p = ctx.Process(target=_main_in_child, args=(list(argv), dict(env or {}), out, err))
+    p.start()
+    return p
+
+
+def run_forked(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`start_forked` and wait: returncode is negative when a signal killed it, as subprocess reports it."""
     with tempfile.TemporaryDirectory() as d:
         out, err = os.path.join(d, "out"), os.path.join(d, "err")
-        p = ctx.Process(target=_main_in_child, args=(list(argv), dict(env or {}), out, err))
-        p.start()
+        p = start_forked(argv, env, out, err)
         p.join()
         return subprocess.CompletedProcess(argv, p.exitcode, Path(out).read_text(), Path(err).read_text())
 

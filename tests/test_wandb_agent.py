@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import start_forked
+
 from superweight import commands
 from superweight.edge import signals, sweep
 from superweight.arguments import parse_config
@@ -293,15 +295,18 @@ def test_sigterm_requeue_marks_preempting_and_the_rerun_finishes_the_same_run(ti
     args = [f"model.name={tiny_model_dir}", *TINY, "select.topk=1,2,3,4,5,6,7,8", "select.controls=random_k,bottom_k",
             "select.control_draws=2", "data.eval_windows=8", "data.seq_len=64", f"out_dir={out}",
             "wandb.requeue_on_sigterm=true"]  # 32 rows
-    proc = subprocess.Popen([sys.executable, "-m", "superweight", "run", *args], env=agent_env(), cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # its own process (forked from a warm fork server, not this one), stopped from outside with a real SIGTERM
+    env = {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "WANDB_SERVICE": "", "WANDB_SWEEP_ID": "",
+           "WANDB_RUN_ID": "", "WANDB_SWEEP_PARAM_PATH": ""}
+    proc = start_forked(["run", *args], env, str(tmp_path / "stdout"), str(tmp_path / "stderr"))
     t0 = time.time()
-    while _rows(out) < 2 and proc.poll() is None and time.time() - t0 < 900:
+    while _rows(out) < 2 and proc.is_alive() and time.time() - t0 < 900:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=300)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(timeout=300)
+    stderr = (tmp_path / "stderr").read_text()
     done = _rows(out)
-    assert proc.returncode == 143, stderr[-2000:]
+    assert proc.exitcode == 143, stderr[-2000:]
     assert 2 <= done < 32
     assert "SIGTERM after" in stderr and "marked preempting" in stderr
     (first,) = records(out)

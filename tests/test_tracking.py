@@ -1,6 +1,7 @@
 """W&B tracking: one real tiny experiment logged offline, read back from its .wandb record log, and checked
 against the files of the out_dir (config, summary, artifacts with their tables, plots, resume of the same run)."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -12,7 +13,7 @@ import pytest
 from superweight.edge import offline_runs, run_identity
 from superweight.arguments import parse_config
 from superweight.commands.run import make_experiment, run_experiment
-from superweight.config import config_hash, to_flat
+from superweight.config import config_hash
 from superweight.edge.plots import chrome_available
 from superweight.resources import cache_root, code_version
 from superweight.core.gaps import gaps
@@ -56,7 +57,11 @@ def tracked(tiny_model_dir, tmp_path_factory):
 def test_config_is_the_flat_dotted_config(tracked):
     """run.config holds the flat dotted keys a sweep names, without the keys that say where a run ran."""
     rec, cfg = tracked["rec"], tracked["cfg"]
-    want = {k: v for k, v in to_flat(cfg).items() if k not in WHERE}
+    def dotted(d, prefix=""):  # independent of config.to_flat: the dataclass tree, keys joined with dots
+        for k, v in d.items():
+            yield from dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+    want = {k: v for k, v in dotted(dataclasses.asdict(cfg)) if k not in WHERE}
     axes = {k: v for k, v in rec["config"].items() if k.startswith("axis_")}
     assert {k: v for k, v in rec["config"].items() if k not in axes} == json.loads(json.dumps(want))
     # the swept axes as undotted scalars the runs table can group by (lists joined by ',')

@@ -144,7 +144,6 @@ def test_planted_pickle_in_score_cache_is_never_executed(tmp_path, monkeypatch):
 # ---- no secrets in outputs -------------------------------------------------------------------------------
 
 def test_no_secret_from_the_environment_in_any_output(tiny_model_dir, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     for k, v in FAKE_SECRETS.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("WANDB_MODE", raising=False)

@@ -53,7 +53,7 @@ def make_int8_linear(n_in: int, n_out: int):
     return ref, lin
 
 
-def _main_in_child(argv: list[str], env: dict[str, str], out: str, err: str) -> None:
+def _main_in_child(argv: list[str], env: dict[str, str], out: str, err: str, cwd: str, full_env: bool) -> None:
     """Body of a `run_forked` child: stdout/stderr to files, `superweight.commands.main(argv)`, exit with its code."""
     fo, fe = os.open(out, os.O_WRONLY | os.O_CREAT), os.open(err, os.O_WRONLY | os.O_CREAT)
     os.dup2(fo, 1)
@@ -61,6 +61,9 @@ def _main_in_child(argv: list[str], env: dict[str, str], out: str, err: str) -> 
     sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
     code = 1
     try:
+        os.chdir(cwd)
+        if full_env:
+            os.environ.clear()
         for k, v in env.items():
             if v:
                 os.environ[k] = v
@@ -79,26 +82,49 @@ def _main_in_child(argv: list[str], env: dict[str, str], out: str, err: str) -> 
         os._exit(int(code) if isinstance(code, int) else 1)
 
 
-def start_forked(argv: list[str], env: dict[str, str] | None, out: str, err: str):
+def start_forked(argv: list[str], env: dict[str, str] | None, out: str, err: str, full_env: bool = False):
     """Start `superweight <argv>` as its own process, forked from a fork server that imported the package once
-    (a cold interpreter costs seconds of imports per call); stdout/stderr go to the files out/err. env:
-    variables to set in the child ("" = unset). Returns the started multiprocessing.Process."""
+    (a cold interpreter costs seconds of imports per call), in this process's working directory; stdout/stderr
+    go to the files out/err. env: variables to set in the child ("" = unset), or with full_env its whole
+    environment. Returns the started multiprocessing.Process."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["superweight.commands", "conftest"])
-    p = ctx.Process(target=_main_in_child, args=(list(argv), dict(env or {}), out, err))
+    p = ctx.Process(target=_main_in_child, args=(list(argv), dict(env or {}), out, err, os.getcwd(), full_env))
     p.start()
     return p
 
 
-def run_forked(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_forked(argv: list[str], env: dict[str, str] | None = None, full_env: bool = False
+               ) -> subprocess.CompletedProcess:
     """`start_forked` and wait: returncode is negative when a signal killed it, as subprocess reports it."""
     with tempfile.TemporaryDirectory() as d:
         out, err = os.path.join(d, "out"), os.path.join(d, "err")
-        p = start_forked(argv, env, out, err)
+        p = start_forked(argv, env, out, err, full_env)
         p.join()
         return subprocess.CompletedProcess(argv, p.exitcode, Path(out).read_text(), Path(err).read_text())
+
+
+def fork_sweep_runs(monkeypatch) -> None:
+    """`superweight sweep` starts each run as the sweep YAML's command (`/usr/bin/env python -m superweight run
+    ...`, a cold interpreter each): here a command of that form runs the same argv in a `run_forked` process
+    with the environment the sweep gave it. The sweep's own logic (plan, param files, env, resume) is
+    unchanged; the slow set keeps real interpreters (tests/test_resume.py::test_killed_sweep_resumes)."""
+    import superweight.commands.sweep as sweep_cmd
+
+    real_run = sweep_cmd.subprocess.run
+
+    def run(cmd, *a, env=None, **kw):
+        cmd = [str(c) for c in cmd]
+        if "-m" in cmd and cmd[cmd.index("-m") + 1:cmd.index("-m") + 2] == ["superweight"] and not a and not kw:
+            p = run_forked(cmd[cmd.index("-m") + 2:], dict(env if env is not None else os.environ), full_env=True)
+            sys.stdout.write(p.stdout)
+            sys.stderr.write(p.stderr)
+            return p
+        return real_run(cmd, *a, env=env, **kw)
+
+    monkeypatch.setattr(sweep_cmd.subprocess, "run", run)
 
 
 @pytest.fixture(scope="module")

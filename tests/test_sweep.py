@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import fork_sweep_runs
 from superweight import commands as cli
 from superweight.edge import sweep
 from superweight.arguments import parse_config
@@ -187,6 +188,7 @@ def tiny_sweep(tiny_model_dir, tmp_path_factory):
     mp.chdir(root)
     mp.setenv("SUPERWEIGHT_CACHE", str(root / "cache"))
     mp.setenv("OMP_NUM_THREADS", "1")
+    fork_sweep_runs(mp)  # each run in a process forked from a warm server, not a cold interpreter
     try:
         rc1 = cli.main(["sweep", str(y), "--count", "1"])  # a sweep stopped after its first run
         p1 = sweep.plan(y)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import start_forked
+from conftest import fork_sweep_runs, start_forked
 
 from superweight import commands
 from superweight.edge import signals, sweep
@@ -148,6 +148,7 @@ def two_run_sweep(tiny_model_dir, tmp_path_factory):
     path.write_text(yaml.safe_dump(s, sort_keys=False))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
+        fork_sweep_runs(mp)  # each run in a process forked from a warm server, not a cold interpreter
         assert commands.main(["sweep", str(path), "--sweep-dir", str(tmp / "local")]) == 0
     plan = json.loads((tmp / "local" / "sweep.json").read_text())
     params = plan["runs"][0]["params"]

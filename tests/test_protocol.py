@@ -15,6 +15,7 @@ scored tokens, so it is the same quantity) with rel. tolerance 1e-5 (fp32 logits
 `documents` (text files, boolq, lambada): windows spread over the corpus and disjoint from calibration.
 """
 
+import math
 import random
 
 import pytest
@@ -22,11 +23,17 @@ import torch
 
 import superweight.inputs.data as data
 from superweight.config import DataConfig, RunConfig
-from superweight.inputs.data import build_windows, spread
-from superweight.core.evaluation import TASKS, encode_pair, evaluate_lm
+from superweight.inputs.data import build_windows
+from superweight.core.evaluation import TASKS, encode_pair, evaluate_lm, lambada_scores
 from superweight.run.experiment import Experiment
 
 L = 64
+
+
+def assert_one_per_stratum(idx: list[int], n: int, k: int):
+    """Evenly spread: exactly one of the k indices in each stratum [j·n/k, (j+1)·n/k) of range(n)."""
+    assert len(idx) == k and sorted(idx) == idx
+    assert [sum(j * n <= i * k < (j + 1) * n for i in idx) for j in range(k)] == [1] * k
 
 
 def wikitext_rows(n: int, seed: int, words=("the", "city", "of", "river", "in", "was", "a", "king", "battle", "game")):
@@ -105,7 +112,7 @@ def paper_reference(model, tok, text: str, seqlen: int):
 
 
 @pytest.mark.parametrize("bos", [False, True])
-def test_wikitext_paper_protocol_matches_the_papers_loop(offline_hub, tiny, tmp_path, bos):
+def test_wikitext_paper_protocol_matches_the_papers_loop(offline_hub, tiny, tmp_path, bos, capsys):
     model, tok = tiny
     if bos:
         tok = bos_adding(tok)
@@ -130,9 +137,13 @@ def test_wikitext_paper_protocol_matches_the_papers_loop(offline_hub, tiny, tmp_
         assert not set(w.calib_idx(seed).tolist()) & set(w.eval_idx.tolist())
     assert [c[2] for c in offline_hub] == ["test", "train"] and offline_hub[0][:2] == ("wikitext", "wikitext-2-raw-v1")
     # a number of windows: spread over the split (not its first passages)
+    assert capsys.readouterr().err == ""  # every window: the papers' label, no warning
     w8 = build_windows(DataConfig(corpus="wikitext2", seq_len=L, eval_windows=8, calib_windows=2), tok,
                        cache_dir=str(tmp_path))
-    assert w8.eval_idx.tolist() == [int((i + 0.5) * nsamples / 8) for i in range(8)]
+    assert_one_per_stratum(w8.eval_idx.tolist(), nsamples, 8)
+    # a subset of the split is not the papers' perplexity: labelled so, with one warning line
+    err = capsys.readouterr().err
+    assert w8.protocol == "paper-subset" and err.count("\n") == 1 and f"8 of the {nsamples} windows" in err
 
 
 def test_gemma_style_bos_in_every_window(offline_hub, tiny, tmp_path):
@@ -160,7 +171,8 @@ def test_c4_one_validation_shard_first_1100_documents_256_windows(offline_hub, t
     train_calls = [c for c in offline_hub if c[2] == "train"]
     assert train_calls[0][3] == {"train": "en/c4-train.00000-of-01024.json.gz"}
     w32 = build_windows(DataConfig(corpus="c4", seq_len=seq, eval_windows=32, calib_windows=2), tok, cache_dir=str(tmp_path))
-    assert w32.eval_idx.tolist() == [int((i + 0.5) * 256 / 32) for i in range(32)]
+    assert_one_per_stratum(w32.eval_idx.tolist(), 256, 32)
+    assert w.protocol == "paper" and w32.protocol == "paper-subset"
 
 
 def test_documents_protocol_spreads_eval_windows_disjoint_from_calibration(tiny, tmp_path):
@@ -176,8 +188,8 @@ def test_documents_protocol_spreads_eval_windows_disjoint_from_calibration(tiny,
         stream += d + [tok.eos_token_id]
     n = len(stream) // 32
     assert w.protocol == "documents" and torch.equal(w.tokens, torch.tensor(stream[: n * 32]).view(n, 32))
-    want = [int((i + 0.5) * n / 10) for i in range(10)]
-    assert w.eval_idx.tolist() == want and want != list(range(10)) and max(want) > 0.9 * n
+    want = w.eval_idx.tolist()
+    assert_one_per_stratum(want, n, 10)
     assert sorted(w.pool_idx.tolist() + want) == list(range(n))
     for seed in range(4):
         c = w.calib_idx(seed).tolist()
@@ -222,7 +234,14 @@ def test_tasks_get_the_bos_of_the_perplexity_windows(tiny, tmp_path):
             assert seen[-1] == want and res["bos_probe/x"] == 0.0
     finally:
         TASKS._entries.pop("bos_probe", None)
-    # and it reaches the model: LAMBADA's loglikelihood changes with the BOS
-    lam = TASKS.get("lambada").fn
-    a, b = lam(model, bt, 3, 3, None), lam(model, bt, 3, 3, bt.bos_token_id)
-    assert a != b
+    # and it reaches the model: LAMBADA's per-token perplexity with the BOS is the one of [BOS] + context +
+    # continuation computed by hand (log-softmax of the model's logits at the continuation's positions)
+    ex = [{"context": "The cat sat on the", "continuation": " mat and slept"}]
+    ids = [bt.bos_token_id] + tok(ex[0]["context"], add_special_tokens=False)["input_ids"]
+    cont = tok(ex[0]["continuation"], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids + cont])).logits[0].double(), -1)
+    ll = sum(float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(cont))
+    got = lambada_scores(model, bt, ex, batch_size=1, bos=bt.bos_token_id)
+    assert got["ppl"] == pytest.approx(math.exp(-ll / len(cont)), rel=1e-4)
+    assert lambada_scores(model, bt, ex, batch_size=1)["ppl"] != pytest.approx(got["ppl"], rel=1e-4)

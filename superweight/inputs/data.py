@@ -8,7 +8,8 @@ Two protocols, chosen by the corpus (its registry entry's `protocol`):
   tokens (one BOS at the start of the whole stream for tokenizers that add it), and cut into
   non-overlapping `seq_len` windows; every token after a window's first is scored. `data.eval_windows=all`
   evaluates every window of the split (C4: the first 256, as the papers); calibration windows come from the
-  corpus's train split.
+  corpus's train split. Only then is the run labelled `paper`: a number of windows, or a stride sliding over
+  them, is labelled `paper-subset` (with one warning line), as its perplexity is not the papers'.
 * `documents` (boolq, lambada, text files): documents joined by EOS into one stream (one BOS first when the
   tokenizer adds one), cut into non-overlapping windows. The evaluation windows are spread evenly over the
   corpus (not its first passages), so per-window losses are close to independent samples; the calibration
@@ -26,6 +27,7 @@ import gzip
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,6 +347,18 @@ def spread(n: int, k: int) -> torch.Tensor:
     return torch.tensor(sorted({int((i + 0.5) * n / k) for i in range(k)}), dtype=torch.int64)
 
 
+def paper_label(cfg: DataConfig, n_eval: int, n_split: int) -> str:
+    """`paper` when every window of the split is evaluated at seq_len without a stride (the papers' perplexity),
+    else `paper-subset`, with one warning line saying why."""
+    if cfg.stride is None and n_eval == n_split:
+        return "paper"
+    why = (f"data.stride={cfg.stride} slides over the windows" if cfg.stride is not None else
+           f"data.eval_windows={cfg.eval_windows} evaluates {n_eval} of the {n_split} windows of the split")
+    print(f"superweight: warning: {why}: the perplexity is of a subset (protocol 'paper-subset'), not comparable "
+          f"with the papers' (use data.eval_windows=all)", file=sys.stderr)
+    return "paper-subset"
+
+
 def build_windows(cfg: DataConfig, tokenizer, cache_dir: str | None = None, context: int | None = None,
                   bos_every_window: bool = False) -> Windows:
     """Tokenize (cached on disk by corpus content + tokenizer), cut into windows, split eval/calibration."""
@@ -394,6 +408,8 @@ def build_windows(cfg: DataConfig, tokenizer, cache_dir: str | None = None, cont
     if len(pool_idx) < cfg.calib_windows:
         raise ConfigError(f"corpus '{cfg.corpus}' leaves {len(pool_idx)} calibration windows but data.calib_windows="
                           f"{cfg.calib_windows}; use smaller data.calib_windows or data.eval_windows")
+    if protocol == "paper":
+        protocol = paper_label(cfg, len(eval_idx), test.size(0))
     fp = hashlib.sha256(f"{key}|{cfg.seq_len}|{cfg.stride}|{cfg.eval_windows}|{cfg.calib_windows}|{bos}|{bos_mode}".encode()
                         ).hexdigest()[:16]
     return Windows(tokens, eval_idx, pool_idx, cfg.calib_windows, fp, n_tokens, cfg.stride,

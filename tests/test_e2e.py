@@ -25,7 +25,7 @@ SCHEMA = ["metric", "seed", "mode", "selection", "draw", "k", "n_selected", "sup
           "changed", "delta_w_l2", "delta_w_linf", "mean_abs_w", "match_ks", "match_err_median", "match_err_max",
           "nonfinite_weights", "nonfinite", "tokens"]
 GAP_SCHEMA = ["perturbation", "mode", "metric", "k", "control", "gap_nll", "gap_nll_lo", "gap_nll_hi",
-              "top_delta_nll", "control_delta_nll", "n_seeds", "n_draws", "n_windows"]
+              "conditional_on", "top_delta_nll", "control_delta_nll", "n_seeds", "n_draws", "n_windows"]
 
 
 def test_python_m_superweight_runs_end_to_end(tiny_model_dir, tmp_path):
@@ -76,6 +76,7 @@ def test_cli_run_writes_every_output(tiny_model_dir, tmp_path, capsys):
     # one gap per perturbation x mode x metric x K x control
     assert len(gp) == 2 * 2 * 3 * 3 * 2 and set(gp["control"]) == {"random_k", "bottom_k"}
     assert (gp.loc[gp["control"] == "random_k", "n_draws"] == 2).all() and (gp["n_seeds"] == 2).all()
+    assert gp["conditional_on"].isna().all()  # 2 seeds: unconditional (empty in the CSV)
     assert (gp["gap_nll_lo"] <= gp["gap_nll_hi"]).all()
     man = json.loads((out / "manifest.json").read_text())
     for key in ("config", "seeds", "git", "versions", "hardware", "model", "data", "times"):

@@ -144,7 +144,7 @@ def test_shipped_sweeps_expand_and_validate(name, n, tmp_path, monkeypatch):
     if name == "phase1":
         metrics = {r["config"].score.metrics[0] for r in p["runs"]}
         assert metrics == {"magnitude", "grad_x_weight", "grad_squared", "hutchinson_diag", "act_mag", "act_outlier"}
-        assert all(r["config"].select.controls == ["random_k", "bottom_k"] for r in p["runs"])
+        assert all(r["config"].select.controls == ["random_k", "bottom_k", "matched_k"] for r in p["runs"])
     if name == "bitflip":
         assert {(r["config"].perturb.prob, r["config"].perturb.bits, r["config"].model.dtype) for r in p["runs"]} == {
             (pr, b, d) for pr in (0.001, 0.01, 0.1, 1.0) for b in ("random", "exponent_msb", "sign")

@@ -197,3 +197,16 @@ def test_summaries_ignore_rows_past_the_support():
     assert s["max_delta_ppl/m"] == pytest.approx(15.0)
     assert "gap_nll/zero/global/m/random_k/k10" not in s
     assert "90.000" not in summary_table(df, None)
+
+
+def test_matched_gaps_carry_the_match_errors_of_their_rows():
+    rows, base = rows_for("m", [0, 1], 2)
+    errs = iter([(0.01, 0.05), (0.02, -0.30), (0.03, 0.10), (0.00, 0.02)])
+    for r in rows:
+        if r["selection"] == "random_k":
+            r["selection"] = "matched_k"
+            r["match_err_median"], r["match_err_max"] = next(errs)
+    g = gaps(rows, base).iloc[0]
+    assert g.control == "matched_k" and g.match_err_median == pytest.approx(0.015) and g.match_err_max == -0.30
+    plain, _ = rows_for("m", [0, 1], 2)
+    assert math.isnan(gaps(plain, base)["match_err_max"].iloc[0])

@@ -21,7 +21,8 @@ from .results import past_support, per_window_delta
 from .selections import SELECTIONS
 
 GAP_COLUMNS = ["perturbation", "mode", "metric", "k", "control", "gap_nll", "gap_nll_lo", "gap_nll_hi",
-               "conditional_on", "top_delta_nll", "control_delta_nll", "n_seeds", "n_draws", "n_windows"]
+               "conditional_on", "top_delta_nll", "control_delta_nll", "n_seeds", "n_draws", "n_windows",
+               "match_err_median", "match_err_max"]
 EFFECT_COLUMNS = ["perturbation", "mode", "metric", "selection", "k", "delta_nll", "delta_nll_lo", "delta_nll_hi",
                   "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi", "delta_ppl", "delta_ppl_lo", "delta_ppl_hi",
                   "conditional_on", "n_seeds", "n_draws", "n_windows"]
@@ -64,7 +65,10 @@ def _interval(top: list | None, ctl: list[list], n: np.ndarray) -> tuple[float, 
 
 def gaps(rows: list[dict], baseline: dict) -> pd.DataFrame:
     """gap = ΔNLL(top_k) − ΔNLL(control) per (perturbation, mode, metric, K, control): the mean over the seeds
-    that have both of (Top-K ΔNLL − the mean over the control's draws), with its `gap_interval`.
+    that have both of (Top-K ΔNLL − the mean over the control's draws), with its `gap_interval`. A matched
+    control also reports the relative |w| error of its matches, |w_match| / |w_top| − 1: `match_err_median`
+    (the median of its rows' medians) and `match_err_max` (of its rows' signed largest errors, the one largest
+    in absolute value).
 
     Rows from several runs pool (a sweep that puts each seed in its own run) when they share the evaluation
     windows (edge/figures.py checks). Rows without per-window data give the point estimate only."""
@@ -75,6 +79,16 @@ def gaps(rows: list[dict], baseline: dict) -> pd.DataFrame:
     for (pert, mode, metric, k, sel), per_seed in _collect(
             rows, baseline, lambda r: (r["perturbation"], r["mode"], r["metric"], int(r["k"]), r["selection"])).items():
         by.setdefault((pert, mode, metric, k), {})[sel] = per_seed
+    errs: dict = {}  # matched controls: |w_match| / |w_top| − 1 of their rows (row medians, row maxima)
+    for r in rows:
+        if "match_err_median" in r and not past_support(r):
+            e = errs.setdefault((r["perturbation"], r["mode"], r["metric"], int(r["k"]), r["selection"]),
+                                {"median": [], "max": []})
+            for stat in ("median", "max"):
+                try:
+                    e[stat].append(float(r[f"match_err_{stat}"]))
+                except (TypeError, ValueError):
+                    pass
     out = []
     for key, sels in by.items():
         if "top_k" not in sels:
@@ -91,12 +105,20 @@ def gaps(rows: list[dict], baseline: dict) -> pd.DataFrame:
             ctl = float(np.mean([np.mean([c[1] for c in cs]) for cs in ctls]))
             lo, hi = _interval([t[0] for t in tops], [[c[0] for c in cs] for cs in ctls], n)
             n_draws = min(len(cs) for cs in ctls)
+            err = errs.get(key + (control,), {})
             out.append({"perturbation": key[0], "mode": key[1], "metric": key[2], "k": key[3], "control": control,
                         "gap_nll": top - ctl, "gap_nll_lo": lo, "gap_nll_hi": hi,
                         "conditional_on": _label(control, len(seeds), n_draws),
                         "top_delta_nll": top, "control_delta_nll": ctl, "n_seeds": len(seeds),
-                        "n_draws": max(len(cs) for cs in ctls), "n_windows": int(n.size)})
+                        "n_draws": max(len(cs) for cs in ctls), "n_windows": int(n.size),
+                        "match_err_median": _nan_stat(np.median, err.get("median", [])),
+                        "match_err_max": _nan_stat(lambda v: v[int(np.argmax(np.abs(v)))], err.get("max", []))})
     return pd.DataFrame(out, columns=GAP_COLUMNS)
+
+
+def _nan_stat(fn, values: list) -> float:
+    v = np.asarray([x for x in values if math.isfinite(x)], float)
+    return float(fn(v)) if v.size else float("nan")
 
 
 def _exp(v: float) -> float:

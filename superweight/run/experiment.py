@@ -46,6 +46,7 @@ from ..core.perturbation import PERTURBATIONS, changeable, perturbed
 from .resume import ResumeLog, now
 from ..resources import cache_root, code_version
 from ..core.gaps import gaps
+from ..core.histogram import log10_histogram
 from ..core.results import make_row, results_frame
 from ..core.stability import stability_pairs
 from ..core.matching import match_quality
@@ -329,13 +330,15 @@ class Experiment:
         return make_row(keys, dict(res), self.baseline, pinfo, extra)
 
     def summarize_scores(self, metric: str, seed: int, scores: dict[str, torch.Tensor]) -> None:
-        """What goes to sensitivity_scores.safetensors: global top entries and per-tensor score mass."""
+        """What goes to sensitivity_scores.safetensors: global top entries, per-tensor score mass and the
+        log10 histogram of all scores."""
         top = rank(scores, min(TOP_SAVED, sum(s.numel() for s in scores.values())), "global", "top_k")
         names = list(scores)
         self.summaries[f"{metric}.seed{seed}"] = {
             "top_pid": top.pid, "top_flat": top.flat, "top_score": top.score.float(),
             "param_sum": torch.tensor([float(scores[n].double().sum()) for n in names], dtype=torch.float64),
             "param_max": torch.tensor([float(scores[n].float().max()) for n in names], dtype=torch.float64),
+            **log10_histogram(scores),  # the score-distribution figure's histogram (core/histogram.py)
         }
 
     def collect(self) -> Result:

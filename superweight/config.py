@@ -68,7 +68,7 @@ class ScoreConfig:
     probes: int = 16  # hutchinson_diag: Rademacher probes
     saliency: str = "abs"  # hutchinson_diag: abs (|diag H|) | obd (|1/2 diag(H) w^2|)
     outlier_threshold: float = 50.0  # act_outlier: a spike is |y| > threshold and > 50 x the layer's median token max
-    cache: bool = True  # reuse score sets from the content-addressed on-disk cache
+    cache: str = "compact"  # on-disk score cache: compact (what the run reads, = true) | full (every score) | false
 
 
 @dataclass

@@ -126,7 +126,7 @@ class _Planted:
 def test_planted_pickle_in_score_cache_is_never_executed(tmp_path, monkeypatch):
     sentinel = tmp_path / "pwned"
     monkeypatch.setenv("SW_PLANTED_SENTINEL", str(sentinel))
-    cache = ScoreCache(tmp_path / "cache")
+    cache = ScoreCache(tmp_path / "cache", "full")  # the full form stores what put() is given
     key = "0" * 32
     cache.path(key).parent.mkdir(parents=True)
     cache.path(key).write_bytes(pickle.dumps(_Planted()))

@@ -44,7 +44,7 @@ def tracked(tiny_model_dir, tmp_path_factory):
         argv = [f"model={tiny_model_dir}", f"out_dir={out}", "topk=1,10,100", "seeds=0,1",
                 "metric=magnitude,grad_x_weight", "data.eval_windows=4", "data.calib_windows=2",
                 "data.seq_len=32", "wandb.mode=offline", "wandb.group=test-group", "wandb.tags=a,b",
-                "wandb.name=tiny", "plots=html,png"]
+                "wandb.name=tiny", "plots=html,png", "score.cache=full"]  # full sets: one per (metric, calibration)
         cfg, exp, result = run(argv)
     finally:
         mp.undo()

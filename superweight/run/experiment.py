@@ -25,14 +25,14 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .cache import ScoreCache, score_key
+from .cache import CompactScores, ScoreCache, compact_key, score_key
 from ..config import RunConfig, config_hash
 from ..inputs.data import Windows, build_windows
 from ..core.evaluation import TASKS, evaluate_lm
@@ -46,9 +46,9 @@ from ..core.perturbation import PERTURBATIONS, changeable, perturbed
 from .resume import ResumeLog, now
 from ..resources import cache_root, code_version
 from ..core.gaps import gaps
-from ..core.histogram import log10_histogram
 from ..core.results import make_row, results_frame
 from ..core.stability import stability_pairs
+from ..core.score_summary import score_summary
 from ..core.matching import match_quality
 from ..core.overlap import jaccard, tied_counts
 from ..core.ranking import Ranking
@@ -171,6 +171,10 @@ class Experiment:
                                     bar.update()
                                     self.tracker.log_row(row, done, total)
                 self.summarize_scores(metric, seed, scores)
+                if not isinstance(scores, CompactScores):
+                    self.cache.put_compact(self.compact_keys[(metric, seed)], CompactScores(
+                        list(self.params), {k[2:]: r for k, r in self.rankings.items() if k[:2] == (metric, seed)},
+                        self.summaries[f"{metric}.seed{seed}"]), {"metric": metric, "seed": seed, "model": self.info.name})
                 del scores
 
     # ---- setup: everything that can fail on bad input happens before the weights load -----------------
@@ -207,7 +211,7 @@ class Experiment:
         self.tracker.log_stage("load", self.timings["load_s"])
         t = time.perf_counter()
         self.info = model_info(self.model, cfg.model, self.params)
-        self.cache = ScoreCache(cache_root(cfg.cache_dir), enabled=cfg.score.cache)
+        self.cache = ScoreCache(cache_root(cfg.cache_dir), cfg.score.cache)
         self.timings["data_s"] = time.perf_counter() - t
         self.tracker.log_stage("data", self.timings["data_s"])
 
@@ -246,9 +250,15 @@ class Experiment:
             "device": self.device.type,
         })
         self.score_keys = getattr(self, "score_keys", {})
-        self.score_keys[(metric, seed)] = key
+        self.compact_keys = getattr(self, "compact_keys", {})
+        ckey = self.compact_keys[(metric, seed)] = compact_key(key, self.ranking_spec(seed))
+        self.score_keys[(metric, seed)] = ckey if self.cache.mode == "compact" else key
         dev = torch.device("cpu") if self.cfg.score.offload else self.device
-        cached = self.cache.get(key, dev)
+        cached = self.cache.get(key, dev, ckey, list(self.params), [tuple(p.shape) for p in self.params.values()])
+        if isinstance(cached, CompactScores):
+            return cached
+        if cached is not None:
+            self.score_keys[(metric, seed)] = key
         if cached is not None and set(cached) == set(self.params):
             # safetensors returns keys sorted by name; rankings depend on the parameter order: restore it
             return {n: cached[n] for n in self.params}
@@ -265,27 +275,41 @@ class Experiment:
         self.cache.put(key, scores, {"metric": metric, "seed": seed, "model": self.info.name})
         return scores
 
+    def ranking_spec(self, seed: int) -> dict:
+        """Everything a (metric, seed)'s rankings and summary depend on besides its scores and weights: the
+        ranking seed, the selection options and the candidate sets (the key of a compact cache set)."""
+        cfg = self.cfg
+        groups = [[list(k), v] for k, v in mask_groups(cfg.perturb.names, cfg.perturb).items()]
+        return {"seed": seed, "select": {k: v for k, v in asdict(cfg.select).items() if k != "save_top"},
+                "groups": groups, "relative": cfg.perturb.relative, "top_saved": TOP_SAVED}
+
     def selections(self, metric: str, seed: int, mode: str, scores, mask, group: tuple = ()):
         """(selection, draw, K_max ranking): Top-K first, then each control; random controls draw
         select.control_draws times. A metric whose support is below the largest K warns once. Rankings are
         kept under (metric, seed, mode, selection, draw) for the first candidate set of the perturbations and
         with the set's perturbations appended (`group`) for any other."""
         kmax = max(self.cfg.select.topk)
-        top = rank(scores, kmax, mode, "top_k", seed, mask_fn=mask, in_axis=self.in_axis)
+        stored = scores.rankings if isinstance(scores, CompactScores) else None  # a compact cache hit
+        top = stored[(mode, "top_k", 0, *group)] if stored is not None else \
+            rank(scores, kmax, mode, "top_k", seed, mask_fn=mask, in_axis=self.in_axis)
         if top.support is not None and top.support < kmax and (metric, mode) not in getattr(self, "_warned", set()):
             self._warned = getattr(self, "_warned", set()) | {(metric, mode)}
             print(f"superweight: warning: {metric} gives {top.support} informative scores (its support) below "
                   f"K={kmax}: its Top-K stops at {top.support} (rows marked with `support`)", file=sys.stderr)
         self.rankings[(metric, seed, mode, "top_k", 0, *group)] = top
-        top.stats["n_tied"] = self.ties_of(scores, top, mask)
+        if stored is None:
+            top.stats["n_tied"] = self.ties_of(scores, top, mask)
         yield "top_k", 0, top
         for control in self.cfg.select.controls:
             spec = SELECTIONS.get(control)
             for draw in range(self.cfg.select.control_draws if spec.random else 1):
-                r = rank_grid(scores, self.cfg.select.topk, mode, control, seed, draw, mask_fn=mask, top=top,
-                              values=self.values, in_axis=self.in_axis)
+                if stored is not None:
+                    r = stored[(mode, control, draw, *group)]
+                else:
+                    r = rank_grid(scores, self.cfg.select.topk, mode, control, seed, draw, mask_fn=mask, top=top,
+                                  values=self.values, in_axis=self.in_axis)
+                    r.stats["n_tied"] = self.ties_of(scores, r, mask)
                 self.rankings[(metric, seed, mode, control, draw, *group)] = r
-                r.stats["n_tied"] = self.ties_of(scores, r, mask)
                 yield control, draw, r
 
     def ties_of(self, scores, r: Ranking, mask) -> dict[int, int]:
@@ -329,17 +353,10 @@ class Experiment:
         extra.update(match_quality(sel))
         return make_row(keys, dict(res), self.baseline, pinfo, extra)
 
-    def summarize_scores(self, metric: str, seed: int, scores: dict[str, torch.Tensor]) -> None:
-        """What goes to sensitivity_scores.safetensors: global top entries, per-tensor score mass and the
-        log10 histogram of all scores."""
-        top = rank(scores, min(TOP_SAVED, sum(s.numel() for s in scores.values())), "global", "top_k")
-        names = list(scores)
-        self.summaries[f"{metric}.seed{seed}"] = {
-            "top_pid": top.pid, "top_flat": top.flat, "top_score": top.score.float(),
-            "param_sum": torch.tensor([float(scores[n].double().sum()) for n in names], dtype=torch.float64),
-            "param_max": torch.tensor([float(scores[n].float().max()) for n in names], dtype=torch.float64),
-            **log10_histogram(scores),  # the score-distribution figure's histogram (core/histogram.py)
-        }
+    def summarize_scores(self, metric: str, seed: int, scores) -> None:
+        """What goes to sensitivity_scores.safetensors (core/score_summary.py; stored in a compact set)."""
+        self.summaries[f"{metric}.seed{seed}"] = scores.summary if isinstance(scores, CompactScores) else \
+            score_summary(scores, TOP_SAVED)
 
     def collect(self) -> Result:
         """Stability (Top-K sets within each metric's support) and gaps, as a Result."""

@@ -26,6 +26,7 @@ from ..core.params import layer_of, quant_kind, weight_kind
 from ..core.perturbation import PERTURBATIONS, parse_bits, supports
 from ..core.modes import MODES
 from ..core.selections import SELECTIONS
+from .cache import cache_mode
 
 ATTN = ("auto", "eager", "sdpa")
 
@@ -49,6 +50,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         check_choice("control", c, SELECTIONS.names(control=True))
     for p in cfg.perturb.names:
         PERTURBATIONS.get(p)
+    cfg.score.cache = cache_mode(cfg.score.cache)
     check_choice("dtype", cfg.model.dtype, ["auto", "float32", "bfloat16", "float16"])
     check_choice("score dtype", cfg.score.dtype, ["float32", "bfloat16"])
     check_choice("quantize", cfg.model.quantize, ["none", "8bit", "4bit"])

@@ -22,6 +22,7 @@ from superweight.commands.run import make_experiment, run_experiment
 from superweight.config import ConfigError
 from superweight.core.score_summary import HIST_BINS, log10_histogram
 from superweight.run.cache import cache_mode
+from superweight.run.disk import estimate_disk
 
 TABLES = ["results.csv", "rankings.csv", "stability.csv", "gaps.csv", "effects.csv"]
 WORDS = "time year people way day man thing woman life child world school state family student group".split()
@@ -70,6 +71,13 @@ def test_compact_cache_serves_the_same_bytes_and_recomputes_what_it_does_not_hol
     for path in files:
         assert not set(tensors(path)) & set(a.params)
         assert all(k.startswith(("summary.", "r")) for k in tensors(path))
+    # superweight plan's disk figures against what the run wrote
+    disk = estimate_disk(a.cfg, [tuple(p.shape) for p in a.params.values()])
+    cache_bytes = sum(p.stat().st_size for p in files)
+    out_bytes = sum(p.stat().st_size for p in (tmp_path / "a").rglob("*") if p.is_file())
+    print(f"disk: cache est {disk.cache} measured {cache_bytes}; out_dir est {disk.out_dir} measured {out_bytes}")
+    assert disk.score_sets == 2 and abs(disk.cache - cache_bytes) <= 0.25 * cache_bytes
+    assert 0.5 * out_bytes <= disk.out_dir <= 2 * out_bytes
     # a larger K, another mode or another control: recomputed, and the larger K is really selected
     c = run(tiny_model_dir, corpus, tmp_path / "c", cache, "topk=2,5,40", "metric=magnitude")
     assert (c.cache.hits, c.cache.misses) == (0, 1)

@@ -47,6 +47,7 @@ from ..core.evaluation import window_stats
 from ..core.metrics import METRICS
 from ..core.params import eligible_parameters, unique_named_parameters
 from ..inputs.models import build_fake_model, load_model_config, pick_dtype
+from .disk import DiskPlan, estimate_disk
 from .simulation import SimContext, fused_attention, simulate, weight_bytes
 from .validation import check_capabilities
 
@@ -108,6 +109,7 @@ class Plan:
     gpu_mem: int | None
     overhead: int
     rows: list[PlanRow] = field(default_factory=list)
+    disk: DiskPlan | None = None
 
     def fits(self, row: PlanRow) -> bool | None:
         if self.gpu_mem is None or row.method == "n/a":
@@ -115,8 +117,9 @@ class Plan:
         return row.peak + self.overhead <= self.gpu_mem
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "rows"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("rows", "disk")}
         d["rows"] = [{**r.as_dict(), "fits": self.fits(r)} for r in self.rows]
+        d["disk"] = self.disk.as_dict() if self.disk is not None else None
         return d
 
     def table(self) -> str:
@@ -143,6 +146,10 @@ class Plan:
                 continue
             lines.append(f"{r.what:<18}{r.peak / GiB:>10.2f}{r.weights / GiB:>10.2f}{r.run / GiB:>10.2f}"
                          f"{r.host / GiB:>9.2f}  {fs:<5} {r.method}{(': ' + r.note) if r.note else ''}")
+        if self.disk is not None:
+            d = self.disk
+            lines.append(f"disk: score cache +{d.cache / 2**20:.1f} MiB ({d.score_sets} sets), out_dir ~"
+                         f"{d.out_dir / 2**20:.1f} MiB{'; ' + d.note if d.note else ''}")
         return "\n".join(lines)
 
 
@@ -224,4 +231,5 @@ def estimate(cfg: RunConfig, metrics: list[str] | None = None, gpu_mem: int | No
         if cfg.model.quantize == "4bit":  # bnb dequantizes one Linear weight per matmul
             extra = max(p.numel() * p.element_size() for p in params.values())
         plan.rows.append(PlanRow("evaluation", wbytes + run + extra, wbytes, run + extra))
+    plan.disk = estimate_disk(cfg, [tuple(p.shape) for p in params.values()])
     return plan

@@ -11,6 +11,10 @@ same run, so it means the same on any machine:
   eval / reference             evaluate_lm tokens/s vs a plain batched loop at equal batch size, and the
                                relative perplexity difference
   cache hit / miss             score-set load from the content-addressed cache vs computing + storing it
+  run                          (--parts run) a whole `superweight run` split into load, scoring, selection
+                               (rankings incl. matching and tie counts), summary (score summary and
+                               histogram), cache, evaluation, writing, tracking and the rest (perturb+restore,
+                               the loop); its share of the wall time, and the score-cache bytes it added
   peak memory / plan           (--parts memory, CUDA) measured peak of each metric and of evaluation vs what
                                `superweight plan` predicts for the same model, seq_len and batch
 
@@ -214,9 +218,81 @@ def bench_eval(model, ids, batch_size, device, repeats) -> dict:
             "ppl_rel_diff": abs(r.ppl - math.exp(ref_nll)) / math.exp(ref_nll), "acc": r.acc, "reference_acc": ref_acc}
 
 
+def bench_run(model_name: str, extra: list[str], tracking: str) -> dict:
+    """One whole run of `superweight run model=<model_name> <extra>` in a fresh out_dir and cache, each stage
+    timed by wrapping the functions the recipe calls (the wrappers only add perf_counter calls)."""
+    from collections import defaultdict
+
+    import superweight.run.experiment as E
+    from superweight.arguments import parse_config
+    from superweight.commands.run import make_experiment, run_experiment
+    from superweight.edge.outputs import RunOutputs
+
+    clock: dict[str, float] = defaultdict(float)
+    depth = [0]
+
+    def wrap(cat, fn):
+        def w(*args, **kw):
+            if depth[0]:  # nested inside another timed call: counted there
+                return fn(*args, **kw)
+            depth[0] += 1
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                clock[cat] += time.perf_counter() - t
+                depth[0] -= 1
+        return w
+
+    targets = [(E, "compute_scores", "scoring"), (E, "rank", "selection"), (E, "rank_grid", "selection"),
+               (E.Experiment, "ties_of", "selection"), (E, "score_summary", "summary"),
+               (E.Experiment, "evaluate", "evaluation"), (E.Experiment, "setup", "load"), (E.Experiment, "load", "load"),
+               (E.ScoreCache, "get", "cache"), (E.ScoreCache, "put", "cache"), (E.ScoreCache, "put_compact", "cache"),
+               (RunOutputs, "write", "writing")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            for obj, name, cat in targets:
+                setattr(obj, name, wrap(cat, getattr(obj, name)))
+            argv = [f"model={model_name}", f"out_dir={d}/out", f"cache_dir={d}/cache", f"wandb.mode={tracking}",
+                    f"wandb.dir={d}/wandb", *extra]
+            t0 = time.perf_counter()
+            exp = make_experiment(parse_config(argv), progress=False)
+            for name in ("start", "log_row", "log_stage", "finish"):
+                setattr(exp.tracker, name, wrap("tracking", getattr(exp.tracker, name)))
+            run_experiment(exp)
+            total = time.perf_counter() - t0
+        finally:
+            for obj, name, fn in saved:
+                setattr(obj, name, fn)
+        cache_bytes = sum(p.stat().st_size for p in Path(d, "cache", "scores").glob("*.safetensors"))
+        out_bytes = sum(p.stat().st_size for p in Path(d, "out").rglob("*") if p.is_file())
+    stages = dict(clock)
+    stages["other"] = total - sum(clock.values())
+    share = {k: v / total for k, v in stages.items()}
+    return {"argv": extra, "rows": len(exp.rows), "n_eligible": sum(p.numel() for p in exp.params.values()),
+            "total_s": total, "stages_s": stages, "share": share,
+            "bookkeeping_share": 1 - share.get("scoring", 0) - share.get("evaluation", 0),
+            "cache_bytes": cache_bytes, "score_sets": len(exp.cfg.score.metrics) * len(exp.cfg.seeds),
+            "out_dir_bytes": out_bytes}
+
+
+def save_random_model(config_path: str, like: str, out: Path) -> str:
+    """A random-init checkpoint of `config_path` with the tokenizer of `like`, saved to `out` (for --parts run
+    at a larger size: the run loads weights and a tokenizer from a directory)."""
+    from superweight.inputs.models import load_tokenizer
+
+    config = AutoConfig.from_pretrained(config_path)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    load_tokenizer(ModelConfig(name=like)).save_pretrained(out)
+    return str(out)
+
+
 def bench_cache(model, params, batches, device) -> dict:
     with tempfile.TemporaryDirectory() as d:
-        cache = ScoreCache(d)
+        cache = ScoreCache(d, "full")
         key = score_key({"model": fingerprint(model), "metric": "grad_x_weight", "bench": True})
         t = time.perf_counter()
         got = cache.get(key, device)
@@ -351,9 +427,15 @@ def main(argv=None) -> int:
     ap.add_argument("--metrics", default="magnitude,act_mag,act_outlier,grad_x_weight,grad_squared,hutchinson_diag",
                     help="metrics whose peak memory --parts memory measures")
     ap.add_argument("--memory-seq-lens", default="512,1024")
+    ap.add_argument("--run-args", default="metric=grad_x_weight seeds=0 select.control_draws=1 plots=none",
+                    help="--parts run: options of the timed run (the default config otherwise)")
+    ap.add_argument("--run-models", default="smollm2-135m",
+                    help="--parts run: models to run, comma-separated; a directory with only a config.json is "
+                         "given random weights (saved to a temporary checkpoint with the shipped tokenizer)")
+    ap.add_argument("--run-tracking", default="offline", help="--parts run: wandb.mode of the timed run")
     a = ap.parse_args(argv)
     parts = set(a.parts.split(","))
-    valid = {"gradient", "topk", "perturb", "eval", "cache", "memory"}
+    valid = {"gradient", "topk", "perturb", "eval", "cache", "memory", "run"}
     if parts - valid:
         ap.error(f"unknown --parts {','.join(sorted(parts - valid))}; valid: {', '.join(sorted(valid))}")
     if "memory" in parts and not a.device.startswith("cuda"):
@@ -361,6 +443,19 @@ def main(argv=None) -> int:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
 
+    if parts == {"run"}:  # the runs load their own models
+        rep = {"torch": torch.__version__, "threads": torch.get_num_threads(), "run": {}}
+        for m in a.run_models.split(","):
+            print(f"run {m} ...", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory() as d:
+                name = m
+                if Path(m, "config.json").is_file() and not list(Path(m).glob("*.safetensors")):
+                    name = save_random_model(m, "smollm2-135m", Path(d) / "model")
+                rep["run"][m] = bench_run(name, a.run_args.split(), a.run_tracking)
+            if a.json:
+                Path(a.json).write_text(json.dumps(rep, indent=2))
+        print(json.dumps(rep, indent=2))
+        return 0
     if a.random_init:
         model, device = random_init_model(a.model, a.device, a.dtype)
     else:

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from superweight.arguments import parse_config
 from superweight.commands.run import make_experiment, run_experiment
 from superweight.config import ConfigError
-from superweight.core.score_summary import HIST_BINS, log10_histogram
+from superweight.core.score_summary import log10_histogram
 from superweight.run.cache import cache_mode
 from superweight.run.disk import estimate_disk
 
@@ -64,7 +64,7 @@ def test_compact_cache_serves_the_same_bytes_and_recomputes_what_it_does_not_hol
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
     summary = tensors(tmp_path / "a" / "sensitivity_scores.safetensors")
     assert summary["magnitude.seed0.hist_count"].dtype == torch.int64
-    assert summary["magnitude.seed0.hist_log10_edges"].numel() == HIST_BINS + 1
+    assert summary["magnitude.seed0.hist_log10_edges"].numel() == summary["magnitude.seed0.hist_count"].numel() + 1
     # the compact sets hold rankings and the summary, no per-weight score tensor
     files = sorted((cache / "scores").glob("*.safetensors"))
     assert len(files) == 2
@@ -108,14 +108,14 @@ def test_log10_histogram_against_numpy():
     b = torch.rand(50, generator=g, dtype=torch.float64)
     b[:3] = 0
     b[3] = -1.0
-    h = log10_histogram({"a": a, "b": b}, bins=17)
+    h = log10_histogram({"a": a, "b": b})
     vals = np.concatenate([a.reshape(-1).double().numpy(), b.numpy()])
     pos = vals[np.isfinite(vals) & (vals > 0)]
-    lo, hi = math.floor(np.log10(pos.min())), math.ceil(np.log10(pos.max()))
-    edges = np.linspace(lo, hi, 18)
-    want, _ = np.histogram(np.log10(pos), bins=edges)  # numpy: last bin closed, like ours
-    assert np.allclose(h["hist_log10_edges"].numpy(), edges)
+    lx = np.log10(pos)
+    edges = np.arange(math.floor(lx.min() * 4), math.floor(lx.max() * 4) + 2) / 4  # quarter decades, non-empty span
+    want, _ = np.histogram(lx, bins=edges)
+    assert h["hist_log10_edges"].tolist() == edges.tolist() and h["hist_log10_edges"].dtype == torch.float64
     assert h["hist_count"].tolist() == want.tolist() and int(h["hist_count"].sum()) == pos.size
     assert int(h["n_zero"]) == 8 and h["n_zero"].dtype == torch.int64
-    empty = log10_histogram({"z": torch.zeros(4)}, bins=3)
-    assert int(empty["hist_count"].sum()) == 0 and int(empty["n_zero"]) == 4
+    empty = log10_histogram({"z": torch.zeros(4)})
+    assert int(empty["hist_count"].sum()) == 0 and int(empty["n_zero"]) == 4 and empty["hist_log10_edges"].numel() == 2

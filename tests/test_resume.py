@@ -160,11 +160,11 @@ def test_killed_run_resumes_to_identical_results(tiny_model_dir, tmp_path, refer
     assert len(progress_entries(out)) == 1 + 1 + ROWS // 2  # magnitude done, grad_x_weight not started
     assert not finished(out)
     scores = sorted(q.name for q in (cache / "scores").iterdir())
-    assert len(scores) == 1 and not any(n.endswith(".tmp") for n in scores)  # magnitude only (no calibration)
+    assert len(scores) == 2 and not any(n.endswith(".tmp") for n in scores)  # magnitude's compact sets, seeds 0, 1
     # a kill in the middle of an append leaves a torn last line: the next run must ignore it, and lose nothing
     with open(out / ".progress.jsonl", "a") as f:
         f.write('{"key": ["row", "grad_x_weight", 0, "glo')
-    produced["score:grad_x_weight.seed0"] = f"progress log: header + baseline + {ROWS // 2} rows; 1 cached score set"
+    produced["score:grad_x_weight.seed0"] = f"progress log: header + baseline + {ROWS // 2} rows; 2 cached score sets"
 
     # 3. killed while writing outputs: rankings.csv's temp file is complete, not yet renamed
     p = cli(args, kill_at="write:rankings.csv")

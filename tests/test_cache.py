@@ -1,10 +1,9 @@
-"""The score cache (run/cache.py) and the score summary's histogram (core/score_summary.py).
+"""The score cache (run/cache.py).
 
 * compact (the default): a second run of one config is served from the compact sets and writes the same
   bytes as the run that computed the scores; a run whose K grid, mode or controls differ recomputes (never a
   short ranking); the compact set is far smaller than the full one; a full set serves any run.
 * score.cache values: true/false spellings, full, and one clear error for anything else.
-* the log10 histogram against numpy on the same scores (independent binning).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from safetensors import safe_open
 from superweight.arguments import parse_config
 from superweight.commands.run import make_experiment, run_experiment
 from superweight.config import ConfigError
-from superweight.core.score_summary import log10_histogram
 from superweight.run.cache import cache_mode
 from superweight.run.disk import estimate_disk
 
@@ -98,24 +96,3 @@ def test_cache_mode_values():
         ["compact"] * 4 + ["full"] + ["false"] * 3
     with pytest.raises(ConfigError, match=r"'maybe'.*compact.*full.*false"):
         cache_mode("maybe")
-
-
-def test_log10_histogram_against_numpy():
-    g = torch.Generator().manual_seed(0)
-    a = torch.exp(torch.randn(300, 7, generator=g) * 4)
-    a[0, :5] = 0
-    a[1, 0] = float("inf")
-    b = torch.rand(50, generator=g, dtype=torch.float64)
-    b[:3] = 0
-    b[3] = -1.0
-    h = log10_histogram({"a": a, "b": b})
-    vals = np.concatenate([a.reshape(-1).double().numpy(), b.numpy()])
-    pos = vals[np.isfinite(vals) & (vals > 0)]
-    lx = np.log10(pos)
-    edges = np.arange(math.floor(lx.min() * 4), math.floor(lx.max() * 4) + 2) / 4  # quarter decades, non-empty span
-    want, _ = np.histogram(lx, bins=edges)
-    assert h["hist_log10_edges"].tolist() == edges.tolist() and h["hist_log10_edges"].dtype == torch.float64
-    assert h["hist_count"].tolist() == want.tolist() and int(h["hist_count"].sum()) == pos.size
-    assert int(h["n_zero"]) == 8 and h["n_zero"].dtype == torch.int64
-    empty = log10_histogram({"z": torch.zeros(4)})
-    assert int(empty["hist_count"].sum()) == 0 and int(empty["n_zero"]) == 4 and empty["hist_log10_edges"].numel() == 2

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..config import RunConfig
 from ..core.metrics import METRICS
-from ..core.score_summary import HIST_BINS
+from ..core.histogram import GRID_BINS
 from ..core.selections import SELECTIONS
 from .cache import COMPACT_MAX_ENTRIES, cache_mode
 from .experiment import TOP_SAVED, mask_groups
@@ -83,7 +83,7 @@ def set_entries(cfg: RunConfig, shapes: list[tuple[int, ...]], n_groups: int) ->
 def summary_bytes(shapes: list[tuple[int, ...]]) -> int:
     """The score summary: top entries (pid, flat int64, fp32 score), per-tensor sum and max, the histogram."""
     n = sum(_numel(s) for s in shapes)
-    return min(TOP_SAVED, n) * (8 + 8 + 4) + len(shapes) * 16 + (2 * HIST_BINS + 2) * 8
+    return min(TOP_SAVED, n) * (8 + 8 + 4) + len(shapes) * 16 + (2 * GRID_BINS + 2) * 8
 
 
 def estimate_disk(cfg: RunConfig, shapes: list[tuple[int, ...]]) -> DiskPlan:

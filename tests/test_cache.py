@@ -2,16 +2,14 @@
 
 * compact (the default): a second run of one config is served from the compact sets and writes the same
   bytes as the run that computed the scores; a run whose K grid, mode or controls differ recomputes (never a
-  short ranking); the compact set is far smaller than the full one; a full set serves any run.
+  short ranking); the compact set holds no per-weight score tensor; a full set serves any run.
 * score.cache values: true/false spellings, full, and one clear error for anything else.
 """
 
 from __future__ import annotations
 
-import math
 import random
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open

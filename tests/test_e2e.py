@@ -51,7 +51,7 @@ def test_cli_run_writes_every_output(tiny_model_dir, tmp_path, capsys):
     rc = main(["run", f"model={tiny_model_dir}", "metric=magnitude,grad_x_weight,grad_squared", "topk=1,10,100",
                "mode=global,per_layer", "perturb=zero,sign_flip", "controls=random_k,bottom_k", "seeds=0,1",
                "data.eval_windows=4", "data.calib_windows=2", "data.seq_len=32", "wandb.mode=disabled",
-               f"out_dir={out}"])
+               "plots=html", f"out_dir={out}"])  # static PNG/SVG export (Chrome): tests/test_plots.py
     assert rc == 0, capsys.readouterr().err[-2000:]
     for f in ("manifest.json", "results.csv", "perturbation_results.json", "rankings.csv", "stability.csv",
               "stability_summary.csv", "gaps.csv", "effects.csv", "selections.safetensors",

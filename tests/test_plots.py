@@ -117,6 +117,10 @@ def test_score_mass_by_layer_and_module(tmp_path):
     assert s0.loc["1", "mass_share"] == pytest.approx(4 / 10)
     assert s0.loc["-1", "mass_share"] == pytest.approx(2 / 10)
     assert s0.loc["0", "top_share"] == pytest.approx(3 / 4)  # top-4 pids 1,1,2,0 -> layers 0,0,1,0
+    # a sparse metric: entries past its support score 0 and are not top weights
+    sparse = {"s.seed0": {**summary["magnitude.seed0"], "top_score": np.array([3.0, 2.0, 0.0, 0.0, 0.0])}}
+    t0 = plots.score_mass(sparse, meta, by="layer", top_n=4).set_index("group")
+    assert t0.loc["0", "top_share"] == pytest.approx(1.0) and t0["top_n"].iloc[0] == 2  # pids 1, 1 -> layer 0
     m = plots.score_mass(summary, meta, by="module", top_n=4)
     s1 = m[m.seed == 1].set_index("group")
     assert s1.loc["self_attn.q_proj", "mass_share"] == pytest.approx(6 / 10)

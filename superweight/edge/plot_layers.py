@@ -35,7 +35,8 @@ def score_mass(summary: dict[str, dict[str, np.ndarray]], meta: dict, by: str = 
     """Tidy table: metric, seed, group (layer or module), mass_share, top_share.
 
     mass_share = Σ param_sum over the group / Σ param_sum over all tensors;
-    top_share  = share of the global top-N weights (N = min(top_n, stored)) whose tensor is in the group.
+    top_share  = share of the global top-N weights (N = min(top_n, stored entries with a score > 0)) whose tensor
+                 is in the group.
     """
     groups = meta["layers"] if by == "layer" else meta["modules"]
     groups = np.asarray([str(g) for g in groups], dtype=object)
@@ -46,6 +47,8 @@ def score_mass(summary: dict[str, dict[str, np.ndarray]], meta: dict, by: str = 
         ps = np.asarray(d["param_sum"], dtype=np.float64)
         total = ps.sum()
         n = min(top_n, len(d["top_pid"]))
+        if "top_score" in d:  # past a sparse metric's support the stored entries score 0: filler, not top weights
+            n = min(n, int((np.asarray(d["top_score"], dtype=np.float64) > 0).sum()))
         top_groups = groups[np.asarray(d["top_pid"][:n], dtype=np.int64)] if n else np.asarray([], dtype=object)
         for g in dict.fromkeys(groups):
             mask = groups == g

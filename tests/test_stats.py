@@ -252,3 +252,55 @@ def test_matched_gaps_carry_the_match_errors_of_their_rows():
     assert g.control == "matched_k" and g.match_err_median == pytest.approx(0.015) and g.match_err_max == -0.30
     plain, _ = rows_for("m", [0, 1], 2)
     assert math.isnan(gaps(plain, base)["match_err_max"].iloc[0])
+
+
+def test_one_definition_of_the_k_that_doubles_ppl():
+    """Seeds with ΔNLL 0 and 1.2 at K = 10: the mean of their PPL ratios (1 and e^1.2 = 3.32) is 2.16 ≥ 2,
+    exp(mean ΔNLL) = e^0.6 = 1.82 < 2. The summary and metric_comparison.csv use exp(mean ΔNLL): neither
+    doubles at K = 10; both double at K = 100 (ΔNLL 0.8 and 0.7: e^0.75 = 2.12)."""
+    from superweight.core.comparison import metric_comparison
+    from superweight.core.gaps import effects
+
+    rows, base = [], None
+    for k, shifts in ((10, (0.0, 1.2)), (100, (0.8, 0.7))):
+        for s, shift in enumerate(shifts):
+            r, base = rows_for("m", [s], 2, k=k, rng=np.random.default_rng([k, s]), shift=shift)
+            for x in r:
+                if x["selection"] == "top_k":  # exact per-window ΔNLL = shift, per-row ratio e^shift
+                    x.update(window_nll=list(np.asarray(base["window_nll"]) + shift * 100.0), delta_nll=shift,
+                             ppl_ratio=math.exp(shift))
+            rows += r
+    df = pd.DataFrame(rows)
+    assert df[(df.selection == "top_k") & (df.k == 10)]["ppl_ratio"].mean() > 2  # the old summary's rule
+    s = summary_metrics(df, base, gaps(rows, base))
+    assert s["headline/k_to_double_ppl/m"] == 100
+    comp = metric_comparison(gaps(rows, base), effects(rows, base))
+    assert set(comp["k_double_ppl"]) == {100}
+
+
+def test_one_seed_comparison_has_no_sure_k_and_says_so():
+    """One seed: the Top-K's lower bound is conditional on it, so `k_double_ppl_sure` is empty, the table
+    carries `conditional_on`, and the text prints no bound."""
+    from superweight.core.comparison import comparison_text, metric_comparison
+    from superweight.core.gaps import effects
+
+    rows, base = rows_for("m", [0], 2, shift=1.5)
+    comp = metric_comparison(gaps(rows, base), effects(rows, base))
+    assert comp["k_double_ppl"].iloc[0] == 10 and pd.isna(comp["k_double_ppl_sure"].iloc[0])
+    assert list(comp["conditional_on"]) == ["calibration seed"]
+    text = comparison_text(comp)
+    assert "lower 95% bound" not in text and "conditional on the calibration seed" in text
+    rows3, base = rows_for("m", [0, 1, 2], 2, shift=1.5)
+    comp3 = metric_comparison(gaps(rows3, base), effects(rows3, base))
+    assert comp3["k_double_ppl_sure"].iloc[0] == 10 and list(comp3["conditional_on"]) == [""]
+
+
+def test_the_sweep_metric_ignores_rows_past_the_support():
+    """A Top-K at K = 100 with support 5 (ΔNLL 9) is no Top-K: the sweep metric is the K = 5 cell's."""
+    from superweight.edge.tracking import sweep_metric
+
+    past, _ = rows_for("m", [0, 1], 1, k=100, support=5, shift=9.0)
+    inside, _ = rows_for("m", [0, 1], 1, k=5, support=5, shift=0.5)
+    df = pd.DataFrame(past + inside)
+    want = df[(df.selection == "top_k") & (df.k == 5)]["delta_nll"].mean()
+    assert sweep_metric(df) == pytest.approx(want)

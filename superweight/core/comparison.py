@@ -2,8 +2,10 @@
 
 For each perturbation, mode and metric:
 * `k_double_ppl`: the smallest K whose Top-K doubles perplexity, PPL_K / PPL_base = exp(mean ΔNLL) ≥ 2 (the
-  effects table's PPL ratio: mean over seeds and draws of the per-row ΔNLL, then exp); `k_double_ppl_sure`:
-  the smallest K whose ratio's lower 95% bound is ≥ 2;
+  effects table's PPL ratio: mean over seeds and draws of the per-row ΔNLL, then exp; `summary.smallest_k_doubling`,
+  the definition the run summary uses too); `k_double_ppl_sure`: the smallest K whose ratio's lower 95% bound
+  is ≥ 2, empty where the Top-K effects are conditional (one seed: the bound holds no seed-to-seed variance);
+  `conditional_on`: what the gap's interval is conditional on (gaps.csv's column, "" for none);
 * for each K and control: the Top-K minus control ΔNLL gap with its 95% interval, as the gaps table has it.
 
 Metrics are ranked within each (perturbation, mode): first by `k_double_ppl` (smaller first, none last), then
@@ -17,14 +19,16 @@ import math
 
 import pandas as pd
 
+from .summary import smallest_k_doubling
+
 COMPARISON_COLUMNS = ["perturbation", "mode", "rank", "metric", "k_double_ppl", "k_double_ppl_sure", "k", "control",
-                      "gap_nll", "gap_nll_lo", "gap_nll_hi", "resolved", "top_ppl_ratio", "top_ppl_ratio_lo",
+                      "gap_nll", "gap_nll_lo", "gap_nll_hi", "conditional_on", "resolved", "top_ppl_ratio", "top_ppl_ratio_lo",
                       "top_ppl_ratio_hi"]
 
 
-def _smallest_k(top: pd.DataFrame, column: str) -> float:
-    hit = top[pd.to_numeric(top[column], errors="coerce") >= 2.0]["k"]
-    return float(hit.min()) if len(hit) else math.nan
+def _conditional(top: pd.DataFrame) -> bool:
+    """Whether any Top-K effect row is conditional (one seed): its interval cannot bound the K that doubles."""
+    return "conditional_on" in top and bool((top["conditional_on"].fillna("").astype(str) != "").any())
 
 
 def metric_comparison(gaps: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame:
@@ -43,16 +47,18 @@ def metric_comparison(gaps: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame
         if c not in g:
             g[c] = math.nan
     g["resolved"] = (g["gap_nll_lo"] > 0) | (g["gap_nll_hi"] < 0)
-    if "conditional_on" in g:  # one seed: an interval conditional on it is no finding
-        g["resolved"] &= g["conditional_on"].fillna("") == ""
+    if "conditional_on" not in g:
+        g["conditional_on"] = ""
+    g["conditional_on"] = g["conditional_on"].fillna("").astype(str)
+    g["resolved"] &= g["conditional_on"] == ""  # one seed: an interval conditional on it is no finding
     parts = []
     for (pert, mode), block in g.groupby(["perturbation", "mode"], sort=False):
         order = []
         for metric, m in block.groupby("metric", sort=False):
             t = top[(top["perturbation"] == pert) & (top["mode"] == mode) & (top["metric"] == metric)] \
                 if not top.empty else top
-            kd = _smallest_k(t, "ppl_ratio") if len(t) else math.nan
-            ks = _smallest_k(t, "ppl_ratio_lo") if len(t) else math.nan
+            kd = smallest_k_doubling(t["k"], t["ppl_ratio"]) if len(t) else math.nan
+            ks = smallest_k_doubling(t["k"], t["ppl_ratio_lo"]) if len(t) and not _conditional(t) else math.nan
             first = m[m["k"] == m["k"].min()]["gap_nll"].mean()
             order.append((math.isnan(kd), kd if not math.isnan(kd) else 0.0, -first, str(metric), metric, kd, ks))
         order.sort()
@@ -75,8 +81,11 @@ def comparison_text(table: pd.DataFrame) -> str:
         lines.append(f"  {pert}, {mode}:")
         for (rank, metric), m in block.groupby(["rank", "metric"], sort=True):
             kd, ks = m["k_double_ppl"].iloc[0], m["k_double_ppl_sure"].iloc[0]
+            cond = sorted(set(m["conditional_on"].fillna("").astype(str)) - {""}) if "conditional_on" in m else []
             kd_s = "never" if pd.isna(kd) else f"at K={int(kd)}"
-            if not pd.isna(kd) and (pd.isna(ks) or ks != kd):
+            if cond:  # one seed: no bound, the intervals are conditional on it
+                kd_s += f" (intervals conditional on the {'; '.join(cond)}: no bound, not a finding)"
+            elif not pd.isna(kd) and (pd.isna(ks) or ks != kd):
                 kd_s += f" (its lower 95% bound at {'no K' if pd.isna(ks) else f'K={int(ks)}'})"
             lines.append(f"  {rank}. {metric}: PPL doubled {kd_s}")
             for k, mk in m.groupby("k", sort=True):

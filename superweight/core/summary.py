@@ -19,6 +19,17 @@ def within_support(df: pd.DataFrame) -> pd.DataFrame:
     return df[~((df["selection"] == "top_k") & sup.notna() & (pd.to_numeric(df["k"]) > sup))]
 
 
+def smallest_k_doubling(k, ppl_ratio) -> float:
+    """The K that doubles perplexity, one definition everywhere (summary, metric_comparison.csv, W&B): the
+    smallest K whose Top-K PPL ratio PPL_K / PPL_base = exp(mean ΔNLL) is ≥ 2, the mean taken over seeds (and
+    draws) of the per-row ΔNLL, i.e. the geometric mean of the per-row PPL ratios (not their arithmetic mean,
+    which one broken seed can push past 2). `k`, `ppl_ratio`: aligned sequences; NaN where none doubles."""
+    k = pd.to_numeric(pd.Series(list(k)), errors="coerce")
+    r = pd.to_numeric(pd.Series(list(ppl_ratio)), errors="coerce")
+    hit = k[(r >= 2.0).to_numpy()]
+    return float(hit.min()) if len(hit) else math.nan
+
+
 def aggregate_over_seeds(df: pd.DataFrame, value: str) -> pd.DataFrame:
     """Mean, sample std (ddof=1, 0 for one value) and count over seeds (and control draws) of `value` for each
     (perturbation, mode, metric, selection, k); non-finite values are dropped and counted. Top-K rows past
@@ -50,8 +61,8 @@ def summary_metrics(results: pd.DataFrame, baseline: dict, gap: pd.DataFrame | N
     """The run summary (sortable in the W&B runs table): `baseline/<x>`; means over seeds and draws
     `delta_nll/<pert>/<mode>/<metric>/<selection>/k<K>` (same for delta_ppl, delta_acc); the gaps
     `gap_nll/<pert>/<mode>/<metric>/<control>/k<K>` with `_lo`/`_hi`; `max_delta_ppl/<metric>`;
-    `headline/max_delta_ppl_<selection>`; `headline/k_to_double_ppl/<metric>` (smallest K whose Top-K mean
-    PPL ratio is ≥ 2, first perturbation and mode); `headline/max_gap_nll_random_k` (the largest
+    `headline/max_delta_ppl_<selection>`; `headline/k_to_double_ppl/<metric>` (`smallest_k_doubling`: the smallest
+    K whose Top-K exp(mean ΔNLL) is ≥ 2, first perturbation and mode); `headline/max_gap_nll_random_k` (the largest
     Top-K − Random-K gap whose CI excludes 0, of the unconditional ones); `gap_nll_conditional_on` (what the
     intervals are conditional on, when a run has one seed). Top-K rows past their metric's support are left
     out of every key (`within_support`)."""
@@ -78,13 +89,14 @@ def summary_metrics(results: pd.DataFrame, baseline: dict, gap: pd.DataFrame | N
         out[f"max_delta_ppl/{metric}"] = finite_or_none(g["delta_ppl"].max())
     for sel, g in m.groupby("selection", sort=False):
         out[f"headline/max_delta_ppl_{sel}"] = finite_or_none(g["delta_ppl"].max())
-    if "ppl_ratio" in m.columns:
+    if "delta_nll" in m.columns:
         first = m[(m["perturbation"] == m["perturbation"].iloc[0]) & (m["mode"] == m["mode"].iloc[0])
                   & (m["selection"] == "top_k")]
         for metric, g in first.groupby("metric", sort=False):
-            hit = g[g["ppl_ratio"] >= 2.0]["k"]
-            if len(hit):
-                out[f"headline/k_to_double_ppl/{metric}"] = int(hit.min())
+            with np.errstate(over="ignore"):
+                kd = smallest_k_doubling(g["k"], np.exp(g["delta_nll"].to_numpy(dtype=float)))
+            if not math.isnan(kd):
+                out[f"headline/k_to_double_ppl/{metric}"] = int(kd)
     if gap is not None and not gap.empty:
         for row in gap.itertuples(index=False):
             base = f"gap_nll/{row.perturbation}/{row.mode}/{row.metric}/{row.control}/k{row.k}"

@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 from ..config import TrackConfig, to_flat
-from ..core.summary import finite_or_none, summary_metrics
+from ..core.summary import finite_or_none, summary_metrics, within_support
 from ..files import atomic_write_json, atomic_write_text
 from .lineage import declare_score_sets, log_outputs, log_tables
 from .run_identity import LOCAL_KEYS, axis_config, model_slug, run_config, run_group, run_name
@@ -98,9 +98,11 @@ def sweep_id() -> str | None:
 def sweep_metric(results) -> float:
     """The largest mean ΔNLL of a Top-K cell (mean over seeds and draws per perturbation, mode, metric, K),
     each cell capped to ±SWEEP_NLL_CAP and a non-finite one (inf or NaN: the perturbed model broke) counted
-    as +SWEEP_NLL_CAP, so the sweep's sort key is a finite number for every run; 0.0 without Top-K rows."""
+    as +SWEEP_NLL_CAP, so the sweep's sort key is a finite number for every run; 0.0 without Top-K rows.
+    Top-K rows past their metric's support are left out (`within_support`, as in every summary)."""
     if results is None or results.empty or "delta_nll" not in results.columns:
         return 0.0
+    results = within_support(results)
     top = results[results["selection"] == "top_k"]
     if top.empty:
         return 0.0

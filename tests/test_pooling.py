@@ -81,3 +81,21 @@ def test_one_run_of_one_seed_is_conditional(tmp_path):
     single = write_run(tmp_path / "only", [r for r in rows if r["seed"] == 0], base, [0])
     t = pooled_tables(load_runs([single]))["all"]
     assert gaps(t["rows"], t["baseline"])["conditional_on"].iloc[0] == "calibration seed"
+
+
+def test_runs_with_other_baselines_pool_their_own_deltas(tmp_path):
+    """Seed 2 ran on another device: its baseline and every row's window NLL sit higher by a per-window
+    offset. Pooled, each run's rows are ΔNLL against its own baseline: the effects and gaps equal those of
+    the run that holds every seed on one baseline, and the run is named."""
+    from superweight.core.gaps import effects
+
+    rows, base = rows_for([0, 1, 2], np.random.default_rng(5))
+    offset = np.linspace(5.0, 40.0, W)  # nats per window
+    base2 = dict(base, window_nll=list(np.asarray(base["window_nll"]) + offset))
+    rows2 = [dict(r, window_nll=list(np.asarray(r["window_nll"]) + offset)) for r in rows if r["seed"] == 2]
+    dirs = [write_run(tmp_path / f"s{s}", [r for r in rows if r["seed"] == s], base, [s]) for s in (0, 1)]
+    dirs.append(write_run(tmp_path / "s2", rows2, base2, [2]))
+    t = pooled_tables(load_runs(dirs))["all"]
+    pd.testing.assert_frame_equal(effects(t["rows"], t["baseline"]), effects(rows, base))
+    pd.testing.assert_frame_equal(gaps(t["rows"], t["baseline"]), gaps(rows, base))
+    assert "baseline NLL differs" in t["notes"][str(tmp_path / "s2")] and str(tmp_path / "s0") not in t["notes"]

@@ -30,6 +30,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..config import ConfigError, from_dict, is_result_key, to_flat
@@ -204,6 +205,23 @@ def _row_key(r) -> tuple:
                                                         str(int(r["k"])), str(r.get("perturbation")))
 
 
+def _against_reference(rows: list[dict], own: dict, ref: dict) -> tuple[list[dict], str]:
+    """A run's per-window rows re-expressed against the pooled (first) run's baseline, keeping each row's
+    per-window ΔNLL against its own baseline: window_nll' = ref_w + (window_nll − own_w). Runs on the same
+    windows can still have other baseline NLLs (another device, dtype or kernel); measuring their rows against
+    the first run's baseline would add the baseline difference to every ΔNLL. Returns (rows, note): the note
+    says when the baselines differ (ΔPPL then uses the first run's baseline PPL)."""
+    a, b = own.get("window_nll"), ref.get("window_nll")
+    if not a or not b or len(a) != len(b) or np.array_equal(np.asarray(a, float), np.asarray(b, float)):
+        return rows, ""
+    shift = np.asarray(b, float) - np.asarray(a, float)
+    out = [dict(r, window_nll=(np.asarray(r["window_nll"], float) + shift).tolist())
+           if r.get("window_nll") and len(r["window_nll"]) == len(shift) else r for r in rows]
+    diff = float(np.sum(a) / np.sum(own.get("window_tokens") or [1]) - np.sum(b) / np.sum(ref.get("window_tokens") or [1]))
+    return out, (f"its baseline NLL differs from the first pooled run's by {diff:+.6f} nats/token (another device or "
+                 "dtype?): its rows are pooled as per-window ΔNLL against its own baseline")
+
+
 def pooled_tables(runs: pd.DataFrame) -> dict[str, dict]:
     """{variant: {"results": df, "rankings": df|None, "scores": (summary, meta)|None, "rows": per-window rows,
     "baseline": the shared baseline or None, "notes": {run dir: why it is (partly) left out}}}.
@@ -212,7 +230,9 @@ def pooled_tables(runs: pd.DataFrame) -> dict[str, dict]:
     data fingerprint and window indices (manifest.json), the identity most runs of the variant share. A run
     with other windows, no identity or no per-window data is named in `notes` with the reason. An evaluated
     selection (metric, seed, mode, selection, draw, K, perturbation) already seen in an earlier run is
-    counted once (the first), in the results as in the per-window rows: a seed in two runs is one seed."""
+    counted once (the first), in the results as in the per-window rows: a seed in two runs is one seed. Each
+    run's rows keep their per-window ΔNLL against that run's own baseline (`_against_reference`), so runs
+    with other baseline NLLs pool correctly; `baseline` is the first pooled run's."""
     out: dict[str, dict] = {}
     for variant, g in runs.groupby("variant", sort=False):
         res, ranks, summary, meta = [], [], {}, None
@@ -242,7 +262,10 @@ def pooled_tables(runs: pd.DataFrame) -> dict[str, dict]:
             else:
                 pj = json.loads((d / "perturbation_results.json").read_text())
                 baseline = baseline or pj["baseline"]
-                for r in pj["rows"]:
+                own, why = _against_reference(pj["rows"], pj["baseline"], baseline)
+                if why:
+                    note.append(why)
+                for r in own:
                     k = _row_key(r)
                     if k in seen_rows:
                         continue

@@ -88,3 +88,16 @@ def test_shipped_corpora_load_offline():
     lam = CORPORA["lambada"]().docs
     assert len(lam) == 5153
     assert load_documents(DataConfig(max_documents=7)) == docs[:7]
+
+
+def test_tokenizer_key_ignores_padding_state(small_tokenizer):
+    """A padded batch call sets the backend's padding state; the token-window cache key (what the tokenizer
+    does) must not change with it, or an identical second run misses every cache (found by test_scale)."""
+    import copy
+
+    from superweight.inputs.data import tokenizer_id
+
+    tok = copy.deepcopy(small_tokenizer)
+    before = tokenizer_id(tok)
+    tok(["a b c", "d"], padding=True)
+    assert tokenizer_id(tok) == before

@@ -271,7 +271,9 @@ def tokenizer_id(tokenizer) -> str:
     h.update(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "to_str"):
-        h.update(backend.to_str().encode())
+        spec = json.loads(backend.to_str())
+        spec["padding"] = spec["truncation"] = None  # call state (a padded batch sets it), not what it does
+        h.update(json.dumps(spec, sort_keys=True).encode())
     else:
         vocab = tokenizer.get_vocab()
         for tok_str in sorted(vocab):

@@ -26,7 +26,7 @@ SCHEMA = ["metric", "seed", "mode", "selection", "draw", "k", "n_selected", "sup
           "nonfinite_weights", "nonfinite", "tokens"]
 GAP_SCHEMA = ["perturbation", "mode", "metric", "k", "control", "gap_nll", "gap_nll_lo", "gap_nll_hi",
               "conditional_on", "top_delta_nll", "control_delta_nll", "n_seeds", "n_draws", "n_windows",
-              "match_err_median", "match_err_max"]
+              "match_err_median", "match_err_max", "seed_gaps"]
 
 
 def test_python_m_superweight_runs_end_to_end(tiny_model_dir, tmp_path):

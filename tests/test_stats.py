@@ -304,3 +304,19 @@ def test_the_sweep_metric_ignores_rows_past_the_support():
     df = pd.DataFrame(past + inside)
     want = df[(df.selection == "top_k") & (df.k == 5)]["delta_nll"].mean()
     assert sweep_metric(df) == pytest.approx(want)
+
+
+def test_gaps_show_each_seeds_gap():
+    """Per-seed gaps like 0.45, 0.45, 4.05 (one seed found another Top-K) are in gaps.csv, not only their mean."""
+    rows = []
+    for s, shift in enumerate((0.45, 0.45, 4.05)):
+        r, base = rows_for("m", [s], 1, rng=np.random.default_rng(s), shift=shift)
+        for x in r:  # control ΔNLL exactly 0: the seed's gap is its Top-K ΔNLL
+            if x["selection"] == "random_k":
+                x.update(window_nll=list(base["window_nll"]), delta_nll=0.0)
+            else:
+                x.update(delta_nll=shift)
+        rows += r
+    g = gaps(rows, base).iloc[0]
+    assert [float(v) for v in g.seed_gaps.split(";")] == pytest.approx([0.45, 0.45, 4.05])
+    assert g.gap_nll == pytest.approx(1.65)

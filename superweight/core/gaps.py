@@ -22,7 +22,7 @@ from .selections import SELECTIONS
 
 GAP_COLUMNS = ["perturbation", "mode", "metric", "k", "control", "gap_nll", "gap_nll_lo", "gap_nll_hi",
                "conditional_on", "top_delta_nll", "control_delta_nll", "n_seeds", "n_draws", "n_windows",
-               "match_err_median", "match_err_max"]
+               "match_err_median", "match_err_max", "seed_gaps"]
 EFFECT_COLUMNS = ["perturbation", "mode", "metric", "selection", "k", "delta_nll", "delta_nll_lo", "delta_nll_hi",
                   "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi", "delta_ppl", "delta_ppl_lo", "delta_ppl_hi",
                   "conditional_on", "n_seeds", "n_draws", "n_windows"]
@@ -68,7 +68,9 @@ def gaps(rows: list[dict], baseline: dict) -> pd.DataFrame:
     that have both of (Top-K ΔNLL − the mean over the control's draws), with its `gap_interval`. A matched
     control also reports the relative |w| error of its matches, |w_match| / |w_top| − 1: `match_err_median`
     (the median of its rows' medians) and `match_err_max` (of its rows' signed largest errors, the one largest
-    in absolute value).
+    in absolute value). `seed_gaps`: the gap of each seed (Top-K ΔNLL − mean over its draws), ";"-joined in
+    seed order, so a reader sees seeds that disagree (one seed that found another Top-K) instead of one mean:
+    the interval assumes normal seed effects and cannot see a cluster its seeds never found.
 
     Rows from several runs pool (a sweep that puts each seed in its own run) when they share the evaluation
     windows (edge/figures.py checks). Rows without per-window data give the point estimate only."""
@@ -112,7 +114,8 @@ def gaps(rows: list[dict], baseline: dict) -> pd.DataFrame:
                         "top_delta_nll": top, "control_delta_nll": ctl, "n_seeds": len(seeds),
                         "n_draws": max(len(cs) for cs in ctls), "n_windows": int(n.size),
                         "match_err_median": _nan_stat(np.median, err.get("median", [])),
-                        "match_err_max": _nan_stat(lambda v: v[int(np.argmax(np.abs(v)))], err.get("max", []))})
+                        "match_err_max": _nan_stat(lambda v: v[int(np.argmax(np.abs(v)))], err.get("max", [])),
+                        "seed_gaps": ";".join(f"{t[1] - np.mean([c[1] for c in cs]):.4g}" for t, cs in zip(tops, ctls))})
     return pd.DataFrame(out, columns=GAP_COLUMNS)
 
 

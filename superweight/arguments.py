@@ -28,7 +28,7 @@ from typing import Any, get_origin
 import simple_parsing
 import yaml
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, choices
 
 # Short names a researcher types; the seed's canonical command uses them. Accepted on the command line and
 # in YAML configs; sweep YAMLs must use the full dotted names (the W&B config's keys).
@@ -207,6 +207,10 @@ def load_yaml_pairs(path: str) -> list[tuple[str, list[str]]]:
 
 class _Parser(simple_parsing.ArgumentParser):
     def error(self, message):  # argparse would print usage and exit; we want one line, code 2
+        m = re.search(r"argument --([\w.]+): invalid (?:choice|Literal value): '([^']*)'", message)
+        if m and choices(FIELDS.get(m.group(1))):
+            raise ConfigError(f"unknown {m.group(1)} '{m.group(2)}'; valid choices: "
+                              f"{', '.join(choices(FIELDS[m.group(1)]))}")
         for bad, valid in (("invalid int value", "an integer"), ("invalid float value", "a number"),
                            ("Boolean value expected", "true, false, yes, no, 1, 0")):
             if bad in message:

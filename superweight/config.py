@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 
 class ConfigError(ValueError):
@@ -24,6 +24,32 @@ class ConfigError(ValueError):
 
 DEFAULT_MODEL = "smollm2-135m"
 
+# The fixed choices of the config, declared once: the parser, `--help` and validation read them from here.
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Quantize = Literal["none", "8bit", "4bit"]
+Attention = Literal["auto", "eager", "sdpa"]
+TextFormat = Literal["auto", "lines", "plain"]
+Bos = Literal["auto", "never"]
+ScoreDtype = Literal["float32", "bfloat16"]
+Saliency = Literal["abs", "obd"]
+WandbMode = Literal["auto", "online", "offline", "disabled"]
+ScoreArtifacts = Literal["reference", "upload", "none"]
+PlotFormat = Literal["html", "png", "svg", "pdf", "json", "none"]
+
+
+def list_of(choice: Any, default: list[str]):
+    """A list option whose items are the values of the Literal type `choice` (the parser checks each item:
+    simple-parsing cannot convert list items to a Literal itself)."""
+    return field(default_factory=lambda: list(default),
+                 metadata={"custom_args": {"type": str, "choices": get_args(choice)}})
+
+
+def choices(tp) -> tuple[str, ...]:
+    """The valid values of a Literal type, or of the items of a list of one; () for any other type."""
+    if get_origin(tp) is list:
+        tp = get_args(tp)[0]
+    return get_args(tp) if get_origin(tp) is Literal else ()
+
 
 @dataclass
 class ModelConfig:
@@ -31,11 +57,11 @@ class ModelConfig:
 
     name: str = DEFAULT_MODEL  # embedded alias (smollm2-135m, gemma3-270m), Hugging Face id, local dir or .gguf file
     gguf_file: str | None = None  # GGUF file name inside `name` (a dir or hub repo)
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    dtype: Dtype = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     device_map: str | None = None  # "auto" shards a large model across GPUs with accelerate
-    quantize: str = "none"  # none | 8bit | 4bit (bitsandbytes; 8bit also runs on the CPU)
-    attn_implementation: str = "auto"  # auto | eager | sdpa
+    quantize: Quantize = "none"  # bitsandbytes weights (8bit also runs on the CPU)
+    attn_implementation: Attention = "auto"  # attention kernel (auto: the model's default)
     gradient_checkpointing: bool = False  # recompute activations in backward (large models)
     trust_remote_code: bool = False  # run the model repo's own code (never on unless asked)
     revision: str | None = None  # hub revision (branch, tag or commit)
@@ -46,13 +72,13 @@ class DataConfig:
     """The corpus and its windows: evaluation (fixed) and calibration (per seed), never overlapping."""
 
     corpus: str = "boolq"  # boolq | lambada | wikitext2 | wikitext103 | c4 (online) | path to a text file
-    text_format: str = "auto"  # text files: auto | lines (one document per line) | plain (one document)
+    text_format: TextFormat = "auto"  # text files: lines (one document per line), plain (one document), auto
     seq_len: int = 128  # tokens per window
     stride: int | None = None  # evaluation stride (None = disjoint windows); context tokens are not scored
     eval_windows: int = 8  # evaluation windows, spread evenly over the corpus (0 = all windows of the split)
     calib_windows: int = 8  # calibration windows per seed, drawn from the windows not used for evaluation
     max_documents: int | None = None  # use only the first N documents of the corpus (quick runs)
-    bos: str = "auto"  # auto: a BOS token starts the stream, or every window when the model needs it (Gemma) | never
+    bos: Bos = "auto"  # auto: a BOS token starts the stream, or every window when the model needs it (Gemma)
 
 
 @dataclass
@@ -63,10 +89,10 @@ class ScoreConfig:
     batch_size: int = 1  # calibration windows per backward (the "b" of the metric definitions)
     include: str | None = None  # regex over parameter names to score (default: >=2-D weights of the blocks, routers excluded)
     exclude: str | None = None  # regex over parameter names to leave out
-    dtype: str = "float32"  # score buffer dtype: float32 | bfloat16 (largest models)
+    dtype: ScoreDtype = "float32"  # score buffer dtype (bfloat16: largest models)
     offload: bool = False  # keep score buffers in host memory (largest models)
     probes: int = 16  # hutchinson_diag: Rademacher probes
-    saliency: str = "abs"  # hutchinson_diag: abs (|diag H|) | obd (|1/2 diag(H) w^2|)
+    saliency: Saliency = "abs"  # hutchinson_diag: abs (|diag H|) or obd (|1/2 diag(H) w^2|)
     outlier_threshold: float = 50.0  # act_outlier: a spike is |y| > threshold and > 50 x the layer's median token max
     cache: str = "compact"  # on-disk score cache: compact (what the run reads, = true) | full (every score) | false
 
@@ -106,7 +132,7 @@ class EvalConfig:
 class TrackConfig:
     """Weights & Biases tracking."""
 
-    mode: str = "auto"  # auto (online with credentials, else offline) | online | offline | disabled
+    mode: WandbMode = "auto"  # auto: online with credentials, else offline
     project: str = "superweight"  # W&B project
     entity: str | None = None  # W&B entity (user or team)
     group: str | None = None  # W&B group (a sweep sets it)
@@ -114,7 +140,7 @@ class TrackConfig:
     tags: list[str] = field(default_factory=list)  # W&B tags
     dir: str | None = None  # where wandb writes its run dirs (default: out_dir)
     requeue_on_sigterm: bool = False  # SIGTERM marks the run preempting (W&B requeues it) instead of stopped
-    scores: str = "reference"  # score-set artifacts: reference (a file:// reference to the cache: no copy, no upload) | upload (the file, once per cache key) | none
+    scores: ScoreArtifacts = "reference"  # score-set artifacts: reference (a file:// reference to the cache: no copy, no upload), upload (the file, once per cache key) or none
 
 
 @dataclass
@@ -132,7 +158,7 @@ class RunConfig:
     out_dir: str = "outputs/default"  # where the result files go; rerunning the same command resumes
     cache_dir: str | None = None  # score/model/token cache (default: $SUPERWEIGHT_CACHE or ~/.cache/superweight)
     resume: bool = True  # reuse finished rows of an interrupted run in the same out_dir
-    plots: list[str] = field(default_factory=lambda: ["html", "png", "svg", "pdf"])  # plot formats in out_dir/plots: html | png | svg | pdf | json | none
+    plots: list[PlotFormat] = list_of(PlotFormat, ["html", "png", "svg", "pdf"])  # plot formats in out_dir/plots
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -196,5 +222,5 @@ def config_hash(cfg: RunConfig, code_version: str = "") -> str:
 __all__ = [
     "ConfigError", "RunConfig", "ModelConfig", "DataConfig", "ScoreConfig", "SelectConfig", "PerturbConfig",
     "EvalConfig", "TrackConfig", "SECTIONS", "NON_RESULT_KEYS", "is_result_key", "to_flat", "from_dict",
-    "config_hash", "DEFAULT_MODEL",
+    "config_hash", "DEFAULT_MODEL", "choices",
 ]

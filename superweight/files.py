@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+def slug(text: str, n: int = 80, keep: str = "_.=+-") -> str:
+    """`text` as a name safe in file names, URLs and W&B artifact names: every run of characters other than
+    letters, digits and `keep` becomes "_", trimmed of "_" at both ends, at most `n` characters."""
+    return re.sub(rf"[^A-Za-z0-9{re.escape(keep)}]+", "_", str(text)).strip("_")[:n]
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -1,4 +1,4 @@
-"""Controls that can fail (issue 10), each checked against an independent computation.
+"""Controls that can fail, each checked against an independent computation.
 
 A tiny Llama with a planted super weight (layers.0.mlp.down_proj[7, 5] = 20: a few frequent tokens drive a
 massive activation in residual channel 7, and the LM head reads the corpus's unigram distribution from that
@@ -527,7 +527,7 @@ def test_run_marks_the_support_warns_once_and_controls_change_k_weights(planted_
     assert set(agg[(agg.metric == "act_outlier") & (agg.selection == "top_k")]["k"]) == {1}
     assert set(agg[(agg.metric == "act_outlier") & (agg.selection == "random_k")]["k"]) == {1, 20}
     # act_outlier finds the planted weight; its Top-1 is magnitude's Top-1
-    r = result.rankings[("act_outlier", 0, "global", "top_k", 0)]
+    r = result.rankings[("act_outlier", 0, "global", "top_k", 0, "zero")]
     assert (r.names[int(r.pid[0])], int(r.flat[0])) == (SUPER[0], SUPER[1] * 64 + SUPER[2])
     for sel in ("bottom_k", "random_k", "matched_k"):
         c = df[df.selection == sel]
@@ -565,7 +565,7 @@ def test_matched_k_past_the_support_is_recorded_for_every_k(tmp_path, tok, one_t
                         "wandb.mode=disabled", "plots=none", f"out_dir={tmp_path / 'out'}",
                         f"cache_dir={tmp_path / 'cache'}"])
     result = Experiment(cfg, progress=False, sink=RunOutputs(cfg.out_dir)).run()
-    mk = result.rankings[("act_outlier", 0, "global", "matched_k", 0)]
+    mk = result.rankings[("act_outlier", 0, "global", "matched_k", 0, "zero")]
     assert mk.take(20) is not mk and keyset(mk.take(20)) == keyset(mk)
     with safe_open(str(tmp_path / "out" / "selections.safetensors"), "pt") as f:
         tag = "act_outlier.seed0.global.matched_k.draw0"

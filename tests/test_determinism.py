@@ -97,8 +97,9 @@ def hashes(monkeypatch):
     orig = Experiment.load
 
     def load(self):
-        orig(self)
-        seen["after_load"] = param_hash(self.model)
+        loaded = orig(self)
+        seen["after_load"] = param_hash(loaded.model)
+        return loaded
 
     monkeypatch.setattr(Experiment, "load", load)
     return seen

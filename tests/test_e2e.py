@@ -168,7 +168,7 @@ def test_recorded_selections_are_the_perturbed_ones(half_zero_model_dir, tmp_pat
         return sum(float(exp.values(r.names[p]).reshape(-1)[f]) == 0 for p, f in zip(r.pid.tolist(), r.flat.tolist()))
 
     for draw in (0, 1):
-        assert zeros(result.rankings[("magnitude", 0, "global", "random_k", draw)]) == 0
+        assert zeros(result.rankings[("magnitude", 0, "global", "random_k", draw, "zero")]) == 0
         assert zeros(result.rankings[("magnitude", 0, "global", "random_k", draw, "bit_flip")]) > 50
     rk = pd.read_csv(tmp_path / "run" / "rankings.csv")
     rnd = rk[(rk.selection == "random_k") & (rk.draw == 0)]

@@ -442,7 +442,7 @@ def test_ranking_rows_and_per_row_on_3d():
     s = torch.zeros(p.shape)
     s[2, 7, 5] = 1.0
     r = rank({n: s}, 1, "global", "top_k")
-    row = ranking_rows(r, lambda name: model.get_parameter(name).detach(), 1)[0]
+    row = ranking_rows(r, {n: dict(enumerate(p.detach().reshape(-1).tolist()))}, 1)[0]
     assert row["flat_index"] == PLANTED_FLAT
     assert (row["expert"], row["row"], row["col"]) == (2, 7, 5)
     assert row["module"] == "mlp.experts.down_proj" and row["layer"] == 1 and row["param"] == n
@@ -451,7 +451,7 @@ def test_ranking_rows_and_per_row_on_3d():
     d = "model.layers.0.self_attn.q_proj.weight"
     sd = torch.zeros(model.get_parameter(d).shape)
     sd[3, 4] = 1.0
-    rowd = ranking_rows(rank({d: sd}, 1), lambda name: model.get_parameter(name).detach(), 1)[0]
+    rowd = ranking_rows(rank({d: sd}, 1), {d: {3 * sd.shape[1] + 4: 0.5}}, 1)[0]
     assert (rowd["expert"], rowd["row"], rowd["col"]) == (-1, 3, 4)
 
     # per_row: one group per OUTPUT ROW of each expert (E * R groups of C weights), not one per expert

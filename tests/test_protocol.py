@@ -25,7 +25,7 @@ import superweight.inputs.data as data
 from superweight.config import DataConfig, RunConfig
 from superweight.inputs.data import build_windows
 from superweight.core.evaluation import TASKS, encode_pair, evaluate_lm, lambada_scores
-from superweight.run.experiment import Experiment
+from superweight.run.experiment import evaluate_all
 
 L = 64
 
@@ -227,10 +227,8 @@ def test_tasks_get_the_bos_of_the_perplexity_windows(tiny, tmp_path):
         cfg.eval.tasks = ["bos_probe"]
         cfg.data = DataConfig(corpus=str(p), seq_len=16, eval_windows=2, calib_windows=1)
         for t, every, want in ((tok, False, None), (bt, False, bt.bos_token_id), (bt, True, bt.bos_token_id)):
-            exp = Experiment(cfg, progress=False)
-            exp.model, exp.tok = model, t
-            exp.windows = build_windows(cfg.data, t, cache_dir=str(tmp_path / "c"), bos_every_window=every)
-            res = exp.evaluate()
+            windows = build_windows(cfg.data, t, cache_dir=str(tmp_path / "c"), bos_every_window=every)
+            res = evaluate_all(model, t, windows, cfg.eval)
             assert seen[-1] == want and res["bos_probe/x"] == 0.0
     finally:
         TASKS._entries.pop("bos_probe", None)

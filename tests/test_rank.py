@@ -1,4 +1,4 @@
-"""Selection against naive references (issue 10 semantics: top_k ranks only informative scores, finite and
+"""Selection against naive references (top_k ranks only informative scores, finite and
 > 0, and stops at the metric's support; bottom_k ranks finite scores; NaN is never selected; ties are broken
 by a seeded hash of (seed, parameter, flat index), not by index).
 

@@ -1,4 +1,4 @@
-"""Scale machinery (issue 5), each property checked directly, none by timing:
+"""Scale machinery, each property checked directly, none by timing:
 
 * gradient metrics fold each .grad into its score buffer in a post-accumulate hook and free it: at most one
   scored weight holds a .grad at any moment (a plain backward holds all of them);

@@ -168,8 +168,9 @@ def test_artifacts_hold_the_out_dir_files(tracked):
         assert a["metadata"]["config_hash"] == chash(cfg) and a["metadata"]["run"] == run_id
         assert a["metadata"]["seeds"] == [0, 1] and a["metadata"]["sweep_id"] is None
     files = {k: {n for n in a["files"] if not n.endswith(".table.json")} for k, a in by_type.items()}
-    assert files["results"] == {"results.csv", "gaps.csv", "perturbation_results.json"}
-    assert files["rankings"] == {"rankings.csv", "selections.safetensors", "stability.csv", "stability_summary.csv"}
+    assert files["results"] == {"results.csv", "gaps.csv", "effects.csv", "metric_comparison.csv", "perturbation_results.json"}
+    assert files["rankings"] == {"rankings.csv", "selections.safetensors", "stability.csv", "stability_summary.csv",
+                                 "sensitivity_scores.safetensors"}
     for kind in ("results", "rankings", "manifest"):
         for name in files[kind]:
             assert open(by_type[kind]["files"][name], "rb").read() == (out / name).read_bytes(), name

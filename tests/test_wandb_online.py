@@ -170,7 +170,7 @@ def test_online_score_sets_are_looked_up_before_anything_is_logged(fake, tmp_pat
     result = SimpleNamespace(table=table, baseline={"ppl": 3.0}, gaps=pd.DataFrame(), config_hash=EXP.chash,
                              model={"fingerprint": "fp"},
                              extra={"score_keys": {"magnitude.seed0": "kfound", "grad_x_weight.seed0": "knew"}})
-    t.finish(result)
+    t.finish(result, {"results": ["results.csv"]})
     calls = [c for c in fake["calls"] if c[0] != "init"]
     uses = [c[1] for c in calls if c[0] == "use_artifact"]
     assert uses == ["scores-smollm2-135m-magnitude:key-kfound", "scores-smollm2-135m-grad_x_weight:key-knew",

@@ -8,7 +8,10 @@ col = argmax_j |x[t, j]|], scored by |x_col * w| (see superweight.core.metrics.f
 Prints the layer summary and the candidates (layer, row, col, weight value, spike |activation|, input
 activation), then evaluates perplexity on the evaluation windows with each of the top `candidates` (default
 10) zeroed alone, and, for comparison, with `random` (default 5) random single weights of each same tensor
-zeroed alone (seeded by the first seed). Writes out_dir/detect.json and out_dir/detect.csv.
+zeroed alone (random_k of the run's selection code, among the weights zeroing changes, seeded by the first
+seed). The setup, loading, evaluation and row format are the run's (run/experiment.py: act_outlier, zero):
+each zeroing is a result row as in results.csv, next to the candidate's coordinates. Writes
+out_dir/detect.json and out_dir/detect.csv.
 
 Options: every `superweight run` option applies (model, data.*, score.outlier_threshold, score.include /
 score.exclude, seeds, eval.batch_size, out_dir, ...), plus `candidates` and `random` (DetectOptions).
@@ -21,21 +24,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch
 
 from ..arguments import parse_command
-from ..config import ConfigError, PerturbConfig
-from ..inputs.data import build_windows
-from ..core.evaluation import evaluate_lm
-from ..files import atomic_write, atomic_write_json
-from ..inputs.models import bos_every_window, build_fake_model, load_model, load_model_config, model_context, model_info
+from ..config import ConfigError
 from ..core.detector import OUTLIER_RATIO, expert_down_params, find_outliers, outlier_modules
-from ..core.params import eligible_parameters, index_names, layer_of
+from ..core.params import index_names, layer_of
 from ..core.perturbation import perturbed
-from ..run.validation import prepare_out_dir, validate
+from ..core.results import make_row
+from ..core.selections import rank
+from ..files import atomic_write, atomic_write_json
+from ..run.experiment import Experiment
+from ..run.validation import validate
 from .base import register
 
 
@@ -47,8 +49,9 @@ class DetectOptions:
     random: int = 5  # random single weights per candidate tensor to zero for comparison
 
 
-CSV_COLUMNS = ["kind", "rank", "param", "layer", "row", "col", "flat_index", "weight", "activation",
-               "input_activation", "score", "occurrences", "ppl", "nll", "acc", "delta_ppl", "ppl_ratio"]
+CANDIDATE_COLUMNS = ["kind", "rank", "param", "layer", "row", "col", "flat_index", "weight", "activation",
+                     "input_activation", "score", "occurrences"]
+ROW_COLUMNS = ["ppl", "nll", "acc", "delta_ppl", "ppl_ratio", "delta_nll", "delta_nll_lo", "delta_nll_hi", "changed"]
 
 
 def check_down_projections(model, params) -> None:
@@ -74,58 +77,54 @@ def main(argv: list[str]) -> int:
         if getattr(o, key) < 0:
             raise ConfigError(f"option '{key}' must be an integer >= 0, got {getattr(o, key)}")
     opts = {"candidates": o.candidates, "random": o.random}
-    cfg = validate(cfg)
+    validate(cfg)  # every option as given (a bad metric name is still a bad input)
+    cfg.score.metrics, cfg.perturb.names = ["act_outlier"], ["zero"]  # what detect computes and does
+    exp = Experiment(cfg, progress=False, checks=[check_down_projections])
     # what can fail on bad input fails on a model built from its config alone, before anything is written
-    _, fake = build_fake_model(load_model_config(cfg.model, cfg.cache_dir), torch.float32, cfg.model.attn_implementation,
-                               cfg.model.trust_remote_code)
-    check_down_projections(fake, eligible_parameters(fake, cfg.score.include, cfg.score.exclude))
-    del fake
-    out = prepare_out_dir(cfg.out_dir)
+    exp.prepared = exp.setup(resume_log=False)
     t0 = time.perf_counter()
-    model, tok, device = load_model(cfg.model, cfg.cache_dir)
-    params = eligible_parameters(model, cfg.score.include, cfg.score.exclude)
-    check_down_projections(model, params)
-    windows = build_windows(cfg.data, tok, cfg.cache_dir, context=model_context(model),
-                            bos_every_window=bos_every_window(model))
+    exp.loaded = exp.load()
     seed = cfg.seeds[0]
-    calib = windows.calib(seed)
+    calib = exp.windows.calib(seed)
     bs = cfg.score.batch_size
     batches = [calib[i : i + bs] for i in range(0, calib.size(0), bs)]
 
-    cands, stats = find_outliers(model, batches, cfg.score.outlier_threshold, OUTLIER_RATIO, params, device)
+    cands, stats = find_outliers(exp.model, batches, cfg.score.outlier_threshold, OUTLIER_RATIO, exp.params,
+                                 exp.device)
     print(f"Super Weight detector: {len(cands)} candidate(s) from {calib.numel()} calibration tokens "
           f"(spike: |y| > max({cfg.score.outlier_threshold:g}, {OUTLIER_RATIO:g} x layer median token max))")
     print(_fmt_table(stats, [("layer", ""), ("max_abs_output", ".1f"), ("typical_max", ".2f"),
                              ("threshold", ".1f"), ("n_candidates", "")]))
 
-    ids, labels = windows.eval_inputs()
-    base = evaluate_lm(model, ids, labels, cfg.eval.batch_size).as_dict()
+    exp.baseline = base = exp.evaluate()
     print(f"baseline eval: ppl={base['ppl']:.3f} over {base['tokens']} tokens")
 
     def zero_one(pname: str, flat: int) -> dict:
-        with perturbed(params, {pname: torch.tensor([flat])}, "zero", PerturbConfig(), seed):
-            r = evaluate_lm(model, ids, labels, cfg.eval.batch_size).as_dict()
-        r["delta_ppl"] = r["ppl"] - base["ppl"]
-        r["ppl_ratio"] = r["ppl"] / base["ppl"] if base["ppl"] else math.nan
-        return r
+        """The run's result row for zeroing weight `flat` of `pname` alone (perturb, evaluate, restore)."""
+        with perturbed(exp.params, {pname: torch.tensor([flat])}, "zero", cfg.perturb, seed) as pinfo:
+            res = exp.evaluate()
+        return make_row({}, res, base, pinfo)
 
     rows: list[dict] = []
     evaluated = cands[: opts["candidates"]]
     for i, c in enumerate(evaluated):
         rows.append({"kind": "candidate", "rank": i, **c.as_dict(), **zero_one(c.param, c.flat_index)})
-    gen = torch.Generator().manual_seed(1_000_003 * seed + 4242)
-    for pname in dict.fromkeys(c.param for c in evaluated):
-        p = params[pname]
-        taken = {c.flat_index for c in cands if c.param == pname}
-        drawn: list[int] = []
-        while len(drawn) < min(opts["random"], p.numel() - len(taken)):
-            f = int(torch.randint(0, p.numel(), (1,), generator=gen))
-            if f not in taken and f not in drawn:
-                drawn.append(f)
-        for j, f in enumerate(drawn):
-            w = float(p.detach().reshape(-1)[f].float())
+    zeroable = exp.mask_fn("zero")  # w != 0: zeroing a zero weight is no control
+    for draw, pname in enumerate(dict.fromkeys(c.param for c in evaluated)):
+        taken = torch.tensor([c.flat_index for c in cands if c.param == pname])
+
+        def mask(name: str, pname=pname, taken=taken) -> torch.Tensor:
+            m = zeroable(name).reshape(-1).clone()
+            m[taken] = False  # never a candidate
+            return m
+
+        p = exp.params[pname]
+        r = rank({pname: torch.zeros(p.shape)}, max(opts["random"], 1), "global", "random_k", seed, draw, mask_fn=mask)
+        values = exp.values(pname).reshape(-1)
+        for j, f in enumerate(r.flat.tolist()[: opts["random"]]):
             rows.append({"kind": "random", "rank": j, "param": pname, "layer": layer_of(pname),
-                         **index_names(tuple(p.shape), f), "flat_index": f, "weight": w, **zero_one(pname, f)})
+                         **index_names(tuple(p.shape), f), "flat_index": f, "weight": float(values[f].float()),
+                         **zero_one(pname, f)})
 
     table = [{"kind": r["kind"], "layer": r["layer"], "row": r["row"], "col": r["col"], "weight": r["weight"],
               "activation": r.get("activation", math.nan), "input_activation": r.get("input_activation", math.nan),
@@ -137,16 +136,15 @@ def main(argv: list[str]) -> int:
     if len(cands) > len(evaluated):
         print(f"({len(cands) - len(evaluated)} more candidate(s) in detect.json; candidates=N evaluates more)")
 
-    info = model_info(model, cfg.model, params)
     payload = {
-        "config": cfg.to_dict(), "options": opts, "seed": seed, "model": info.__dict__,
+        "config": cfg.to_dict(), "options": opts, "seed": seed, "model": exp.loaded.info.__dict__,
         "rule": {"outlier_threshold": cfg.score.outlier_threshold, "outlier_ratio": OUTLIER_RATIO,
                  "calibration_tokens": int(calib.numel())},
         "baseline": base, "layers": stats, "candidates": [c.as_dict() for c in cands], "zeroing": rows,
         "elapsed_s": time.perf_counter() - t0,
     }
-    df = pd.DataFrame(rows, columns=CSV_COLUMNS)
-    atomic_write(out / "detect.csv", lambda tmp: df.to_csv(tmp, index=False))
-    atomic_write_json(out / "detect.json", payload)
-    print(f"outputs: {out / 'detect.json'}, {out / 'detect.csv'}")
+    df = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS + ROW_COLUMNS)
+    atomic_write(exp.out / "detect.csv", lambda tmp: df.to_csv(tmp, index=False))
+    atomic_write_json(exp.out / "detect.json", payload)
+    print(f"outputs: {exp.out / 'detect.json'}, {exp.out / 'detect.csv'}")
     return 0

@@ -23,7 +23,8 @@ from .experts import ExpertInputNorms
 from .hutchinson import DEFAULT_PROBE_KIND, hessian_diagonal
 from .detector import OUTLIER_RATIO, find_outliers
 from .loss import lm_loss
-from .params import autocast_ctx, checkpointing_active, input_device, owner, weight_kind, weight_values
+from .params import (autocast_ctx, checkpointing_active, input_device, owner, require_gradients, weight_kind,
+                     weight_values)
 from ..registry import Registry
 
 
@@ -94,11 +95,7 @@ def accumulate_gradients(ctx: ScoreContext, fold: Callable[[torch.Tensor, torch.
     buffers (score.offload) get a blocking device-to-host copy: a non_blocking one could be read before it
     lands. Gradient checkpointing, when enabled on the model, is made active (`checkpointing_active`).
     """
-    for n, p in ctx.params.items():
-        if not p.is_floating_point():
-            raise ConfigError(f"{desc} needs weight gradients, but '{n}' is stored as {str(p.dtype).replace('torch.', '')} "
-                              f"(quantized, no gradients); valid metrics for quantized weights: "
-                              f"{', '.join(METRICS.names(quantized=True))}")
+    require_gradients(ctx.params, desc, ", ".join(METRICS.names(quantized=True)))
     bufs = {n: ctx.buffer_like(p) for n, p in ctx.params.items()}
     handles = []
 
@@ -205,11 +202,7 @@ def hutchinson_diag(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     6.99x and + 4.83x (launch-bound: ~16,700 kernels per probe). Attention: SDPA keeps its fused
     kernel except in the second-order recomputation (math kernel, one layer at a time); checkpointing honoured.
     """
-    for n, p in ctx.params.items():
-        if not p.is_floating_point():
-            raise ConfigError(f"hutchinson_diag needs weight gradients, but '{n}' is stored as "
-                              f"{str(p.dtype).replace('torch.', '')} (quantized); valid metrics for quantized "
-                              f"weights: {', '.join(METRICS.names(quantized=True))}")
+    require_gradients(ctx.params, "hutchinson_diag", ", ".join(METRICS.names(quantized=True)))
     with grads_only_for(ctx.model, ctx.params):
         scores = hessian_diagonal(ctx.model, ctx.params, ctx.batches, probes=ctx.cfg.probes, seed=ctx.seed,
                                   saliency=ctx.cfg.saliency, probe_kind=DEFAULT_PROBE_KIND, device=ctx.device,
@@ -280,10 +273,10 @@ def act_outlier(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     largest-|input| channel at that token; every other weight scores 0 and is outside the metric's support (Top-K
     stops at the candidates; it is never padded with ties). Mixture-of-experts: the same rule on each expert's
     down projection, per routed token (candidate = down_proj[expert][c, j*])."""
-    cands, _ = find_outliers(ctx.model, ctx.batches, ctx.cfg.outlier_threshold, OUTLIER_RATIO, ctx.params,
+    found, _ = find_outliers(ctx.model, ctx.batches, ctx.cfg.outlier_threshold, OUTLIER_RATIO, ctx.params,
                              ctx.device, ctx.progress)
     out = {n: ctx.buffer_like(p) for n, p in ctx.params.items()}
-    for c in cands:
+    for c in found:
         flat = out[c.param].view(-1)
         flat[c.flat_index] = max(float(flat[c.flat_index]), c.score)
     return out

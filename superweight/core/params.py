@@ -222,6 +222,16 @@ def int8_row_scale(p: torch.Tensor, module: torch.nn.Module | None = None) -> to
     return scb
 
 
+def require_gradients(params: dict[str, torch.Tensor], what: str, valid: str = "") -> None:
+    """One ConfigError line when a parameter cannot carry a weight gradient (quantized integer storage):
+    `what` needs them; `valid` names what works instead."""
+    for n, p in params.items():
+        if not p.is_floating_point():
+            raise ConfigError(f"{what} needs weight gradients, but '{n}' is stored as "
+                              f"{str(p.dtype).replace('torch.', '')} (quantized, no gradients)"
+                              + (f"; valid metrics for quantized weights: {valid}" if valid else ""))
+
+
 def weight_values(p: torch.Tensor, module: torch.nn.Module | None = None) -> torch.Tensor:
     """The real-valued weights of parameter `p`, shaped like it (flat index i = the weight stored at flat
     index i of p): p itself for floating-point storage; for bitsandbytes int8, W = int8 · SCB[row] / 127

@@ -118,5 +118,5 @@ def rank_grid(scores: Scores, ks: list[int], mode: str = "global", selection: st
         if len(t) not in by_size:
             by_size[len(t)] = rank(scores, k, mode, selection, seed, draw, mask_fn, t, values, in_axis, matcher)
         per[k] = by_size[len(t)]
-    kmax = ks[-1]  # a new Ranking carrying the others (no reference to itself)
-    return replace(per[kmax], per_k={k: r for k, r in per.items() if k != kmax}, k_max=kmax)
+    k_max = ks[-1]  # a new Ranking carrying the others (no reference to itself)
+    return replace(per[k_max], per_k={k: r for k, r in per.items() if k != k_max}, k_max=k_max)

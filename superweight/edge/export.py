@@ -11,15 +11,17 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import plotly.graph_objects as go
 
+from ..config import PlotFormat
 from ..files import atomic_write, atomic_write_text
 
 from .style import PNG_DPI, PX_PER_IN
 
-FORMATS = ("html", "json", "png", "svg", "pdf")
+FORMATS = tuple(f for f in get_args(PlotFormat) if f != "none")  # the files a figure can be written as
 STATIC = ("png", "svg", "pdf")
 NO_CHROME = ("no Chrome/Chromium found for {formats} export; wrote HTML/JSON only. Get one: `uv run kaleido_get_chrome` "
              "(kaleido downloads Chrome for Testing where it looks for it; from Python: `import kaleido; "

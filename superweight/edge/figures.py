@@ -40,6 +40,7 @@ from .plots import (VALUES, delta_vs_k, figure_set, read_score_summary, save_fig
 from ..core.gaps import effects, gaps
 from ..core.stability import jaccard_from_rankings
 from ..core.summary import aggregate_over_seeds
+from ..files import slug
 from .offline_runs import read_offline_run
 
 AXES = ("score.metrics", "perturb.names", "seeds")
@@ -294,12 +295,6 @@ def pooled_tables(runs: pd.DataFrame) -> dict[str, dict]:
     return out
 
 
-def _slug(s: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", s).strip("_")[:80]
-
-
 def build(run_dirs: list[Path], out_dir: Path, k: int | None = None, formats=("html", "png", "svg", "pdf"),
           values=tuple(VALUES)) -> dict:
     """Write the figures, metric_comparison.csv, summary.csv, gaps.csv and runs.csv to out_dir; return
@@ -311,7 +306,7 @@ def build(run_dirs: list[Path], out_dir: Path, k: int | None = None, formats=("h
     figs = {}
     summaries, gap_tables, comparisons = [], [], []
     for variant, t in tables.items():
-        sfx = "" if len(tables) == 1 else f"__{_slug(variant)}"
+        sfx = "" if len(tables) == 1 else f"__{slug(variant)}"
         res = t["results"]
         eff = effects(t["rows"], t["baseline"]) if t["rows"] and t["baseline"] else None
         if eff is not None:

@@ -24,8 +24,8 @@ Online, the version with the run's key alias is looked up first (`use_artifact("
 score set is logged (and with `upload`, uploaded) once per key across the project; only a new key logs a draft.
 Offline, where use_artifact cannot look anything up, each run logs the draft (same key, same artifact).
 
-Tables (`log_tables`): every CSV the run wrote to out_dir (the sink's list when it hands one, else out_dir's
-*.csv: results, gaps, metric comparison, stability, ...) logged to the run as `tables/<name>` so it appears
+Tables (`log_tables`): every CSV the run wrote to out_dir (the sink's list: results, gaps, metric
+comparison, stability, ...) logged to the run as `tables/<name>` so it appears
 in the workspace; W&B's limit for a logged table is wandb.Table.MAX_ROWS rows: a longer CSV is logged as its
 first MAX_ROWS rows and `tables/<name>_rows` in the summary says how many it has (the artifact has them all).
 """
@@ -39,14 +39,9 @@ import pandas as pd
 
 from ..core.summary import finite_or_none
 from ..resources import cache_root
-from .run_identity import config_columns, run_config, slug, tag
+from .run_identity import artifact_slug, config_columns, run_config, tag
 
 MAX_ARTIFACT_TABLE_ROWS = 200_000
-OUTPUT_FILES = {
-    "results": ["results.csv", "gaps.csv", "perturbation_results.json"],
-    "rankings": ["rankings.csv", "selections.safetensors", "stability.csv", "stability_summary.csv"],
-    "manifest": ["manifest.json"],
-}
 
 
 def table(df: pd.DataFrame, max_rows: int):
@@ -66,7 +61,8 @@ def output_labels(run_id: str, config_hash: str, sweep_id: str | None, seeds) ->
     return [f"run-{run_id}"], tags + [f"seed-{int(s)}" for s in seeds]
 
 
-def log_outputs(run, cfg, result, out: Path, model: str, sweep_id: str | None) -> None:
+def log_outputs(run, cfg, result, out: Path, model: str, sweep_id: str | None, files: dict[str, list[str]]) -> None:
+    """One artifact per kind of the files the sink wrote (`files`: kind -> paths relative to out_dir)."""
     import wandb
 
     aliases, tags = output_labels(run.id, result.config_hash, sweep_id, cfg.seeds)
@@ -75,12 +71,7 @@ def log_outputs(run, cfg, result, out: Path, model: str, sweep_id: str | None) -
     df = result.table
     cols = config_columns(cfg)
     merged = df.assign(**{k: [v] * len(df) for k, v in cols.items()}) if len(df) else df
-    files = dict(OUTPUT_FILES)
-    plot_dir = out / "plots"
-    if plot_dir.is_dir():
-        files["plots"] = [str(p.relative_to(out)) for p in sorted(plot_dir.iterdir()) if p.is_file()]
-    for kind, names in files.items():
-        present = [f for f in names if (out / f).is_file()]
+    for kind, present in files.items():
         if not present:
             continue
         art = wandb.Artifact(f"{kind}-{model}", type=kind, metadata=meta)
@@ -93,20 +84,18 @@ def log_outputs(run, cfg, result, out: Path, model: str, sweep_id: str | None) -
         run.log_artifact(art, aliases=aliases, tags=tags)
 
 
-def csv_tables(result, out: Path) -> dict[str, Path]:
-    """{name: path} of the CSVs to show in the workspace: the sink's list of written files when the result
-    carries one (`result.files` or `result.extra["files"]`), else out_dir's *.csv."""
-    written = getattr(result, "files", None) or (getattr(result, "extra", None) or {}).get("files")
-    paths = [out / p for p in written] if written else sorted(out.glob("*.csv"))
+def csv_tables(out: Path, files: dict[str, list[str]]) -> dict[str, Path]:
+    """{name: path} of the CSVs to show in the workspace, from the sink's files (kind -> paths)."""
+    paths = [out / p for written in files.values() for p in written]
     return {Path(p).stem: Path(p) for p in paths if str(p).endswith(".csv") and Path(p).is_file()}
 
 
-def log_tables(result, out: Path) -> tuple[dict, dict]:
+def log_tables(out: Path, files: dict[str, list[str]]) -> tuple[dict, dict]:
     """({`tables/<name>`: wandb.Table}, {`tables/<name>_rows`: rows}) of csv_tables (module docstring)."""
     import wandb
 
     media, summary = {}, {}
-    for name, path in csv_tables(result, out).items():
+    for name, path in csv_tables(out, files).items():
         try:
             df = pd.read_csv(path)
         except (pd.errors.EmptyDataError, pd.errors.ParserError):
@@ -130,7 +119,7 @@ def declare_score_sets(run, cfg, result, model: str, offline: bool) -> dict:
         if not path.is_file():
             continue
         metric, _, seed = label.rpartition(".seed")
-        name, alias = f"scores-{model}-{slug(metric)}", f"key-{key}"
+        name, alias = f"scores-{model}-{artifact_slug(metric)}", f"key-{key}"
 
         def draft():
             art = wandb.Artifact(name, type="scores", metadata={

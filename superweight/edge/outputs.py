@@ -19,7 +19,6 @@ import pandas as pd
 from safetensors.torch import save_file
 
 from ..files import atomic_write, atomic_write_json
-from ..run.experiment import mask_groups
 from .manifest import build_manifest
 from ..core.comparison import metric_comparison
 from ..core.params import layer_of, module_type
@@ -41,7 +40,9 @@ class RunOutputs:
         self.plots: list[str] = []
         self.comparison: pd.DataFrame | None = None  # metric_comparison.csv, printed at the end of a run
 
-    def write(self, result) -> None:
+    def write(self, result) -> dict[str, list[str]]:
+        """Write every file; return their paths relative to out_dir by kind (results, rankings, plots,
+        manifest): the tracker publishes exactly these."""
         out, cfg = self.out, result.cfg
         df = results_frame(result.rows)
         atomic_write(out / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
@@ -53,15 +54,14 @@ class RunOutputs:
         self.comparison = metric_comparison(result.gaps, eff)
         atomic_write(out / "metric_comparison.csv", lambda tmp: self.comparison.to_csv(tmp, index=False))
         rank_rows, sel = [], {}
-        first = "+".join(next(iter(mask_groups(cfg.perturb.names, cfg.perturb).values())))
-        for (metric, seed, mode, selection, draw, *group), r in result.rankings.items():
-            cands = group[0] if group else first  # the perturbations whose candidate set it was drawn from
+        main = result.candidate_sets[0]  # the run's main candidate set: its tags carry no suffix
+        for (metric, seed, mode, selection, draw, candidates), r in result.rankings.items():
             # k: empty = one nested ranking (the K-selection is `rank < K`); K = drawn for this K only (matched_k)
             for k, rk in ([*sorted(r.per_k.items()), (r.k_max, r)] if r.per_k else [(None, r)]):
-                for row in ranking_rows(rk, result.values, cfg.select.save_top):
+                for row in ranking_rows(rk, result.weight_values, cfg.select.save_top):
                     rank_rows.append({"metric": metric, "seed": seed, "mode": mode, "selection": selection,
-                                      "draw": draw, "k": k, "candidates": cands, **row})
-                tag = (f"{metric}.seed{seed}.{mode}.{selection}.draw{draw}" + (f".{group[0]}" if group else "")
+                                      "draw": draw, "k": k, "candidates": candidates, **row})
+                tag = (f"{metric}.seed{seed}.{mode}.{selection}.draw{draw}" + (f".{candidates}" if candidates != main else "")
                        + (f".k{k}" if k is not None else ""))
                 # own copies: equal selections (matched_k at Ks past a support) share their tensors
                 sel[f"{tag}.pid"], sel[f"{tag}.flat"] = rk.pid.clone(), rk.flat.clone()
@@ -69,9 +69,9 @@ class RunOutputs:
         if "k" in rdf:
             rdf["k"] = rdf["k"].astype("Int64")  # empty for nested rankings, an integer K otherwise
         atomic_write(out / "rankings.csv", lambda tmp: rdf.to_csv(tmp, index=False))
-        names = list(result.params)
+        names = list(result.param_shapes)
         meta = {"param_names": json.dumps(names),
-                "param_shapes": json.dumps([list(p.shape) for p in result.params.values()]),
+                "param_shapes": json.dumps([list(s) for s in result.param_shapes.values()]),
                 "layers": json.dumps([layer_of(n) for n in names]),
                 "modules": json.dumps([module_type(n) for n in names])}
         atomic_write(out / "selections.safetensors", lambda tmp: save_file(sel, tmp, metadata=meta))
@@ -88,6 +88,10 @@ class RunOutputs:
                                                               if not isinstance(v, list)},
              "plots": self.plots, **result.extra})
         atomic_write_json(out / MANIFEST, self.manifest)
+        return {"results": ["results.csv", "perturbation_results.json", "gaps.csv", "effects.csv", "metric_comparison.csv"],
+                "rankings": ["rankings.csv", "selections.safetensors", "stability.csv", "stability_summary.csv",
+                             "sensitivity_scores.safetensors"],
+                "plots": self.plots, "manifest": [MANIFEST]}
 
     def write_plots(self, cfg) -> list[str]:
         """Plots (out_dir/plots); a failing export only warns: the results are on disk."""

@@ -68,8 +68,8 @@ def _sym_matrix(labels: list, pairs: dict) -> np.ndarray:
 
 def _largest_k(s: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Rows at the largest K present for each group of `keys`."""
-    kmax = s.groupby(keys)["k"].transform("max")
-    return s[s["k"] == kmax]
+    k_max = s.groupby(keys)["k"].transform("max")
+    return s[s["k"] == k_max]
 
 
 def stability_heatmaps(stab: pd.DataFrame, k: int | None = None, mode: str | None = None) -> dict[str, go.Figure]:

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
+from collections.abc import Mapping
 
 from ..core.params import index_names, layer_of, module_type
-from ..core.ranking import Ranking, groups
+from ..core.ranking import Ranking
 
 
-def ranking_rows(r: Ranking, values: Callable[[str], torch.Tensor], limit: int) -> list[dict]:
-    """Rows for rankings.csv: rank, param, layer, module, expert, row, col, flat_index, score, value (weight)."""
+def ranking_rows(r: Ranking, values: Mapping[str, Mapping[int, float]], limit: int) -> list[dict]:
+    """Rows for rankings.csv: rank, param, layer, module, expert, row, col, flat_index, score, value (the
+    weight's real value, `values[param][flat_index]`: the Result's saved values, read once per tensor)."""
     rows = []
     n = min(limit, len(r))
     pids, flats = r.pid[:n].tolist(), r.flat[:n].tolist()
-    value = [0.0] * n  # gathered per parameter: one values() call per tensor, never one per row (int8 dequantizes)
-    for pid, pos in groups(r.pid[:n]):
-        v = values(r.names[pid]).reshape(-1)
-        got = v[r.flat[:n][pos].to(v.device)].float().cpu().tolist()
-        for j, x in zip(pos.tolist(), got):
-            value[j] = x
     for j in range(n):
         pid, f = pids[j], flats[j]
         name, shape = r.names[pid], r.shapes[pid]
@@ -29,6 +22,6 @@ def ranking_rows(r: Ranking, values: Callable[[str], torch.Tensor], limit: int) 
             "rank": int(r.group_rank[j]) if r.mode == "global" else j,
             "param": name, "layer": layer_of(name), "module": module_type(name),
             "expert": coords.get("expert", -1), "row": coords["row"], "col": coords["col"], "flat_index": f,
-            "score": float(r.score[j]), "value": value[j],
+            "score": float(r.score[j]), "value": values[name][f],
         })
     return rows

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 from ..config import RunConfig, is_result_key, to_flat
+from ..files import slug
 from .manifest import scrub
 
 # where a run ran, not what it is: summary meta/<key> (and the W&B group), never run.config
@@ -29,9 +30,9 @@ AXES = {"axis_metric": "score.metrics", "axis_perturbation": "perturb.names", "a
 NAME_MAX = 128
 
 
-def slug(s: str, n: int = 60) -> str:
+def artifact_slug(s: str, n: int = 60) -> str:
     """A W&B artifact-name-safe slug (letters, digits, - _ .)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s).strip("/")).strip("_")[:n] or "model"
+    return slug(str(s).strip("/"), n, keep="_.-") or "model"
 
 
 def tag(s: str) -> str:
@@ -44,7 +45,7 @@ def model_slug(name: str) -> str:
     last component (the same model on two VMs gets the same collection)."""
     p = Path(str(name))
     local = str(name).startswith(("/", ".", "~")) or p.suffix == ".gguf" or p.exists()
-    return slug(p.name if local else str(name))
+    return artifact_slug(p.name if local else str(name))
 
 
 def run_config(cfg) -> dict:

@@ -47,14 +47,13 @@ import json
 import math
 import os
 import random
-import re
 from pathlib import Path
 
 import yaml
 
 from ..arguments import ALIASES, FIELDS, canonical_key, parse_config
 from ..config import ConfigError, RunConfig, config_hash, is_result_key, to_flat
-from ..files import atomic_write_text, read_jsonl
+from ..files import atomic_write_text, read_jsonl, slug
 from ..run.resume import PROGRESS_FILE
 from ..resources import code_version
 from ..run.validation import validate
@@ -245,16 +244,12 @@ def sweep_group(sweep: dict, path: str | Path) -> str:
     """`<name>-<8 hex of the YAML content>`: the W&B group and the local sweep directory name."""
     name = str(sweep.get("name") or Path(path).stem)
     h = hashlib.sha256(json.dumps(sweep, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{_slug(name, 60)}-{h}"
+    return f"{slug(name, 60)}-{h}"
 
 
 # ---------------------------------------------------------------------------------------------------
 # run directories
 # ---------------------------------------------------------------------------------------------------
-def _slug(s: str, n: int) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", s).strip("_")[:n]
-
-
 def _short_name(dotted: str) -> str:
     inv = {}
     for a, full in ALIASES.items():
@@ -272,7 +267,7 @@ def run_dir_name(cfg: RunConfig) -> str:
         v = cur[k]
         v = "+".join(str(x) for x in v) if isinstance(v, list) else str(v)
         parts.append(f"{_short_name(k).split('.')[-1]}={Path(v).name if '/' in v else v}")
-    return f"{_slug('_'.join(parts), 100) or 'default'}-{config_hash(cfg)[:10]}"
+    return f"{slug('_'.join(parts), 100) or 'default'}-{config_hash(cfg)[:10]}"
 
 
 def sweep_run_id(group: str, params: dict) -> str:

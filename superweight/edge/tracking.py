@@ -245,12 +245,13 @@ class WandbTracker:
             with shielded():
                 self.run.summary[f"stage/{name}_s"] = round(seconds, 3)
 
-    def finish(self, result) -> None:
+    def finish(self, result, files: dict[str, list[str]]) -> None:
+        """Publish `result` and the files the sink wrote (`files`: kind -> paths relative to out_dir)."""
         if self.run is None:
             return
         try:
             with shielded():
-                model = self._publish(result)
+                model = self._publish(result, files)
             inputs = declare_score_sets(self.run, self.cfg, result, model, offline=self.mode == "offline")
             with shielded():
                 for k, v in inputs.items():
@@ -267,7 +268,7 @@ class WandbTracker:
                 raise
             raise TrackingError(f"publishing to W&B failed: {_one_line(e)}") from e
 
-    def _publish(self, result) -> str:
+    def _publish(self, result, files: dict[str, list[str]]) -> str:
         import wandb
 
         run, out, cfg = self.run, self.out, self.cfg
@@ -275,23 +276,22 @@ class WandbTracker:
             summary = summary_metrics(result.table, result.baseline, result.gaps)
             summary[SWEEP_METRIC] = sweep_metric(result.table)
             summary["stage/total_s"] = round(time.perf_counter() - self.t0, 3)
-            media, rows = log_tables(result, out)
+            media, rows = log_tables(out, files)
             summary.update(rows)
             for k, v in summary.items():
                 run.summary[k] = v
-            plot_dir = out / "plots"
-            if plot_dir.is_dir():
+            plots = files.get("plots", [])
+            for f in (f for f in plots if f.endswith(".png")):
+                media[f"plots/{Path(f).stem}"] = wandb.Image(str(out / f))
+            for f in (f for f in plots if f.endswith(".json")):
                 import plotly.io as pio
 
-                for png in sorted(plot_dir.glob("*.png")):
-                    media[f"plots/{png.stem}"] = wandb.Image(str(png))
-                for js in sorted(plot_dir.glob("*.json")):
-                    media[f"charts/{js.stem}"] = wandb.Plotly(pio.read_json(str(js)))
+                media[f"charts/{Path(f).stem}"] = wandb.Plotly(pio.read_json(str(out / f)))
             if media or self.pending:
                 run.log(media, commit=True)  # into the last row's step, when this process logged it
             self.pending = False
             model = model_slug(cfg.model.name)
-            log_outputs(run, cfg, result, out, model, sweep_id())
+            log_outputs(run, cfg, result, out, model, sweep_id(), files)
         return model
 
     def _supersede_offline(self) -> None:

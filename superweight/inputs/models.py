@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, Dtype, ModelConfig
 from ..core.params import fingerprint, input_device, model_context, unique_named_parameters  # noqa: F401 (re-export)
 from .gguf_tokenizer import read_tokenizer_fields, tokenizer_from_gguf
 from ..resources import cache_root, package_dir
@@ -47,6 +47,7 @@ def embedded_gguf(name: str, cache_dir: str | None = None) -> tuple[Path, str]:
 
 
 def pick_device(device: str) -> torch.device:
+    """model.device -> torch device (the one place it is resolved): auto is CUDA when present."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -54,10 +55,11 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: Dtype, device: torch.device) -> torch.dtype:
+    """model.dtype -> torch dtype: auto is bf16 on CUDA, fp32 elsewhere; the other names are torch's own."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return getattr(torch, dtype)
 
 
 def _embedded_dir(name: str, cache_dir: str | None) -> Path:
@@ -65,7 +67,7 @@ def _embedded_dir(name: str, cache_dir: str | None) -> Path:
     target = cache_root(cache_dir) / "models" / name
     if (target / "config.json").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     src, fname = embedded_gguf(name, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
@@ -150,10 +152,16 @@ def _quiet_progress():
 
 
 def load_model(cfg: ModelConfig, cache_dir: str | None = None):
-    """Return (model, tokenizer, device). The model is in eval mode; gradients are enabled per metric."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Return (model, tokenizer, device): `load_weights` on `pick_device(cfg.device)` and `load_tokenizer`."""
     device = pick_device(cfg.device)
+    model = load_weights(cfg, cache_dir, device)
+    return model, load_tokenizer(cfg, cache_dir), device
+
+
+def load_weights(cfg: ModelConfig, cache_dir: str | None, device: torch.device):
+    """The model on `device` (or sharded by cfg.device_map), in eval mode; gradients are enabled per metric."""
+    from transformers import AutoModelForCausalLM
+
     dtype = pick_dtype(cfg.dtype, device)
     src, gguf = resolve_source(cfg)
     if src in EMBEDDED:
@@ -183,15 +191,12 @@ def load_model(cfg: ModelConfig, cache_dir: str | None = None):
     try:
         with _quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
-        tok = (_gguf_tokenizer(src, gguf) if gguf else
-               AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code))
     except OSError as e:
         where = "local directory" if is_local else "Hugging Face model id"
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
-            f"model '{cfg.name}' could not be loaded as a {where} (offline or not found: {msg}); "
-            f"valid choices: {', '.join(EMBEDDED)}, a local model dir, a .gguf file, or a hub id when online"
-        ) from None
+            f"model '{cfg.name}' could not be loaded as a {where} (offline or not found: {msg}); valid choices: "
+            f"{_VALID_MODELS}") from None
     except ValueError as e:
         msg = str(e).strip().splitlines()[0]
         raise ConfigError(f"model '{cfg.name}' could not be loaded: {msg}") from None
@@ -203,9 +208,7 @@ def load_model(cfg: ModelConfig, cache_dir: str | None = None):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok, device
+    return model
 
 
 def bos_every_window(model_or_config) -> bool:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, RunConfig
+from ..arguments import FIELDS
+from ..config import ConfigError, RunConfig, choices, to_flat
 from ..inputs.data import CORPORA, check_text_file
 from ..core.evaluation import TASKS
 from ..core.experts import input_axis
@@ -27,9 +28,6 @@ from ..core.perturbation import PERTURBATIONS, parse_bits, supports
 from ..core.modes import MODES
 from ..core.selections import SELECTIONS
 from .cache import cache_mode
-
-ATTN = ("auto", "eager", "sdpa")
-
 
 def check_choice(what: str, value: str, choices) -> None:
     choices = list(choices)
@@ -51,17 +49,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     for p in cfg.perturb.names:
         PERTURBATIONS.get(p)
     cfg.score.cache = cache_mode(cfg.score.cache)
-    check_choice("dtype", cfg.model.dtype, ["auto", "float32", "bfloat16", "float16"])
-    check_choice("score dtype", cfg.score.dtype, ["float32", "bfloat16"])
-    check_choice("quantize", cfg.model.quantize, ["none", "8bit", "4bit"])
-    check_choice("attn_implementation", cfg.model.attn_implementation, ATTN)
-    check_choice("text_format", cfg.data.text_format, ["auto", "lines", "plain"])
-    check_choice("data.bos", cfg.data.bos, ["auto", "never"])
-    check_choice("saliency", cfg.score.saliency, ["abs", "obd"])
-    check_choice("wandb mode", cfg.wandb.mode, ["auto", "online", "offline", "disabled"])
-    check_choice("wandb.scores", cfg.wandb.scores, ["upload", "reference", "none"])
-    for f in cfg.plots:
-        check_choice("plot format", f, ["html", "png", "svg", "pdf", "json", "none"])
+    for key, value in to_flat(cfg).items():  # the fixed choices, declared as Literal types in config.py
+        valid = choices(FIELDS[key])
+        for v in (value if isinstance(value, list) else [value]) if valid else ():
+            check_choice(key, v, valid)
     for t in cfg.eval.tasks:
         TASKS.get(t)
     if not (cfg.model.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.model.device)):
@@ -194,16 +185,16 @@ def check_capabilities(cfg: RunConfig, model, params: dict[str, torch.Tensor], q
             if q == "bit_flip":
                 parse_bits(cfg.perturb.bits, dt)
     n_eligible = sum(p.numel() for p in params.values())
-    kmax = max(cfg.select.topk)
-    if "global" in cfg.select.modes and kmax > n_eligible:
-        raise ConfigError(f"topk={kmax} is larger than the {n_eligible} eligible weights; valid: 1..{n_eligible}")
+    k_max = max(cfg.select.topk)
+    if "global" in cfg.select.modes and k_max > n_eligible:
+        raise ConfigError(f"topk={k_max} is larger than the {n_eligible} eligible weights; valid: 1..{n_eligible}")
     if "per_layer" in cfg.select.modes:
         name, n = min(((nm, p.numel()) for nm, p in params.items()), key=lambda x: x[1])
-        if kmax > n:
-            raise ConfigError(f"topk={kmax} with mode=per_layer is larger than the smallest eligible tensor "
+        if k_max > n:
+            raise ConfigError(f"topk={k_max} with mode=per_layer is larger than the smallest eligible tensor "
                               f"{name} ({n} weights); valid: 1..{n}")
     if "per_row" in cfg.select.modes:
         name, n = min(((nm, p.shape[input_axis(model, nm)] if p.ndim >= 2 else p.numel()) for nm, p in params.items()),
                       key=lambda x: x[1])  # a row = one output neuron's inputs (Conv1D stores [in, out])
-        if kmax > n:
-            raise ConfigError(f"topk={kmax} with mode=per_row is larger than the row length {n} of {name}; valid: 1..{n}")
+        if k_max > n:
+            raise ConfigError(f"topk={k_max} with mode=per_row is larger than the row length {n} of {name}; valid: 1..{n}")

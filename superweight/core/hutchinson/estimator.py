@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...config import ConfigError
-from ..params import autocast_ctx
+from ..params import autocast_ctx, require_gradients
 from .loss import next_token_loss
 from .nodes import GZ
 from .patching import double_backward_ready, lean_parts
@@ -40,10 +40,7 @@ def hessian_diagonal(model, params: dict[str, torch.nn.Parameter], batches: list
     correctness. device: bf16 autocast on CUDA unless the model is fp32 (params.autocast_ctx); None = the
     first parameter's device. lean=False keeps the attention, norm, gated-MLP and loss internals in the
     graph instead of recomputing them (more memory, a little faster on CPU)."""
-    for n, p in params.items():
-        if not p.is_floating_point():
-            raise ConfigError(f"hutchinson_diag needs weight gradients, but '{n}' is stored as "
-                              f"{str(p.dtype).replace('torch.', '')} (quantized)")
+    require_gradients(params, "hutchinson_diag")
     B, P = len(batches), int(probes)
     if P <= 0:
         raise ConfigError(f"score.probes must be > 0, got {P}")

@@ -71,8 +71,8 @@ def test_same_config_same_bytes(tiny_model_dir, corpus, tmp_path):
                                      + ["score.cache=false"]), progress=False)
     run_experiment(b)
     # compact sets hold each seed's own rankings (seeded ties and draws): magnitude's seeds do not share one
-    assert (a.cache.hits, a.cache.misses) == (0, 4)
-    assert (b.cache.hits, b.cache.misses) == (0, 4)
+    assert (a.loaded.cache.hits, a.loaded.cache.misses) == (0, 4)
+    assert (b.loaded.cache.hits, b.loaded.cache.misses) == (0, 4)
     for name in TABLES:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     for name in TENSORS:

@@ -197,7 +197,7 @@ def test_killed_run_resumes_to_identical_results(tiny_model_dir, tmp_path, refer
     run_experiment(exp)
     assert f"resuming: {1 + ROWS} finished rows" in capsys.readouterr().out
     assert calls == []
-    assert exp.cache.misses == 0 and exp.cache.hits == 4  # every score set came from the cache
+    assert exp.loaded.cache.misses == 0 and exp.loaded.cache.hits == 4  # every score set came from the cache
     for name in OUTPUTS:
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     for name in TENSOR_FILES:

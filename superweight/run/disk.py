@@ -20,7 +20,8 @@ from ..core.metrics import METRICS
 from ..core.histogram import GRID_BINS
 from ..core.selections import SELECTIONS
 from .cache import COMPACT_MAX_ENTRIES, cache_mode
-from .experiment import TOP_SAVED, mask_groups
+from .experiment import TOP_SAVED
+from .rows import candidate_sets
 
 ENTRY_BYTES = 8 + 8 + 4 + 8  # a ranking entry: pid, flat index (int64), score (fp32), group rank (int64)
 GROUP_BYTES = 8  # grouped modes: the entry's comparison group (int64)
@@ -88,7 +89,7 @@ def summary_bytes(shapes: list[tuple[int, ...]]) -> int:
 
 def estimate_disk(cfg: RunConfig, shapes: list[tuple[int, ...]]) -> DiskPlan:
     """Disk of the run `cfg` over scored tensors of `shapes`."""
-    n_groups = len(mask_groups(cfg.perturb.names, cfg.perturb))
+    n_groups = len(candidate_sets(cfg.perturb.names, cfg.perturb))
     mode = cache_mode(cfg.score.cache)
     n_weights = sum(_numel(s) for s in shapes)
     entries, rank_bytes = set_entries(cfg, shapes, n_groups)

@@ -207,8 +207,9 @@ def load_yaml_pairs(path: str) -> list[tuple[str, list[str]]]:
 
 class _Parser(simple_parsing.ArgumentParser):
     def error(self, message):  # argparse would print usage and exit; we want one line, code 2
+        message = message.replace(repr(_SHIELD)[1:-1], "").replace(_SHIELD, "")  # argparse quotes repr()
         m = re.search(r"argument --([\w.]+): invalid (?:choice|Literal value): '([^']*)'", message)
-        if m and choices(FIELDS.get(m.group(1))):
+        if m and choices(FIELDS.get(m.group(1))):  # a Literal's choices (config.py), in the one-line format
             raise ConfigError(f"unknown {m.group(1)} '{m.group(2)}'; valid choices: "
                               f"{', '.join(choices(FIELDS[m.group(1)]))}")
         for bad, valid in (("invalid int value", "an integer"), ("invalid float value", "a number"),
@@ -216,7 +217,7 @@ class _Parser(simple_parsing.ArgumentParser):
             if bad in message:
                 message += f"; valid: {valid}"
                 break
-        raise ConfigError(message.replace(repr(_SHIELD)[1:-1], "").replace(_SHIELD, ""))  # argparse quotes repr()
+        raise ConfigError(message)
 
 
 def _parser(cls, dest: str, add_help: bool = False) -> _Parser:

@@ -448,7 +448,7 @@ def test_a_wandb_failure_exits_nonzero_unless_disabled(tiny_model_dir, tmp_path,
     # publishing fails after the results are on disk: exit 1, the record failed, the files kept
     monkeypatch.undo()
 
-    def publish(self, result):
+    def publish(self, result, files):
         raise wandb.errors.CommError("upload failed")
 
     monkeypatch.setattr(WandbTracker, "_publish", publish)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import pandas as pd
 import torch
 from safetensors import safe_open
 
@@ -52,7 +53,7 @@ def test_compact_cache_serves_the_same_bytes_and_recomputes_what_it_does_not_hol
     cache = tmp_path / "cache"
     a = run(tiny_model_dir, corpus, tmp_path / "a", cache)
     b = run(tiny_model_dir, corpus, tmp_path / "b", cache)
-    assert (a.cache.hits, a.cache.misses) == (0, 2) and (b.cache.hits, b.cache.misses) == (2, 0)
+    assert (a.loaded.cache.hits, a.loaded.cache.misses) == (0, 2) and (b.loaded.cache.hits, b.loaded.cache.misses) == (2, 0)
     for name in TABLES:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     for name in ["selections.safetensors", "sensitivity_scores.safetensors"]:
@@ -76,15 +77,16 @@ def test_compact_cache_serves_the_same_bytes_and_recomputes_what_it_does_not_hol
     assert 0.5 * out_bytes <= disk.out_dir <= 2 * out_bytes
     # a larger K, another mode or another control: recomputed, and the larger K is really selected
     c = run(tiny_model_dir, corpus, tmp_path / "c", cache, "topk=2,5,40", "metric=magnitude")
-    assert (c.cache.hits, c.cache.misses) == (0, 1)
-    assert len(c.rankings[("magnitude", 0, "global", "top_k", 0)]) == 40
+    assert (c.loaded.cache.hits, c.loaded.cache.misses) == (0, 1)
+    rk = pd.read_csv(tmp_path / "c" / "rankings.csv")
+    assert len(rk[(rk.metric == "magnitude") & (rk.seed == 0) & (rk.selection == "top_k")]) == 40
     d = run(tiny_model_dir, corpus, tmp_path / "d", cache, "select.modes=per_layer", "metric=magnitude", "topk=2")
-    assert (d.cache.hits, d.cache.misses) == (0, 1)
+    assert (d.loaded.cache.hits, d.loaded.cache.misses) == (0, 1)
     # a full set serves any K grid; the rows equal the ones computed from scratch
     run(tiny_model_dir, corpus, tmp_path / "e", tmp_path / "full", "score.cache=full", "topk=3", "metric=magnitude",
         "controls=random_k", "select.control_draws=1")
     f = run(tiny_model_dir, corpus, tmp_path / "f", tmp_path / "full", "topk=2,5,40", "metric=magnitude")
-    assert (f.cache.hits, f.cache.misses) == (1, 0)
+    assert (f.loaded.cache.hits, f.loaded.cache.misses) == (1, 0)
     assert (tmp_path / "f" / "results.csv").read_text().splitlines()[1:] == \
         (tmp_path / "c" / "results.csv").read_text().splitlines()[1:]
 

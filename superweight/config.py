@@ -44,6 +44,19 @@ def list_of(choice: Any, default: list[str]):
                  metadata={"custom_args": {"type": str, "choices": get_args(choice)}})
 
 
+def typed_items(obj, prefix: str = ""):
+    """(dotted key, declared type, value) of every leaf field of a config dataclass tree."""
+    import typing
+
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            yield from typed_items(v, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hints[f.name], v
+
+
 def choices(tp) -> tuple[str, ...]:
     """The valid values of a Literal type, or of the items of a list of one; () for any other type."""
     if get_origin(tp) is list:

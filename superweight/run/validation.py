@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..arguments import FIELDS
-from ..config import ConfigError, RunConfig, choices, to_flat
+from ..config import ConfigError, RunConfig, choices, typed_items
 from ..inputs.data import CORPORA, check_text_file
 from ..core.evaluation import TASKS
 from ..core.experts import input_axis
@@ -49,8 +48,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for p in cfg.perturb.names:
         PERTURBATIONS.get(p)
     cfg.score.cache = cache_mode(cfg.score.cache)
-    for key, value in to_flat(cfg).items():  # the fixed choices, declared as Literal types in config.py
-        valid = choices(FIELDS[key])
+    for key, tp, value in typed_items(cfg):  # the fixed choices, declared as Literal types in config.py
+        valid = choices(tp)
         for v in (value if isinstance(value, list) else [value]) if valid else ():
             check_choice(key, v, valid)
     for t in cfg.eval.tasks:

@@ -540,3 +540,34 @@ def test_figures_sweep_path_alone_names_the_project(tmp_path, monkeypatch):
     monkeypatch.setattr(figures, "download_wandb_runs", fake)
     assert commands.main(["figures", "--sweep", "ent/proj/sw3", "--out", str(tmp_path / "f")]) == 2
     assert seen == [("", "ent/proj/sw3")]
+
+
+def test_phase1_header_names_its_controls_and_run_count():
+    """The header comment says which controls each run has and how many runs a model gets: both follow the YAML."""
+    import re
+
+    text = (ROOT / "sweeps" / "phase1.yaml").read_text()
+    s = sweep.load_sweep(ROOT / "sweeps" / "phase1.yaml")
+    header = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+    names = {"random_k": "Random-K", "bottom_k": "Bottom-K", "matched_k": "Matched-K"}
+    controls = s["parameters"]["select.controls"]["value"]
+    assert all(names[c] in header for c in controls)
+    assert all(names[c] in s["description"] for c in controls)
+    per_model = len(sweep.expand(s)) // len(s["parameters"]["model.name"]["values"])
+    assert int(re.search(r"= (\d+) runs per model", header).group(1)) == per_model
+
+
+def test_a_signal_deferred_during_a_failing_wandb_call_is_not_lost():
+    """A SIGTERM that arrives while a shielded W&B call then fails is raised, chained from the failure, so the
+    run still closes as preempted (requeued) instead of the failure path dropping the signal."""
+    with pytest.raises(signals.Preempted) as caught:
+        with signals.shielded():
+            signals.interrupt(signals.Preempted())  # as the SIGTERM handler would, mid-call
+            raise RuntimeError("W&B call failed")
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert signals._SHIELD == {"depth": 0, "pending": None}
+    with pytest.raises(RuntimeError):  # while closing the run (drop=True) the signal is still discarded
+        with signals.shielded(drop=True):
+            signals.interrupt(signals.Preempted())
+            raise RuntimeError("finish failed")
+    assert signals._SHIELD == {"depth": 0, "pending": None}

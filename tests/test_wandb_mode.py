@@ -4,6 +4,7 @@ session (wandb.teardown) in an environment with no user credentials (HOME, NETRC
 
 import pytest
 
+from superweight.config import ConfigError
 from superweight.edge.wandb_mode import resolve_mode
 
 KEY = "k" * 40
@@ -72,5 +73,48 @@ def test_identity_token_file_login(clean):
 
 def test_malformed_key_is_one_clear_error(clean):
     _, mode = clean
-    with pytest.raises(ValueError, match="not valid: .*40"):
+    with pytest.raises(ConfigError, match="not valid: .*40"):
         mode(WANDB_API_KEY="short")
+
+
+def _main(capsys, *argv) -> tuple[int, list[str]]:
+    import wandb
+
+    from superweight.commands import main
+
+    wandb.teardown()  # a new session reads the environment
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err.splitlines()
+
+
+def test_run_with_a_malformed_key_is_one_line_and_exit_2(clean, monkeypatch, capsys):
+    """`WANDB_API_KEY=short superweight run`: one line naming the bad credential, exit 2, nothing written."""
+    tmp, _ = clean
+    monkeypatch.setenv("WANDB_API_KEY", "short")
+    rc, err = _main(capsys, "run", f"out_dir={tmp / 'out'}")
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("superweight: error: W&B credentials for https://") and " are not valid: " in err[0]
+    assert "WANDB_API_KEY" in err[0] and "40" in err[0] and "short" not in err[0]  # names it, never prints it
+    assert not (tmp / "out").exists()
+
+
+@pytest.mark.parametrize("key", [None, "short"])
+def test_figures_from_wandb_without_usable_credentials_is_one_line_and_exit_2(clean, monkeypatch, capsys, key):
+    tmp, _ = clean
+    if key:
+        monkeypatch.setenv("WANDB_API_KEY", key)
+    rc, err = _main(capsys, "figures", "wandb:ent/proj", "--out", str(tmp / "figs"))
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("superweight: error: wandb:ent/proj needs W&B credentials: ")
+    assert ("No API key configured" if key is None else "WANDB_API_KEY invalid") in err[0]
+    assert not (tmp / "figs").exists()
+
+
+def test_figures_sweep_with_local_sources_only_is_refused(clean, capsys):
+    """--sweep ID filters W&B runs: with local sources only it would be ignored, so it is an error."""
+    tmp, _ = clean
+    (tmp / "run").mkdir()
+    rc, err = _main(capsys, "figures", str(tmp / "run"), "--sweep", "abc123", "--out", str(tmp / "figs"))
+    assert rc == 2 and len(err) == 1, err
+    assert "--sweep 'abc123' selects W&B runs, but no source is wandb:ENTITY/PROJECT" in err[0]
+    assert not (tmp / "figs").exists()

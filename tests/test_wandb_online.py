@@ -68,6 +68,16 @@ class FakeRun:
         self.calls.append(("finish", exit_code))
 
 
+def refusal(run_id: str) -> BaseException:
+    """What wandb.init raises for a deleted run's id: wandb-core's ErrorInfo (code COMMUNICATION, the server's
+    GraphQL message) turned into an exception by wandb's own handler, as wandb_init.py does."""
+    from wandb.errors.util import ProtobufErrorHandler
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    return ProtobufErrorHandler.to_exception(pb.ErrorInfo(
+        code=pb.ErrorInfo.COMMUNICATION, message=f"run {run_id} was previously created and deleted; try a new run name"))
+
+
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
     import wandb
@@ -77,7 +87,7 @@ def fake(monkeypatch, tmp_path):
     def init(**kw):
         state["calls"].append(("init", kw))
         if kw.get("id") in state["refuse"]:
-            raise wandb.errors.CommError("Error 409: run was previously created and deleted; try a new run name")
+            raise refusal(kw["id"])
         return FakeRun(state["calls"], kw.get("id") or "newid123", state["summary"], tmp_path)
 
     monkeypatch.setattr(wandb, "init", init)
@@ -132,6 +142,45 @@ def test_a_refused_run_id_gives_a_new_recorded_id_after_one_try(fake, tmp_path, 
     with pytest.raises(tracking.TrackingError, match="wandb.init failed: CommError: Network error"):
         tracking.WandbTracker(cfg, cfg.out_dir).start(EXP)
     assert len(fake["calls"]) == 1
+
+
+def test_sigterm_during_a_failing_log_marks_the_run_preempting(fake, tmp_path):
+    """SIGTERM arrives inside run.log, which then fails: the run is still marked preempting (requeued), the
+    failure kept as the signal's cause, and nothing is left pending for a later shield."""
+    from superweight.edge import signals
+
+    _, t = _tracker(tmp_path, "wandb.requeue_on_sigterm=true")
+    t.start(EXP)
+
+    def log(data, commit=True):
+        signals.interrupt(signals.Preempted())  # the SIGTERM handler, mid-call
+        raise RuntimeError("W&B log failed")
+
+    run = t.run
+    run.log = log
+    with pytest.raises(signals.Preempted) as caught:
+        try:
+            t.log_row({"metric": "magnitude"}, 1, 4)
+        except BaseException as e:  # as Experiment.run does
+            t.fail(e)
+            raise
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert ("mark_preempting",) in fake["calls"] and ("finish", 143) in fake["calls"] and t.marked_preempting
+    assert run.summary["meta/stopped"].startswith("SIGTERM, marked preempting")
+
+
+def test_only_wandbs_refusal_of_a_deleted_id_counts_as_refused():
+    """A 409, "conflict" or "deleted" in some other error (an artifact upload, a network retry, a usage error)
+    is not W&B refusing the run id: only the CommError wandb.init raises with the server's message is."""
+    import wandb
+
+    assert isinstance(refusal("abc"), wandb.errors.CommError) and tracking.refused_id(refusal("abc"))
+    for other in (wandb.errors.CommError("HTTP 409 Conflict uploading artifact results-model"),
+                  wandb.errors.CommError("Network error (ConnectionError), entering retry loop"),
+                  wandb.errors.UsageError("run was deleted from the project; conflict"),
+                  wandb.errors.AuthenticationError("run was previously created and deleted"),
+                  RuntimeError("run abc was previously created and deleted; try a new run name")):
+        assert not tracking.refused_id(other), other
 
 
 def test_name_group_and_axis_keys_under_an_agent(fake, tmp_path, monkeypatch):

@@ -128,7 +128,12 @@ def download_wandb_runs(spec: str, dest: Path, sweep: str | None = None, api=Non
         filters["group"] = parts[2]
     if sweep:
         filters["sweep"] = sweep
-    api = api if api is not None else wandb.Api()
+    if api is None:
+        try:
+            api = wandb.Api()
+        except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as e:  # no key / a malformed key
+            raise ConfigError(f"wandb:{spec} needs W&B credentials: {' '.join(str(e).split())}; run `wandb login` "
+                              "(or set WANDB_API_KEY), or give local out_dirs / offline run dirs") from None
     out, skipped = [], []
     for run in api.runs(f"{parts[0]}/{parts[1]}", filters=filters):
         label = f"{run.id} ({getattr(run, 'name', None) or run.id})"
@@ -344,7 +349,14 @@ def build(run_dirs: list[Path], out_dir: Path, k: int | None = None, formats=("h
 
 
 def resolve_sources(sources: list[str], tmp: Path, sweep: str | None = None) -> list[Path]:
+    """The out_dirs of the SOURCEs (module docstring). --sweep selects W&B runs: it needs a `wandb:` source
+    or the ENTITY/PROJECT/ID form (which names the project itself); with local sources only it would select
+    nothing, so it is refused rather than ignored."""
     dirs: list[Path] = []
+    if sweep and "/" not in sweep.strip("/") and not any(s.startswith("wandb:") for s in sources):
+        raise ConfigError(f"--sweep '{sweep}' selects W&B runs, but no source is wandb:ENTITY/PROJECT; give "
+                          "wandb:ENTITY/PROJECT --sweep ID or --sweep ENTITY/PROJECT/ID (local sources are not "
+                          "filtered by sweep: give the sweep's own directory instead)")
     if sweep and "/" in sweep and not any(s.startswith("wandb:") for s in sources):
         sources = [*sources, "wandb:"]  # --sweep ENTITY/PROJECT/ID names the project itself
     for s in sources:

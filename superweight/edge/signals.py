@@ -24,18 +24,30 @@ _SHIELD = {"depth": 0, "pending": None}
 @contextlib.contextmanager
 def shielded(drop: bool = False):
     """Defer an exception a signal handler raises through `interrupt` until the W&B calls inside finish;
-    `drop=True` discards it (while the run is already being closed)."""
+    `drop=True` discards it (while the run is already being closed). If a call inside fails while a signal
+    waits, the signal's exception is raised chained from the failure (`__cause__`): the failure is kept for the
+    record, and a SIGTERM still ends the run as preempted (requeued), not as a crash that drops the signal."""
     _SHIELD["depth"] += 1
     try:
         yield
-    finally:
+    except BaseException as failure:
         _SHIELD["depth"] -= 1
-        if drop and _SHIELD["depth"] == 0:
-            _SHIELD["pending"] = None
-    exc = _SHIELD["pending"]
-    if exc is not None and _SHIELD["depth"] == 0:
-        _SHIELD["pending"] = None
+        exc = _take(drop)
+        if exc is not None and exc is not failure:
+            raise exc from failure
+        raise
+    _SHIELD["depth"] -= 1
+    exc = _take(drop)
+    if exc is not None:
         raise exc
+
+
+def _take(drop: bool) -> BaseException | None:
+    """The signal waiting for the outermost shield to close (None inside a nested one, or when dropped)."""
+    if _SHIELD["depth"]:
+        return None
+    exc, _SHIELD["pending"] = _SHIELD["pending"], None
+    return None if drop else exc
 
 
 def interrupt(exc: BaseException) -> None:

@@ -115,10 +115,17 @@ def sweep_metric(results) -> float:
     return max(vals)
 
 
+REFUSED_ID = "previously created and deleted"  # the server's GraphQL error for a deleted run's id
+
+
 def refused_id(e: BaseException) -> bool:
-    """W&B refused the run id itself (HTTP 409: a deleted run's id is never reused)."""
-    text = str(e).lower()
-    return "409" in text or "deleted" in text or "conflict" in text
+    """W&B refused the run id itself: the server answers the upsert of a deleted run's id with HTTP 409 and the
+    GraphQL error `run <id> was previously created and deleted; try a new run name`. wandb-core hands wandb.init
+    the GraphQL message (not the HTTP status) as ErrorInfo COMMUNICATION, which wandb.init raises as
+    wandb.errors.CommError (wandb/errors/util.py ProtobufErrorHandler). Any other error is not a refusal."""
+    from wandb.errors import AuthenticationError, CommError
+
+    return isinstance(e, CommError) and not isinstance(e, AuthenticationError) and REFUSED_ID in str(e).lower()
 
 
 def swept_params() -> dict:

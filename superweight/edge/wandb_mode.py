@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import os
 
+from ..config import ConfigError
+
 MODES = ("auto", "online", "offline", "disabled")
 
 
 def wandb_credentials() -> str | None:
     """The server URL wandb has credentials for (its own lookup, module docstring), or None.
-    Raises ValueError with wandb's message when credentials exist but are malformed."""
+    Raises ConfigError (one line, exit 2, before anything is written) with wandb's message when credentials
+    exist but are malformed (e.g. WANDB_API_KEY shorter than 40 characters)."""
     from wandb.errors import AuthenticationError
     from wandb.sdk import wandb_setup
     from wandb.sdk.lib.wbauth import authenticate
@@ -33,7 +36,8 @@ def wandb_credentials() -> str | None:
         auth = authenticate.authenticate_session(host=host, source="superweight", prompt=False,
                                                  update_session=False)
     except AuthenticationError as e:
-        raise ValueError(f"W&B credentials for {host} are not valid: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"W&B credentials for {host} are not valid: {' '.join(str(e).split())}; fix them "
+                          "(`wandb login --relogin`) or set wandb.mode=offline / wandb.mode=disabled") from None
     return str(auth.host) if auth is not None else None
 
 

@@ -571,3 +571,25 @@ def test_a_signal_deferred_during_a_failing_wandb_call_is_not_lost():
             signals.interrupt(signals.Preempted())
             raise RuntimeError("finish failed")
     assert signals._SHIELD == {"depth": 0, "pending": None}
+
+
+def test_the_agents_stop_command_is_the_sigterm_of_a_preemption():
+    """README (Stops and preemption): under `wandb agent`, a run the sweep controller stops gets SIGTERM from the
+    agent (Agent._command_stop -> AgentProcess.terminate), the same signal a preempted VM sends, so the run
+    cannot tell the two apart. Pinned to the installed wandb: its own stop command, on a real child process."""
+    import sys
+
+    from wandb import wandb_agent
+
+    proc = wandb_agent.AgentProcess(command=[sys.executable, "-c", "import time; time.sleep(60)"],
+                                    env=dict(os.environ))
+    proc.last_sigterm_time = None
+    agent = wandb_agent.Agent.__new__(wandb_agent.Agent)  # only the command handler, no server
+    agent._run_processes, agent._kill_delay = {"run1": proc}, 30
+    try:
+        agent._command_stop({"run_id": "run1"})
+        proc.wait(timeout=30)
+        assert proc.poll() == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -30,9 +30,11 @@ W&B run. wandb is imported only by the edge (this module, lineage.py, wandb_mode
             which, and the command exits 0.
 * `fail`    a crash marks the run failed (exit code 1, `meta/error`). SIGTERM (a preempted VM, `kill`, the
             agent's own stop command) exits 143 and, with wandb.requeue_on_sigterm=true (the shipped sweeps
-            set it), first marks the run preempting, so the sweep controller requeues it. SIGINT (Ctrl-C, or a
-            Stop in the W&B UI: wandb's run-stop checker interrupts the run's main thread with SIGINT) exits
-            130 and is never marked preempting: a stopped run is not requeued.
+            set it), first marks the run preempting, so the sweep controller requeues it. The agent's stop
+            (`proc.terminate()` in wandb/wandb_agent.py: early termination, a stop sent to the agent) is the
+            same SIGTERM, so under requeue_on_sigterm such a run is requeued too (README, W&B section).
+            SIGINT (Ctrl-C, or a Stop in the W&B UI: wandb's run-stop checker interrupts the run's main thread
+            with SIGINT) exits 130 and is never marked preempting: a stopped run is not requeued.
 
 Signals: signals.py (no W&B call is torn by a signal). Mode: wandb_mode.py (wandb's own credential lookup).
 Offline runs go to `<wandb.dir or out_dir>/wandb/offline-run-*`; offline_runs.py reads them back with wandb's

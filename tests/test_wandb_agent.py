@@ -134,8 +134,9 @@ def test_agent_run_with_a_bad_param_refuses_before_anything(tiny_model_dir, tmp_
 @pytest.fixture(scope="module")
 def two_run_sweep(tiny_model_dir, tmp_path_factory):
     """sweeps/smoke.yaml on the tiny model: one metric and seed, two perturbations = 2 runs sharing one
-    score set, run by `superweight sweep`; then its first parameter set once more, started as wandb agent
-    starts a run."""
+    score set (score.cache=full: a compact set is keyed by the run's candidate sets, which name its
+    perturbations, so two perturbations share none), run by `superweight sweep`; then its first parameter
+    set once more, started as wandb agent starts a run."""
     tmp = tmp_path_factory.mktemp("agent")
     s = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
     s["parameters"].update({
@@ -143,7 +144,7 @@ def two_run_sweep(tiny_model_dir, tmp_path_factory):
         "perturb.names": {"values": [["zero"], ["sign_flip"]]}, "select.topk": {"value": [1]},
         "select.controls": {"value": ["random_k"]}, "select.control_draws": {"value": 1}, "seeds": {"value": [0]},
         "data.eval_windows": {"value": 2}, "data.calib_windows": {"value": 1}, "data.seq_len": {"value": 32},
-        "plots": {"value": ["none"]}})
+        "plots": {"value": ["none"]}, "score.cache": {"value": "full"}})
     path = tmp / "smoke-tiny.yaml"
     path.write_text(yaml.safe_dump(s, sort_keys=False))
     with pytest.MonkeyPatch.context() as mp:

@@ -299,8 +299,9 @@ def test_second_identical_run_hits_the_score_cache(tiny_model_dir, tmp_path):
     corpus.write_text("\n".join(" ".join(words[int(i)] for i in torch.randint(0, 10, (40,), generator=g))
                                 for _ in range(60)))
 
-    def run(out, seeds="0"):
+    def run(out, seeds="0", *extra):
         cfg = parse_config([f"model={tiny_model_dir}", "metric=grad_x_weight,magnitude", "topk=1,10", f"seeds={seeds}",
+                            *extra,
                             f"data.corpus={corpus}",
                             "data.eval_windows=2", "data.calib_windows=2", "data.seq_len=32", "wandb.mode=disabled",
                             f"cache_dir={tmp_path / 'cache'}", f"out_dir={tmp_path / out}", "controls=random_k",
@@ -323,5 +324,13 @@ def test_second_identical_run_hits_the_score_cache(tiny_model_dir, tmp_path):
     assert find(second, "score_cache") == {"hits": 2, "misses": 0}
     assert any(k.startswith("score_") for k in find(first, "times"))  # computing scores is timed
     assert not any(k.startswith("score_") for k in find(second, "times"))  # nothing recomputed
-    assert find(third, "score_cache") == {"hits": 1, "misses": 1}  # magnitude ignores the seed; grad_x_weight not
+    # compact sets hold the seed's rankings (seeded tie-breaks and draws): another seed recomputes both metrics
+    assert find(third, "score_cache") == {"hits": 0, "misses": 2}
+    # a compact set serves another perturbation that changes the same weights (run a's zero -> sign_flip) ...
+    assert find(run("g", "0", "perturb=sign_flip"), "score_cache") == {"hits": 2, "misses": 0}
+    # ... but not one that changes other weights (bit_flip can change exact zeros)
+    assert find(run("i", "0", "perturb=bit_flip"), "score_cache") == {"hits": 0, "misses": 2}
+    # a full set (read in compact mode too) serves another seed of a metric that ignores it (magnitude), not grad_x_weight
+    assert find(run("e", "0", "score.cache=full"), "score_cache") == {"hits": 0, "misses": 2}
+    assert find(run("f", "1", "score.cache=full"), "score_cache") == {"hits": 1, "misses": 1}
     assert (tmp_path / "a" / "results.csv").read_text() == (tmp_path / "b" / "results.csv").read_text()

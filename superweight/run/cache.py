@@ -3,9 +3,14 @@
 A score set is keyed by everything that determines it: model fingerprint, data fingerprint, the
 calibration windows of the seed (only for metrics that use calibration data), the metric and the
 ScoreConfig fields it depends on, and the version of the code that computes scores (resources.code_version:
-a fixed metric never serves the buggy version's scores). Sweeps therefore compute each (model, data, metric, seed) once however
-many K x perturbation x control runs use it. Share the cache between VMs by pointing SUPERWEIGHT_CACHE (or
-cache_dir=) at a shared filesystem: writes are atomic renames, so concurrent agents never see half files.
+a fixed metric never serves the buggy version's scores). Share the cache between VMs by pointing
+SUPERWEIGHT_CACHE (or cache_dir=) at a shared filesystem: writes are atomic renames, so concurrent agents
+never see half files.
+
+What a sweep reuses: a compact set serves every run with the same (metric, seed, selection options) whose
+perturbations change the same weights (candidate-set rules, `run.rows.candidate_rules`: zero, sign_flip and
+relative noise share one, bit_flip has its own), so a sweep over perturbations computes each (metric, seed)
+once; a full set also serves other seeds of seed-free metrics (magnitude) and other K grids.
 
 What is stored (score.cache):
   compact (default)  what the run's selections and outputs read from a score set (`CompactScores`): every
@@ -14,7 +19,7 @@ What is stored (score.cache):
                      at every K, and the score summary (top entries, per-tensor sums and maxima, log10
                      histogram: core/score_summary.py). Keyed by the score set's key plus everything the
                      rankings depend on (`ranking_spec`: seed, K grid, modes, controls, draws, candidate
-                     sets): a run whose K grid, mode or controls differ misses and recomputes the scores,
+                     rules): a run whose K grid, mode or controls differ misses and recomputes the scores,
                      never serving a short ranking. A set over COMPACT_MAX_ENTRIES entries (per_row at a
                      large K) is not stored.
   full               every score of every weight in fp32 (one number per weight); serves any run.

@@ -57,7 +57,7 @@ from ..resources import cache_root, code_version
 from .cache import CompactScores, ScoreCache, compact_key, score_key
 from .resume import ResumeLog, now
 from .result import Result, Sink, Tracker
-from .rows import RowKey, candidate_sets, plan_rows
+from .rows import RowKey, candidate_rules, candidate_sets, plan_rows
 from .stages import Loaded, Looped, Prepared
 from .validation import check_capabilities, prepare_out_dir, validate
 
@@ -141,7 +141,8 @@ class Experiment:
             out.summaries[f"{metric}.seed{seed}"] = summary = self.summarize_scores(scores)
             if not isinstance(scores, CompactScores):  # what a rerun reads instead of the scores
                 self.loaded.cache.put_compact(compact, CompactScores(
-                    list(self.params), {k[2:]: r for k, r in out.rankings.items() if k[:2] == (metric, seed)},
+                    list(self.params), {(*k[2:5], self.rules[k[5]]): r for k, r in out.rankings.items()
+                                        if k[:2] == (metric, seed)},
                     summary), {"metric": metric, "seed": seed, "model": self.loaded.info.name})
             del scores
         return out
@@ -233,6 +234,11 @@ class Experiment:
         """Real-valued weights of an eligible parameter (dequantized for int8)."""
         return weight_values(self.params[name], self.loaded.modules.get(name))
 
+    @property
+    def rules(self) -> dict[str, str]:
+        """{candidate-set name: its rule}: the compact cache keys a candidate set's rankings by its rule."""
+        return candidate_rules(self.cfg.perturb.names, self.cfg.perturb)
+
     def mask_fn(self, pert: str):
         """name -> bool mask of the weights perturbation `pert` can change (selections draw only from them)."""
         cache: dict[str, torch.Tensor] = {}
@@ -285,16 +291,16 @@ class Experiment:
         """Everything a (metric, seed)'s rankings and summary depend on besides its scores and weights: the
         ranking seed, the selection options and the candidate sets (the key of a compact cache set)."""
         cfg = self.cfg
-        sets = [[name, perts] for name, perts in candidate_sets(cfg.perturb.names, cfg.perturb).items()]
+        rules = sorted(set(candidate_rules(cfg.perturb.names, cfg.perturb).values()))
         return {"seed": seed, "select": {k: v for k, v in asdict(cfg.select).items() if k != "save_top"},
-                "candidate_sets": sets, "relative": cfg.perturb.relative, "top_saved": TOP_SAVED}
+                "candidate_rules": rules, "top_saved": TOP_SAVED}
 
     def ranking(self, scores, seed: int, mode: str, candidates: str, selection: str, draw: int, mask,
                 top: Ranking | None) -> Ranking:
         """The largest K's ranking of one selection: Top-K nests (any K is a prefix); a control is drawn
         for the whole K grid (`rank_grid`: matched_k draws each K against that K's Top-K set `top`)."""
         if isinstance(scores, CompactScores):  # a compact cache hit: the rankings themselves
-            return scores.rankings[(mode, selection, draw, candidates)]
+            return scores.rankings[(mode, selection, draw, self.rules[candidates])]
         if selection == "top_k":
             r = rank(scores, max(self.cfg.select.topk), mode, "top_k", seed, mask_fn=mask, in_axis=self.in_axis)
         else:

@@ -32,6 +32,16 @@ def candidate_sets(names: list[str], cfg: PerturbConfig) -> dict[str, list[str]]
     return {"+".join(perts): perts for perts in by_rule.values()}
 
 
+def candidate_rules(names: list[str], cfg: PerturbConfig) -> dict[str, str]:
+    """{candidate-set name: its rule}, the rule naming which of the probe values (0, +1, -1) its perturbations
+    can change, e.g. "changes(0,+,-)=011" for zero / sign_flip / relative noise. A set's rankings depend on
+    the rule, not on the perturbations' names: the compact score cache is keyed by rules, so runs that differ
+    only in a perturbation with the same rule share one compact set."""
+    probe = torch.tensor([0.0, 1.0, -1.0])
+    return {name: "changes(0,+,-)=" + "".join("1" if x else "0" for x in changeable(perts[0], probe, cfg).tolist())
+            for name, perts in candidate_sets(names, cfg).items()}
+
+
 @dataclass(frozen=True)
 class RowKey:
     """Which row: the coordinates that name one perturb -> evaluate -> restore."""

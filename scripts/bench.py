@@ -219,8 +219,10 @@ def bench_eval(model, ids, batch_size, device, repeats) -> dict:
 
 
 def bench_run(model_name: str, extra: list[str], tracking: str) -> dict:
-    """One whole run of `superweight run model=<model_name> <extra>` in a fresh out_dir and cache, each stage
-    timed by wrapping the functions the recipe calls (the wrappers only add perf_counter calls)."""
+    """One whole run of `superweight run model=<model_name> <extra>` in a fresh out_dir with an empty score
+    cache, each stage timed by wrapping the functions the recipe calls (the wrappers only add perf_counter
+    calls). The model's and the data's caches are warmed first, untimed (`first_setup_s`: a converted GGUF
+    checkpoint, the tokenized corpus), as every run but a machine's first finds them."""
     from collections import defaultdict
 
     import superweight.run.experiment as E
@@ -257,10 +259,17 @@ def bench_run(model_name: str, extra: list[str], tracking: str) -> dict:
             argv = [f"model={model_name}", f"out_dir={d}/out", f"cache_dir={d}/cache", f"wandb.mode={tracking}",
                     f"wandb.dir={d}/wandb", *extra]
             t0 = time.perf_counter()
+            warm = make_experiment(parse_config([*argv, f"out_dir={d}/warm", "wandb.mode=disabled"]), progress=False)
+            warm.prepared = warm.setup(resume_log=False)
+            warm.loaded = warm.load()
+            first_setup = time.perf_counter() - t0
+            del warm
+            clock.clear()
+            t0 = time.perf_counter()
             exp = make_experiment(parse_config(argv), progress=False)
             for name in ("start", "log_row", "log_stage", "finish"):
                 setattr(exp.tracker, name, wrap("tracking", getattr(exp.tracker, name)))
-            run_experiment(exp)
+            result = run_experiment(exp)
             total = time.perf_counter() - t0
         finally:
             for obj, name, fn in saved:
@@ -270,11 +279,19 @@ def bench_run(model_name: str, extra: list[str], tracking: str) -> dict:
     stages = dict(clock)
     stages["other"] = total - sum(clock.values())
     share = {k: v / total for k, v in stages.items()}
-    return {"argv": extra, "rows": len(exp.rows), "n_eligible": sum(p.numel() for p in exp.params.values()),
-            "total_s": total, "stages_s": stages, "share": share,
+    return {"argv": extra, "rows": len(result.rows), "n_eligible": sum(p.numel() for p in exp.params.values()),
+            "first_setup_s": first_setup, "total_s": total, "stages_s": stages, "share": share,
             "bookkeeping_share": 1 - share.get("scoring", 0) - share.get("evaluation", 0),
             "cache_bytes": cache_bytes, "score_sets": len(exp.cfg.score.metrics) * len(exp.cfg.seeds),
             "out_dir_bytes": out_bytes}
+
+
+def run_line(name: str, r: dict) -> str:
+    """One line of a --parts run result: total, each stage's share, and everything but scoring + evaluation."""
+    parts = ", ".join(f"{k} {v:.1%}" for k, v in sorted(r["share"].items(), key=lambda kv: -kv[1]))
+    return (f"{name}: {r['rows']} rows, {r['n_eligible'] / 1e6:.0f}M weights, {r['total_s']:.1f} s "
+            f"(first setup {r['first_setup_s']:.1f} s, untimed): {parts}; all but scoring and evaluation "
+            f"{r['bookkeeping_share']:.1%}")
 
 
 def save_random_model(config_path: str, like: str, out: Path) -> str:
@@ -451,7 +468,8 @@ def main(argv=None) -> int:
                 name = m
                 if Path(m, "config.json").is_file() and not list(Path(m).glob("*.safetensors")):
                     name = save_random_model(m, "smollm2-135m", Path(d) / "model")
-                rep["run"][m] = bench_run(name, a.run_args.split(), a.run_tracking)
+                rep["run"][m] = r = bench_run(name, a.run_args.split(), a.run_tracking)
+            print(run_line(m, r), file=sys.stderr, flush=True)
             if a.json:
                 Path(a.json).write_text(json.dumps(rep, indent=2))
         print(json.dumps(rep, indent=2))

@@ -283,6 +283,35 @@ def test_matched_k_is_uniform_inside_the_window(monkeypatch, pool):
     assert chi2 < 70, (chi2, counts)  # 34 df: mean 34, sd 8
 
 
+@pytest.mark.parametrize("mode", ["global", "per_layer"])
+def test_selections_read_the_weights_and_never_write_them(monkeypatch, mode):
+    """Every selection, the tie counts and the score summary leave the weights and the scores bit-identical.
+    fp32 weights handed over as themselves (`.float()` of an fp32 tensor is the tensor: an in-place op on it
+    would change the model), with matched_k's uniform pool forced small (POOL = 64) so its exact passes over
+    the sparse |w| windows run too; the scores are |w| (magnitude: the Top-K sit in the far tail)."""
+    import superweight.core.matching as matching
+    from superweight.core.score_summary import score_summary
+
+    monkeypatch.setattr(matching, "POOL", 64)
+    g = torch.Generator().manual_seed(5)
+    vals = {f"model.layers.{i}.mlp.{t}.weight": torch.randn(48, 40, generator=g) for i in range(3)
+            for t in ("down_proj", "up_proj")}
+    vals["model.layers.1.mlp.down_proj.weight"][3, 7] = -25.0  # a super weight
+    scores = {n: v.abs() for n, v in vals.items()}
+    before = {n: (v.clone(), scores[n].clone()) for n, v in vals.items()}
+    mask = lambda n: vals[n] != 0
+    top = rank_grid(scores, [1, 10, 100], mode, "top_k", seed=0, mask_fn=mask)
+    for selection in ("bottom_k", "random_k", "matched_k"):
+        r = rank_grid(scores, [1, 10, 100], mode, selection, seed=0, draw=1, mask_fn=mask, top=top,
+                      values=lambda n: vals[n])
+        assert len(r.take(10)) == len(top.take(10))
+    if mode == "global":
+        tied_counts(scores, top, [1, 10, 100], mask)
+        score_summary(scores, 50)
+    for n, (w, s) in before.items():
+        assert torch.equal(vals[n], w) and torch.equal(scores[n], s), n
+
+
 def test_per_row_matched_k_take_keeps_its_stats(planted):
     """take(k) of a non-prefix (per_row) matched_k selection reports the KS of exactly its own entries."""
     m, params = planted

@@ -27,10 +27,10 @@ def log10_histogram(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for i in range(0, flat.numel(), CHUNK):
             x = flat[i:i + CHUNK].float()
             n_zero += int((x == 0).sum())
-            pos = x[torch.isfinite(x) & (x > 0)]
-            if pos.numel():
-                b = torch.floor((torch.log10(pos) - LOG10_MIN) / BIN_WIDTH).long().clamp_(0, GRID_BINS - 1)
-                count += torch.bincount(b.cpu(), minlength=GRID_BINS)
+            # log10 of 0 is -inf, of a negative NaN, of +inf +inf: all three fall outside [0, GRID_BINS)
+            b = torch.log10(x).sub_(LOG10_MIN).div_(BIN_WIDTH).floor_()
+            b = b[(b >= 0) & (b < GRID_BINS)].long()
+            count += torch.bincount(b.cpu(), minlength=GRID_BINS)
     nz = torch.nonzero(count).flatten()
     lo, hi = (int(nz[0]), int(nz[-1]) + 1) if nz.numel() else (-LOG10_MIN * 4, -LOG10_MIN * 4 + 1)
     edges = LOG10_MIN + BIN_WIDTH * torch.arange(lo, hi + 1, dtype=torch.float64)

@@ -48,10 +48,12 @@ class _Sorted:
         v = np.concatenate(vals) if vals else np.empty(0)
         p = np.concatenate(pids) if pids else np.empty(0, np.int64)
         f = np.concatenate(flats) if flats else np.empty(0, np.int64)
-        _, first = np.unique((p << 40) | f, return_index=True)  # one entry per weight
-        v, p, f = v[first], p[first], f[first]
-        o = np.argsort(v, kind="stable")
-        return _Sorted(v[o], p[o], f[o])
+        key = (p << 40) | f
+        o = np.lexsort((key, v))  # by |w|, then by weight: a weight gathered twice lies next to itself
+        v, p, f, key = v[o], p[o], f[o], key[o]
+        first = np.ones(key.size, dtype=bool)
+        first[1:] = key[1:] != key[:-1]  # one entry per weight
+        return _Sorted(v[first], p[first], f[first])
 
     def _span(self, lo: float, hi: float) -> tuple[int, int]:
         return int(np.searchsorted(self.val, lo, "left")), int(np.searchsorted(self.val, hi, "right"))
@@ -176,7 +178,8 @@ class Matcher:
                 ps.append(np.full(idx.numel(), pid, dtype=np.int64))
         else:
             gen = np.random.default_rng([self.seed, self.draw, 7_777, zlib.crc32(t.encode())])
-            pos = np.unique(gen.integers(0, int(sizes.sum()), POOL))  # sorted, repeats dropped
+            pos = np.sort(gen.integers(0, int(sizes.sum()), POOL))
+            pos = pos[np.concatenate([[True], pos[1:] != pos[:-1]])]  # sorted, repeats dropped
             ends = np.cumsum(sizes)
             which = np.searchsorted(ends, pos, side="right")
             for j, pid in enumerate(ty.pids):
@@ -184,10 +187,10 @@ class Matcher:
                 if not sel.any():
                     continue
                 flat = torch.from_numpy(pos[sel] - (ends[j] - sizes[j]))
-                w, m = self._abs(pid), self._mask(pid)
+                w, m = self.values(self.names[pid]).detach().reshape(-1), self._mask(pid)
                 if m is not None:
                     flat = flat[m[flat.to(m.device)].cpu()]
-                vals.append(w[flat.to(w.device)].double().cpu().numpy())
+                vals.append(w[flat.to(w.device)].abs().double().cpu().numpy())
                 fs.append(flat.numpy().astype(np.int64))
                 ps.append(np.full(flat.numel(), pid, dtype=np.int64))
         ty.pool = _Sorted.of(vals, ps, fs)
@@ -206,17 +209,23 @@ class Matcher:
         b32[0::2] = np.nextafter(b32[0::2], np.float32(-np.inf))
         b32[1::2] = np.nextafter(b32[1::2], np.float32(np.inf))
         vals, ps, fs = ([ty.near.val], [ty.near.pid], [ty.near.flat]) if ty.near is not None else ([], [], [])
+        lo, hi = float(b32[0]), float(b32[-1])
         for pid in ty.pids:
-            w, m = self._abs(pid), self._mask(pid)
+            w, m = self.values(self.names[pid]).detach().reshape(-1), None  # the mask: only where needed
             b = torch.from_numpy(b32).to(w.device)
             for s in range(0, w.numel(), CHUNK):
-                x = w[s : s + CHUNK].float()
+                x = w[s : s + CHUNK].abs().float()  # a copy (never abs_: .float() of fp32 is the weight itself)
+                idx = torch.nonzero((x >= lo) & (x <= hi)).squeeze(1)  # the span of all windows: usually a tail
+                if idx.numel() == 0:
+                    continue
+                x = x[idx]
                 inside = torch.bucketize(x, b, right=True) % 2 == 1
+                m = self._mask(pid) if m is None else m
                 if m is not None:
-                    inside &= m[s : s + CHUNK].to(inside.device)
-                idx = torch.nonzero(inside).squeeze(1)
+                    inside &= m[s : s + CHUNK][idx.to(m.device)].to(inside.device)
+                idx, x = idx[inside], x[inside]
                 if idx.numel():
-                    v = w[s : s + CHUNK][idx].double().cpu().numpy()
+                    v = x.double().cpu().numpy()
                     i = np.searchsorted(bounds, v, side="right")
                     ok = (i % 2 == 1) | ((i > 0) & (bounds[np.maximum(i - 1, 0)] == v))  # exact, closed windows
                     vals.append(v[ok])

@@ -67,18 +67,24 @@ def _empty(names, shapes, mode, rule, n_cand) -> Ranking:
 
 
 def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
-    """The K best candidates by (key desc, u asc), merged tensor by tensor."""
+    """The K best candidates by (key desc, u asc), merged tensor by tensor. Once K entries are held, the
+    K-th best key so far is a floor: a chunk's entries below it can never enter, so a chunk costs one
+    comparison per entry and a top-k only over the few at or above the floor (ties at the floor stay in:
+    the tie-break u decides them)."""
     names = list(scores)
     shapes = [tuple(scores[n].shape) for n in names]
     vals, us, pids, idxs = [], [], [], []
     n_cand = 0
     waiting = 0
+    floor = None  # the K-th best key among the entries held (None: fewer than K held so far)
 
     def compact():
-        nonlocal vals, us, pids, idxs, waiting
+        nonlocal vals, us, pids, idxs, waiting, floor
         v, u, p, i = torch.cat(vals), torch.cat(us), torch.cat(pids), torch.cat(idxs)
         pos = best(v, u, k)
         vals, us, pids, idxs, waiting = [v[pos]], [u[pos]], [p[pos]], [i[pos]], pos.numel()
+        if pos.numel() == k:
+            floor = float(v[pos[-1]])
 
     for pid, n in enumerate(names):
         s = scores[n].detach().reshape(-1)
@@ -91,7 +97,11 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
             n_cand += n_ok
             if n_ok == 0:
                 continue
-            if n_ok > k:  # this chunk's own k best, ties by u (computed for the tied entries only)
+            if floor is not None:  # only entries at or above the floor can enter
+                cand = torch.nonzero(ok & (x >= floor)).squeeze(1)
+                if cand.numel() == 0:
+                    continue
+            elif n_ok > k:  # this chunk's own k best, ties by u (computed for the tied entries only)
                 x = x.masked_fill_(~ok, float("-inf"))  # a fresh key copy (nan_to_num); -inf marks non-candidates
                 del ok
                 kth = torch.topk(x, k, sorted=False).values.min()
@@ -109,7 +119,7 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
             pids.append(torch.full((cand.numel(),), pid, dtype=torch.int64))
             idxs.append(cand.cpu())
             waiting += cand.numel()
-            if waiting > 2 * k:
+            if waiting > 2 * k or (floor is None and waiting >= k):
                 compact()
     if not vals:
         return _empty(names, shapes, "global", rule, n_cand)

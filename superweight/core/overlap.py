@@ -40,8 +40,9 @@ def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
 def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask | None = None) -> dict[int, int]:
     """n_tied of each K-selection `ranking.take(k)` of a global ranking: how many candidates share the score
     of its last (K-th) selected entry, over all candidates (1 = no tie at the boundary; 0 = empty). One pass
-    over the scores for the whole K grid, counting every boundary value at once (compared in fp64, exact for
-    every float score)."""
+    over the scores for the whole K grid: each chunk is compared in its own dtype with the range of the
+    boundary values (exact: every boundary value is one of the scores), and only the entries inside that
+    range are classified (fp64) and checked against the candidate mask."""
     bound: dict[int, float] = {}
     for k in ks:
         n = min(int(k), len(ranking))
@@ -56,17 +57,23 @@ def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask |
     for name in ranking.names:
         s = scores[name].detach().reshape(-1)
         m = mask_fn(name) if mask_fn is not None else None
+        m = m.reshape(-1) if m is not None else None
         for st in range(0, s.numel(), CHUNK):
-            x = s[st : st + CHUNK].double().cpu()
-            keep = m.reshape(-1)[st : st + CHUNK].cpu() if m is not None else None
+            x = s[st : st + CHUNK]
             if want_nan:
                 nan = torch.isnan(x)
-                n_nan += int((nan & keep).sum() if keep is not None else nan.sum())
+                if m is not None:
+                    nan &= m[st : st + CHUNK].to(nan.device)
+                n_nan += int(nan.sum())
             if vals:
-                i = torch.searchsorted(b, x).clamp_(max=len(vals) - 1)
-                hit = b[i] == x
-                if keep is not None:
-                    hit &= keep
+                idx = torch.nonzero((x >= vals[0]) & (x <= vals[-1])).squeeze(1)  # NaN is in no range
+                if idx.numel() == 0:
+                    continue
+                v = x[idx].double().cpu()
+                i = torch.searchsorted(b, v).clamp_(max=len(vals) - 1)
+                hit = b[i] == v
+                if m is not None:
+                    hit &= m[st : st + CHUNK][idx.to(m.device)].cpu()
                 counts += torch.bincount(i[hit], minlength=len(vals))
     by_val = dict(zip(vals, counts.tolist()))
     return {k: (n_nan if np.isnan(bound[k]) else by_val[bound[k]]) if k in bound else 0 for k in ks}

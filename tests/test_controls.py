@@ -602,3 +602,48 @@ def test_matched_k_past_the_support_is_recorded_for_every_k(tmp_path, tok, one_t
         assert torch.equal(a, b) and 1 <= len(a) < 20 and len(f.get_tensor(f"{tag}.k1.flat")) == 1
     rk = pd.read_csv(tmp_path / "out" / "rankings.csv")
     assert set(rk.loc[rk.selection == "matched_k", "k"]) == {1, 20, 30} and rk.loc[rk.selection == "top_k", "k"].isna().all()
+
+
+def test_matched_k_draws_share_their_exact_windows(monkeypatch):
+    """The exact |w| windows hold every candidate in them (no draw involved): a second draw handed the first
+    one's windows makes no pass over the weights, and still draws its own matches (its own pool and picks)."""
+    import superweight.core.matching as matching
+    from superweight.core.matching import Matcher
+
+    monkeypatch.setattr(matching, "POOL", 64)
+    g = torch.Generator().manual_seed(3)
+    vals = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(64, 64, generator=g) for i in range(2)}
+    scores = {n: v.abs() for n, v in vals.items()}
+    top = rank(scores, 20, "global", "top_k")
+    shared: dict = {}
+    first = Matcher(list(vals), lambda n: vals[n], None, 0, 0, shared)
+    a = first.match(top, 20)
+    second = Matcher(list(vals), lambda n: vals[n], None, 0, 1, shared)
+    b = second.match(top, 20)
+    alone = Matcher(list(vals), lambda n: vals[n], None, 0, 1)
+    c = alone.match(top, 20)
+    assert first.passes > 0 and second.passes == 0 and alone.passes > 0
+    assert len(a) == len(b) == 20 and keyset(a) != keyset(b)
+    assert keyset(b) == keyset(c)  # sharing changes the cost, never the draw
+
+
+def test_changeable_mask_answers_like_the_full_mask():
+    """core/candidates.Changeable: the full mask (None for a tensor every weight of which can change), the
+    mask at positions and the count agree with `changeable` on the whole tensor, in any order of calls."""
+    from superweight.core.candidates import Changeable
+
+    g = torch.Generator().manual_seed(1)
+    vals = {"a": torch.randn(30, 20, generator=g), "b": torch.randn(10, 10, generator=g) + 5}
+    vals["a"][vals["a"].abs() < 0.5] = 0
+    cfg = PerturbConfig()
+    m = Changeable("zero", lambda n: vals[n], cfg)
+    idx = torch.randperm(600, generator=g)[:50]
+    full_a = changeable("zero", vals["a"], cfg).reshape(-1)
+    assert torch.equal(m.at("a", idx), full_a[idx])  # before the full mask was ever built
+    assert torch.equal(m("a").reshape(-1), full_a) and m.count("a") == int(full_a.sum()) < 600
+    assert m("b") is None and m.count("b") == 100 and m.at("b", torch.arange(5)) is None
+    assert torch.equal(m.at("a", idx), full_a[idx])  # after
+    tied = rank({"a": torch.ones(30, 20)}, 5, "global", "bottom_k", mask_fn=m)
+    assert tied_counts({"a": torch.ones(30, 20)}, tied, [5], m)[5] == int(full_a.sum())
+    rk = rank({n: torch.zeros(v.shape) for n, v in vals.items()}, 200, "global", "random_k", mask_fn=m)
+    assert all(vals[rk.names[p]].reshape(-1)[f] != 0 for p, f in zip(rk.pid.tolist(), rk.flat.tolist()))

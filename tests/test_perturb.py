@@ -424,3 +424,17 @@ def test_bitsandbytes_int8params_cpu():
         assert not torch.allclose(lin(x), y0)
     assert param_hash(lin) == before
     assert torch.equal(lin(x), y0)
+
+
+@pytest.mark.parametrize("name", sorted(PERTURBATIONS.names()))
+def test_changeable_is_elementwise(name):
+    """Selections read a perturbation's candidate mask at a few positions from those weights alone
+    (core/candidates.Changeable.at): every `changeable` rule must be elementwise."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 30, generator=g)
+    w[w.abs() < 0.3] = 0  # exact zeros: the rules that differ on them
+    idx = torch.randperm(w.numel(), generator=g)[:200]
+    for relative in (True, False):
+        cfg = PerturbConfig(relative=relative)
+        full = changeable(name, w, cfg).reshape(-1)
+        assert torch.equal(changeable(name, w.reshape(-1)[idx], cfg), full[idx])

@@ -141,6 +141,31 @@ def test_global_matches_naive_sort(selection, seed):
 
 
 @pytest.mark.parametrize("selection", ["top_k", "bottom_k"])
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_global_streaming_floor_matches_naive_sort_under_mass_ties(monkeypatch, selection, chunk):
+    """The streaming global ranking in chunks smaller than the tensors: once K entries are held, a chunk's
+    entries enter only above the K-th held key, or at it with a smaller tie-break. Scores mostly 0 (a metric
+    like act_outlier: 0 for every weight but a few) and a candidate mask: the order is exactly the naive sort's,
+    and the tie counts (mass-tie path: most of a chunk at the boundary) are exact counts."""
+    import superweight.core.modes as modes
+    import superweight.core.overlap as overlap
+
+    monkeypatch.setattr(modes, "CHUNK", chunk)
+    monkeypatch.setattr(overlap, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(chunk)
+    scores = {f"l{i}.weight": torch.where(torch.rand(12, 10, generator=g) < 0.03, torch.rand(12, 10, generator=g),
+                                          torch.zeros(12, 10)) for i in range(4)}
+    mask = {n: torch.rand(12, 10, generator=g) > 0.1 for n in scores}
+    for k in (1, 5, 30, 200):
+        r = rank(scores, k, "global", selection, seed=3, mask_fn=lambda n: mask[n])
+        assert pairs(r) == naive_global(scores, k, selection, 3, mask), k
+        got = tied_counts(scores, r, [k], lambda n: mask[n])[k]
+        if len(r):
+            last = scores[r.names[int(r.pid[-1])]].reshape(-1)[int(r.flat[-1])]
+            assert got == sum(int(((s == last) & mask[n]).sum()) for n, s in scores.items())
+
+
+@pytest.mark.parametrize("selection", ["top_k", "bottom_k"])
 def test_nan_and_infinite_scores_never_selected(selection):
     scores = {"w": torch.tensor([float("nan"), 1.0, float("nan"), 2.0, 0.5, float("inf"), float("-inf"), 0.0])}
     r = rank(scores, 8, "global", selection)

@@ -114,7 +114,8 @@ def main(argv: list[str]) -> int:
         taken = torch.tensor([c.flat_index for c in cands if c.param == pname])
 
         def mask(name: str, pname=pname, taken=taken) -> torch.Tensor:
-            m = zeroable(name).reshape(-1).clone()
+            m = zeroable(name)  # None: every weight of the tensor is nonzero
+            m = torch.ones(exp.params[name].numel(), dtype=torch.bool) if m is None else m.reshape(-1).clone()
             m[taken] = False  # never a candidate
             return m
 

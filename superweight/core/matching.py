@@ -25,7 +25,7 @@ import torch
 
 from .overlap import ks_distance
 from .params import module_type
-from .ranking import Mask, Ranking, groups
+from .ranking import Mask, Ranking, groups, mask_at
 
 WIDTHS = (0.01, 0.05, 0.2, 1.0)  # relative |w| windows of the uniform draw
 NEAREST = (3.0, 15.0, 255.0, 65535.0)  # windows (×4 .. ×65536) searched for the nearest free candidate
@@ -122,25 +122,39 @@ def _subtract(want: list[list[float]], have: list[list[float]]) -> list[tuple[fl
 
 
 @dataclass
-class _Type:
-    """One module type's candidates: the uniform pool and the exact windows gathered so far."""
+class _Gathered:
+    """The exact |w| windows of one module type gathered so far: every candidate in them (no draw involved,
+    so Matchers of other draws over the same weights and candidates may share it)."""
 
-    pids: list[int]
-    pool: _Sorted | None = None
-    exact: bool = False
     covered: list[list[float]] = field(default_factory=list)
     near: _Sorted | None = None
 
 
+@dataclass
+class _Type:
+    """One module type's candidates: the uniform pool (this draw's) and the exact windows (maybe shared)."""
+
+    pids: list[int]
+    gathered: _Gathered
+    pool: _Sorted | None = None
+    exact: bool = False
+
+
 class Matcher:
-    """matched_k for one (seed, draw, candidate set), shared across the K grid (`match(top.take(k), k)`)."""
+    """matched_k for one (seed, draw, candidate set), shared across the K grid (`match(top.take(k), k)`).
+    `gathered` ({module type: exact windows}) may be handed to the Matchers of other draws over the same
+    weights and candidate mask: their exact passes are then made once."""
 
     def __init__(self, names: list[str], values: Callable[[str], torch.Tensor], mask_fn: Mask | None,
-                 seed: int, draw: int):
+                 seed: int, draw: int, gathered: dict | None = None):
         self.names, self.values, self.mask_fn, self.seed, self.draw = names, values, mask_fn, int(seed), int(draw)
+        self.gathered = gathered if gathered is not None else {}
         self.types: dict[str, _Type] = {}
         for pid, n in enumerate(names):
-            self.types.setdefault(module_type(n), _Type([])).pids.append(pid)
+            t = module_type(n)
+            if t not in self.types:
+                self.types[t] = _Type([], self.gathered.setdefault(t, _Gathered()))
+            self.types[t].pids.append(pid)
         self.passes = 0  # exact passes over a type's weights (gathers), for the bench and tests
 
     def _abs(self, pid: int) -> torch.Tensor:
@@ -187,9 +201,9 @@ class Matcher:
                 if not sel.any():
                     continue
                 flat = torch.from_numpy(pos[sel] - (ends[j] - sizes[j]))
-                w, m = self.values(self.names[pid]).detach().reshape(-1), self._mask(pid)
+                w, m = self.values(self.names[pid]).detach().reshape(-1), mask_at(self.mask_fn, self.names[pid], flat)
                 if m is not None:
-                    flat = flat[m[flat.to(m.device)].cpu()]
+                    flat = flat[m.cpu()]
                 vals.append(w[flat.to(w.device)].abs().double().cpu().numpy())
                 fs.append(flat.numpy().astype(np.int64))
                 ps.append(np.full(flat.numel(), pid, dtype=np.int64))
@@ -200,18 +214,19 @@ class Matcher:
         """Every candidate of the type whose |w| lies in one of the windows, from the windows gathered so far
         plus one chunked pass for the parts not yet covered (bucketize against the merged windows: inside =
         an odd bucket)."""
-        need = _subtract(_merge(windows), ty.covered)
-        if not need and ty.near is not None:
-            return ty.near
+        need = _subtract(_merge(windows), ty.gathered.covered)
+        if not need and ty.gathered.near is not None:
+            return ty.gathered.near
         self.passes += 1
         bounds = np.asarray([x for lo_hi in _merge(need) for x in lo_hi], dtype=np.float64)
         b32 = bounds.astype(np.float32)  # float32 bounds widened outwards (the exact test is in float64)
         b32[0::2] = np.nextafter(b32[0::2], np.float32(-np.inf))
         b32[1::2] = np.nextafter(b32[1::2], np.float32(np.inf))
-        vals, ps, fs = ([ty.near.val], [ty.near.pid], [ty.near.flat]) if ty.near is not None else ([], [], [])
+        near = ty.gathered.near
+        vals, ps, fs = ([near.val], [near.pid], [near.flat]) if near is not None else ([], [], [])
         lo, hi = float(b32[0]), float(b32[-1])
         for pid in ty.pids:
-            w, m = self.values(self.names[pid]).detach().reshape(-1), None  # the mask: only where needed
+            w = self.values(self.names[pid]).detach().reshape(-1)
             b = torch.from_numpy(b32).to(w.device)
             for s in range(0, w.numel(), CHUNK):
                 x = w[s : s + CHUNK].abs().float()  # a copy (never abs_: .float() of fp32 is the weight itself)
@@ -220,9 +235,9 @@ class Matcher:
                     continue
                 x = x[idx]
                 inside = torch.bucketize(x, b, right=True) % 2 == 1
-                m = self._mask(pid) if m is None else m
+                m = mask_at(self.mask_fn, self.names[pid], idx + s)  # the mask of the entries in range only
                 if m is not None:
-                    inside &= m[s : s + CHUNK][idx.to(m.device)].to(inside.device)
+                    inside &= m.to(inside.device)
                 idx, x = idx[inside], x[inside]
                 if idx.numel():
                     v = x.double().cpu().numpy()
@@ -231,9 +246,9 @@ class Matcher:
                     vals.append(v[ok])
                     fs.append(idx.cpu().numpy().astype(np.int64)[ok] + s)
                     ps.append(np.full(int(ok.sum()), pid, dtype=np.int64))
-        ty.covered = _merge([*map(tuple, ty.covered), *need])
-        ty.near = _Sorted.of(vals, ps, fs)
-        return ty.near
+        ty.gathered.covered = _merge([*map(tuple, ty.gathered.covered), *need])
+        ty.gathered.near = _Sorted.of(vals, ps, fs)
+        return ty.gathered.near
 
     def _extremes(self, ty: _Type, m: int) -> _Sorted:
         """The m largest and m smallest candidates by |w| of each tensor of the type (the last resort of a

@@ -25,7 +25,7 @@ import torch
 
 from ..registry import Registry
 from .draws import generator, sample_without_replacement
-from .ranking import SHIFT, Mask, Ranking, Scores, best, gather, groups, tie_hash
+from .ranking import SHIFT, Mask, Ranking, Scores, best, gather, groups, mask_count, tie_hash
 
 MODES = Registry("mode")
 CHUNK = 1 << 20  # scores per step of the global merge: its temporaries are O(CHUNK + K), not O(tensor)
@@ -76,15 +76,15 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
     vals, us, pids, idxs = [], [], [], []
     n_cand = 0
     waiting = 0
-    floor = None  # the K-th best key among the entries held (None: fewer than K held so far)
+    floor = floor_u = None  # (key, u) of the K-th best entry held (None: fewer than K held so far)
 
     def compact():
-        nonlocal vals, us, pids, idxs, waiting, floor
+        nonlocal vals, us, pids, idxs, waiting, floor, floor_u
         v, u, p, i = torch.cat(vals), torch.cat(us), torch.cat(pids), torch.cat(idxs)
         pos = best(v, u, k)
         vals, us, pids, idxs, waiting = [v[pos]], [u[pos]], [p[pos]], [i[pos]], pos.numel()
         if pos.numel() == k:
-            floor = float(v[pos[-1]])
+            floor, floor_u = float(v[pos[-1]]), int(u[pos[-1]])
 
     for pid, n in enumerate(names):
         s = scores[n].detach().reshape(-1)
@@ -111,6 +111,9 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
             x = x[cand]
             cand = cand + st
             u = tie_hash(seed, n, cand)
+            if floor is not None:  # at the floor, only a tie-break that beats the K-th held entry's enters
+                keep = (x > floor) | (u < floor_u)
+                cand, x, u = cand[keep], x[keep], u[keep]
             if cand.numel() > k:
                 pos = best(x, u, k)
                 cand, x, u = cand[pos], x[pos], u[pos]
@@ -133,15 +136,7 @@ def _uniform_global(scores, k, rule: Rule, seed, draw, mask_fn) -> Ranking:
     """K uniform draws without replacement over the concatenated candidate index space, in draw order."""
     names = list(scores)
     shapes = [tuple(scores[n].shape) for n in names]
-    masks, counts = {}, []
-    for n in names:
-        m = mask_fn(n) if mask_fn is not None else None
-        if m is not None:
-            m = m.reshape(-1)
-            masks[n] = m
-            counts.append(int(m.sum()))
-        else:
-            counts.append(scores[n].numel())
+    counts = [mask_count(mask_fn, n, scores[n].numel()) for n in names]
     sizes = torch.tensor(counts, dtype=torch.int64)
     total = int(sizes.sum())
     k = min(k, total)
@@ -151,9 +146,9 @@ def _uniform_global(scores, k, rule: Rule, seed, draw, mask_fn) -> Ranking:
     ordinal = pos - (ends - sizes)[pid]
     flat = ordinal.clone()
     for p, sel in groups(pid):
-        m = masks.get(names[p])
+        m = mask_fn(names[p]) if mask_fn is not None and counts[p] < scores[names[p]].numel() else None
         if m is not None:  # ordinal among the candidates -> flat index
-            flat[sel] = torch.nonzero(m).squeeze(1).cpu()[ordinal[sel]]
+            flat[sel] = torch.nonzero(m.reshape(-1)).squeeze(1).cpu()[ordinal[sel]]
     return Ranking(names, shapes, pid, flat, gather(scores, names, pid, flat), torch.arange(k), "global",
                    rule.name, None, total)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .ranking import SHIFT, Mask, Ranking, Scores
+from .ranking import SHIFT, Mask, Ranking, Scores, mask_at
 
 CHUNK = 1 << 22  # elements per step of the tie scan (bounds its fp64 temporaries)
 
@@ -56,24 +56,29 @@ def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask |
     want_nan = any(np.isnan(v) for v in bound.values())
     for name in ranking.names:
         s = scores[name].detach().reshape(-1)
-        m = mask_fn(name) if mask_fn is not None else None
-        m = m.reshape(-1) if m is not None else None
         for st in range(0, s.numel(), CHUNK):
             x = s[st : st + CHUNK]
             if want_nan:
-                nan = torch.isnan(x)
-                if m is not None:
-                    nan &= m[st : st + CHUNK].to(nan.device)
-                n_nan += int(nan.sum())
+                nan = torch.nonzero(torch.isnan(x)).squeeze(1)
+                m = mask_at(mask_fn, name, nan + st)
+                n_nan += int(m.sum()) if m is not None else nan.numel()
             if vals:
                 idx = torch.nonzero((x >= vals[0]) & (x <= vals[-1])).squeeze(1)  # NaN is in no range
                 if idx.numel() == 0:
                     continue
+                if idx.numel() * 4 > x.numel():  # a mass of ties (a metric scoring most weights 0): count each value
+                    m = mask_fn(name) if mask_fn is not None else None
+                    m = m.reshape(-1)[st : st + CHUNK].to(x.device) if m is not None else None
+                    for j, val in enumerate(vals):
+                        eq = x == val
+                        counts[j] += int((eq & m).sum() if m is not None else eq.sum())
+                    continue
                 v = x[idx].double().cpu()
                 i = torch.searchsorted(b, v).clamp_(max=len(vals) - 1)
                 hit = b[i] == v
+                m = mask_at(mask_fn, name, idx + st)  # the mask of the entries in range only
                 if m is not None:
-                    hit &= m[st : st + CHUNK][idx.to(m.device)].cpu()
+                    hit &= m.cpu()
                 counts += torch.bincount(i[hit], minlength=len(vals))
     by_val = dict(zip(vals, counts.tolist()))
     return {k: (n_nan if np.isnan(bound[k]) else by_val[bound[k]]) if k in bound else 0 for k in ks}

@@ -22,7 +22,8 @@ from ..registry import Registry
 #               integer view, quantized int8 included)
 #   quantized   meaningful on bitsandbytes int8 weights (acting on the stored int8)
 #   changeable  fn(values, cfg) -> bool mask of the weights it can change: selections (Top-K and every
-#               control) are drawn only from those, so a control never "perturbs" a weight into itself
+#               control) are drawn only from those, so a control never "perturbs" a weight into itself;
+#               elementwise (each weight's own value decides: core/candidates.py asks for a few positions)
 PERTURBATIONS = Registry("perturbation", stochastic=False, dtypes="float", quantized=False,
                          changeable=lambda w, cfg: torch.ones_like(w, dtype=torch.bool))
 register_perturbation = PERTURBATIONS.register

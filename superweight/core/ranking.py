@@ -20,6 +20,30 @@ import torch
 
 SHIFT = 40  # composite key = param index << 40 | flat index (tensors up to 1e12 elements)
 Mask = Callable[[str], "torch.Tensor | None"]  # parameter name -> bool mask of candidates (None: all)
+
+
+def mask_at(mask_fn: "Mask | None", name: str, flat: torch.Tensor) -> "torch.Tensor | None":
+    """The candidate mask of tensor `name` at flat positions `flat` (None: all are candidates). A mask with an
+    `at(name, flat)` method answers for those positions alone (its rule is elementwise), without building
+    the whole tensor's mask; any other is built and indexed."""
+    if mask_fn is None:
+        return None
+    at = getattr(mask_fn, "at", None)
+    if at is not None:
+        return at(name, flat)
+    m = mask_fn(name)
+    return None if m is None else m.reshape(-1)[flat.to(m.device)]
+
+
+def mask_count(mask_fn: "Mask | None", name: str, numel: int) -> int:
+    """How many candidates tensor `name` (numel weights) holds; memoized by a mask with a `count` method."""
+    if mask_fn is None:
+        return numel
+    count = getattr(mask_fn, "count", None)
+    if count is not None:
+        return count(name)
+    m = mask_fn(name)
+    return numel if m is None else int(m.sum())
 Scores = dict  # parameter name -> score tensor (the one narrow interface every ranking entry point reads)
 
 

@@ -42,6 +42,7 @@ from ..core.experts import input_axis
 from ..core.gaps import gaps
 from ..core.score_summary import score_summary
 from ..core.matching import match_quality
+from ..core.candidates import Changeable
 from ..core.overlap import jaccard, tied_counts
 from ..core.params import eligible_parameters, owner, weight_values
 from ..core.perturbation import PERTURBATIONS, changeable, perturbed
@@ -122,9 +123,9 @@ class Experiment:
         for (metric, seed), by_scores in groupby(plan, lambda r: (r.metric, r.seed)):
             scores, out.score_keys[(metric, seed)], compact = self.scores(metric, seed)
             for (mode, candidates), by_set in groupby(by_scores, lambda r: (r.mode, r.candidates)):
-                mask, top = self.mask_fn(sets[candidates][0]), None
+                mask, top, gathered = self.mask_fn(sets[candidates][0]), None, {}
                 for (selection, draw), keys in groupby(by_set, lambda r: (r.selection, r.draw)):
-                    r = self.ranking(scores, seed, mode, candidates, selection, draw, mask, top)
+                    r = self.ranking(scores, seed, mode, candidates, selection, draw, mask, top, gathered)
                     if selection == "top_k":
                         top = r
                         self.warn_support(metric, mode, r, warned)
@@ -239,17 +240,9 @@ class Experiment:
         """{candidate-set name: its rule}: the compact cache keys a candidate set's rankings by its rule."""
         return candidate_rules(self.cfg.perturb.names, self.cfg.perturb)
 
-    def mask_fn(self, pert: str):
+    def mask_fn(self, pert: str) -> Changeable:
         """name -> bool mask of the weights perturbation `pert` can change (selections draw only from them)."""
-        cache: dict[str, torch.Tensor] = {}
-
-        def fn(name: str) -> torch.Tensor:
-            if name not in cache:
-                cache.clear()  # one tensor's mask at a time (memory)
-                cache[name] = changeable(pert, self.values(name), self.cfg.perturb)
-            return cache[name]
-
-        return fn
+        return Changeable(pert, self.values, self.cfg.perturb)
 
     def scores(self, metric: str, seed: int) -> tuple[dict[str, torch.Tensor] | CompactScores, str, str]:
         """(score set or its compact cache set, the cache key it is recorded under, its compact key) for
@@ -296,16 +289,17 @@ class Experiment:
                 "candidate_rules": rules, "top_saved": TOP_SAVED}
 
     def ranking(self, scores, seed: int, mode: str, candidates: str, selection: str, draw: int, mask,
-                top: Ranking | None) -> Ranking:
+                top: Ranking | None, gathered: dict | None = None) -> Ranking:
         """The largest K's ranking of one selection: Top-K nests (any K is a prefix); a control is drawn
-        for the whole K grid (`rank_grid`: matched_k draws each K against that K's Top-K set `top`)."""
+        for the whole K grid (`rank_grid`: matched_k draws each K against that K's Top-K set `top`; its
+        draws share `gathered`, the exact |w| windows of the candidate set)."""
         if isinstance(scores, CompactScores):  # a compact cache hit: the rankings themselves
             return scores.rankings[(mode, selection, draw, self.rules[candidates])]
         if selection == "top_k":
             r = rank(scores, max(self.cfg.select.topk), mode, "top_k", seed, mask_fn=mask, in_axis=self.in_axis)
         else:
             r = rank_grid(scores, self.cfg.select.topk, mode, selection, seed, draw, mask_fn=mask, top=top,
-                          values=self.values, in_axis=self.in_axis)
+                          values=self.values, in_axis=self.in_axis, gathered=gathered)
         r.stats["n_tied"] = self.ties_of(scores, r, mask)
         return r
 

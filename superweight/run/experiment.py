@@ -119,11 +119,12 @@ class Experiment:
         draw), one row per key (reused from the resume log when it is there)."""
         out, memo, warned = Looped(), {}, set()
         sets = candidate_sets(self.cfg.perturb.names, self.cfg.perturb)
+        masks = {c: self.mask_fn(perts[0]) for c, perts in sets.items()}  # one per run: its counts are kept
         done, total = 0, len(plan)  # counted here: a disabled progress bar counts nothing
         for (metric, seed), by_scores in groupby(plan, lambda r: (r.metric, r.seed)):
             scores, out.score_keys[(metric, seed)], compact = self.scores(metric, seed)
             for (mode, candidates), by_set in groupby(by_scores, lambda r: (r.mode, r.candidates)):
-                mask, top, gathered = self.mask_fn(sets[candidates][0]), None, {}
+                mask, top, gathered = masks[candidates], None, {}
                 for (selection, draw), keys in groupby(by_set, lambda r: (r.selection, r.draw)):
                     r = self.ranking(scores, seed, mode, candidates, selection, draw, mask, top, gathered)
                     if selection == "top_k":

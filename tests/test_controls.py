@@ -647,3 +647,25 @@ def test_changeable_mask_answers_like_the_full_mask():
     assert tied_counts({"a": torch.ones(30, 20)}, tied, [5], m)[5] == int(full_a.sum())
     rk = rank({n: torch.zeros(v.shape) for n, v in vals.items()}, 200, "global", "random_k", mask_fn=m)
     assert all(vals[rk.names[p]].reshape(-1)[f] != 0 for p, f in zip(rk.pid.tolist(), rk.flat.tolist()))
+
+
+def test_matched_k_windows_hold_fp64_weights_exactly(monkeypatch):
+    """fp64 weights: the exact passes keep each candidate's |w| in fp64 as the weight holds it (a float32
+    copy would move a weight across a window's edge), so every gathered |w| is the weight's own."""
+    import superweight.core.matching as matching
+    from superweight.core.matching import Matcher
+
+    monkeypatch.setattr(matching, "POOL", 16)
+    g = torch.Generator().manual_seed(4)
+    vals = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(20, 20, generator=g, dtype=torch.float64)
+            for i in range(3)}
+    top = rank({n: v.abs() for n, v in vals.items()}, 30, "global", "top_k")
+    m = Matcher(list(vals), lambda n: vals[n], None, 0, 0)
+    r = m.match(top, 30)
+    assert m.passes > 0 and len(r) == 30
+    near = m.gathered["mlp.down_proj"].near
+    names = list(vals)
+    want = [abs(float(vals[names[p]].reshape(-1)[f])) for p, f in zip(near.pid.tolist(), near.flat.tolist())]
+    assert near.val.tolist() == want
+    got = [abs(float(vals[r.names[p]].reshape(-1)[f])) for p, f in zip(r.pid.tolist(), r.flat.tolist())]
+    assert r.stats["match_abs_w"].tolist() == got

@@ -490,3 +490,26 @@ def test_by_param_groups_sorted_indices():
     assert sorted((n, f) for n, v in bp.items() for f in v.tolist()) == sorted(pairs(r))
     for v in bp.values():
         assert torch.equal(v, torch.sort(v).values)
+
+
+@pytest.mark.parametrize("chunk", [1, 1 << 20])
+def test_scores_of_mixed_and_integer_dtypes_rank_and_tie_exactly(monkeypatch, chunk):
+    """A comparison of a tensor with a Python float is made in the tensor's dtype: 0.1 of an fp64 score is
+    not 0.1 of an fp32 one, and int64 scores above 2^24 are not float32 numbers. The streaming floor and the
+    tie counts compare exactly (fp64) whatever the dtypes of the score dict."""
+    import superweight.core.modes as modes
+    import superweight.core.overlap as overlap
+
+    monkeypatch.setattr(modes, "CHUNK", chunk)
+    monkeypatch.setattr(overlap, "CHUNK", chunk)
+    for seed in range(12):
+        mixed = {"a.w": torch.tensor([0.1], dtype=torch.float64), "b.w": torch.tensor([0.1], dtype=torch.float32)}
+        r = rank(mixed, 1, "global", "top_k", seed=seed)
+        assert r.names[int(r.pid[0])] == "b.w"  # float32 0.1 = 0.100000001490116...: the larger score
+        assert tied_counts(mixed, r, [1])[1] == 1
+    bottom = {"a.w": torch.tensor([0.1], dtype=torch.float64), "b.w": torch.tensor([0.1, 0.1, 0.5], dtype=torch.float32)}
+    r = rank(bottom, 1, "global", "bottom_k")
+    assert r.names[int(r.pid[0])] == "a.w" and tied_counts(bottom, r, [1])[1] == 1
+    big = {"i.w": torch.tensor([16777217, 16777216, 16777216, 16777216], dtype=torch.int64)}
+    r = rank(big, 2, "global", "top_k")
+    assert r.flat.tolist()[0] == 0 and tied_counts(big, r, [1, 2]) == {1: 1, 2: 3}

@@ -24,13 +24,20 @@ class Changeable:
         self.pert, self.values, self.cfg = pert, values, cfg
         self.counts: dict[str, int] = {}
         self.kept: dict[str, torch.Tensor] = {}
+        self.read: tuple[str, torch.Tensor] | None = None  # the last tensor's values (int8: one dequantization)
+
+    def _values(self, name: str) -> torch.Tensor:
+        if self.read is None or self.read[0] != name:
+            self.read = None  # drop the last one first (memory)
+            self.read = (name, self.values(name))
+        return self.read[1]
 
     def __call__(self, name: str) -> torch.Tensor | None:
         if name in self.kept:
             return self.kept[name]
-        if self.counts.get(name, -1) == self.values(name).numel():
+        if self.counts.get(name, -1) == self._values(name).numel():
             return None
-        m = changeable(self.pert, self.values(name), self.cfg)
+        m = changeable(self.pert, self._values(name), self.cfg)
         self.counts[name] = n = int(m.sum())
         if n == m.numel():
             return None
@@ -40,9 +47,9 @@ class Changeable:
     def at(self, name: str, flat: torch.Tensor) -> torch.Tensor | None:
         if name in self.kept:
             return self.kept[name].reshape(-1)[flat.to(self.kept[name].device)]
-        if self.counts.get(name, -1) == self.values(name).numel():
+        if self.counts.get(name, -1) == self._values(name).numel():
             return None
-        w = self.values(name).detach().reshape(-1)
+        w = self._values(name).detach().reshape(-1)
         return changeable(self.pert, w[flat.to(w.device)], self.cfg)
 
     def count(self, name: str) -> int:

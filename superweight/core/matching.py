@@ -238,9 +238,9 @@ class Matcher:
                 m = mask_at(self.mask_fn, self.names[pid], idx + s)  # the mask of the entries in range only
                 if m is not None:
                     inside &= m.to(inside.device)
-                idx, x = idx[inside], x[inside]
+                idx = idx[inside]
                 if idx.numel():
-                    v = x.double().cpu().numpy()
+                    v = w[s : s + CHUNK][idx].abs().double().cpu().numpy()  # |w| in fp64 from the weights themselves
                     i = np.searchsorted(bounds, v, side="right")
                     ok = (i % 2 == 1) | ((i > 0) & (bounds[np.maximum(i - 1, 0)] == v))  # exact, closed windows
                     vals.append(v[ok])

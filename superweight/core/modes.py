@@ -25,7 +25,7 @@ import torch
 
 from ..registry import Registry
 from .draws import generator, sample_without_replacement
-from .ranking import SHIFT, Mask, Ranking, Scores, best, gather, groups, mask_count, tie_hash
+from .ranking import SHIFT, Mask, Ranking, Scores, best, bound_in, gather, groups, mask_count, tie_hash
 
 MODES = Registry("mode")
 CHUNK = 1 << 20  # scores per step of the global merge: its temporaries are O(CHUNK + K), not O(tensor)
@@ -97,8 +97,8 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
             n_cand += n_ok
             if n_ok == 0:
                 continue
-            if floor is not None:  # only entries at or above the floor can enter
-                cand = torch.nonzero(ok & (x >= floor)).squeeze(1)
+            if floor is not None:  # only entries at or above the floor can enter (exactly: below, in fp64)
+                cand = torch.nonzero(ok & (x >= bound_in(floor, x.dtype, up=False))).squeeze(1)
                 if cand.numel() == 0:
                     continue
             elif n_ok > k:  # this chunk's own k best, ties by u (computed for the tied entries only)
@@ -112,7 +112,8 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
             cand = cand + st
             u = tie_hash(seed, n, cand)
             if floor is not None:  # at the floor, only a tie-break that beats the K-th held entry's enters
-                keep = (x > floor) | (u < floor_u)
+                xd = x.double()
+                keep = (xd > floor) | ((xd == floor) & (u < floor_u))
                 cand, x, u = cand[keep], x[keep], u[keep]
             if cand.numel() > k:
                 pos = best(x, u, k)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .ranking import SHIFT, Mask, Ranking, Scores, mask_at
+from .ranking import SHIFT, Mask, Ranking, Scores, bound_in, mask_at
 
 CHUNK = 1 << 22  # elements per step of the tie scan (bounds its fp64 temporaries)
 
@@ -41,8 +41,8 @@ def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask |
     """n_tied of each K-selection `ranking.take(k)` of a global ranking: how many candidates share the score
     of its last (K-th) selected entry, over all candidates (1 = no tie at the boundary; 0 = empty). One pass
     over the scores for the whole K grid: each chunk is compared in its own dtype with the range of the
-    boundary values (exact: every boundary value is one of the scores), and only the entries inside that
-    range are classified (fp64) and checked against the candidate mask."""
+    boundary values (widened to that dtype), and only the entries inside it are compared exactly (fp64) and
+    checked against the candidate mask."""
     bound: dict[int, float] = {}
     for k in ks:
         n = min(int(k), len(ranking))
@@ -63,14 +63,16 @@ def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask |
                 m = mask_at(mask_fn, name, nan + st)
                 n_nan += int(m.sum()) if m is not None else nan.numel()
             if vals:
-                idx = torch.nonzero((x >= vals[0]) & (x <= vals[-1])).squeeze(1)  # NaN is in no range
+                lo, hi = bound_in(vals[0], x.dtype, up=False), bound_in(vals[-1], x.dtype, up=True)
+                idx = torch.nonzero((x >= lo) & (x <= hi)).squeeze(1)  # NaN is in no range; exact below, in fp64
                 if idx.numel() == 0:
                     continue
                 if idx.numel() * 4 > x.numel():  # a mass of ties (a metric scoring most weights 0): count each value
                     m = mask_fn(name) if mask_fn is not None else None
                     m = m.reshape(-1)[st : st + CHUNK].to(x.device) if m is not None else None
+                    xd = x.double()
                     for j, val in enumerate(vals):
-                        eq = x == val
+                        eq = xd == val
                         counts[j] += int((eq & m).sum() if m is not None else eq.sum())
                     continue
                 v = x[idx].double().cpu()

@@ -12,6 +12,7 @@ sets from one ranking (the top-10 is the prefix of the top-100), for every selec
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +21,24 @@ import torch
 
 SHIFT = 40  # composite key = param index << 40 | flat index (tensors up to 1e12 elements)
 Mask = Callable[[str], "torch.Tensor | None"]  # parameter name -> bool mask of candidates (None: all)
+
+
+def bound_in(value: float, dtype: torch.dtype, up: bool) -> float | int:
+    """A number that `dtype` holds exactly, at most `value` (up=False) or at least `value` (up=True). A
+    comparison of a `dtype` tensor with it, made in that dtype, keeps every entry the exact comparison with
+    `value` keeps (and maybe a few more): a cheap prefilter whose survivors are then compared exactly in fp64
+    (a Python float is rounded to the tensor's dtype before a comparison: 0.1 of an fp64 tensor is not 0.1
+    of an fp32 one)."""
+    if not math.isfinite(value):
+        return value
+    if not dtype.is_floating_point:
+        return math.ceil(value) if up else math.floor(value)
+    if dtype == torch.float64:
+        return value
+    t = torch.tensor(value, dtype=torch.float64).to(dtype)
+    if (float(t) < value) if up else (float(t) > value):
+        t = torch.nextafter(t, torch.tensor(float("inf") if up else float("-inf"), dtype=dtype))
+    return float(t)
 
 
 def mask_at(mask_fn: "Mask | None", name: str, flat: torch.Tensor) -> "torch.Tensor | None":

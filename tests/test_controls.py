@@ -606,16 +606,17 @@ def test_matched_k_past_the_support_is_recorded_for_every_k(tmp_path, tok, one_t
 
 def test_matched_k_draws_share_their_exact_windows(monkeypatch):
     """The exact |w| windows hold every candidate in them (no draw involved): a second draw handed the first
-    one's windows makes no pass over the weights, and still draws its own matches (its own pool and picks)."""
+    one's windows makes no pass over the weights, and still draws its own matches (its own pool and picks);
+    a Matcher of the same (seed, draw) reuses that pool (no score involved) and draws the same."""
     import superweight.core.matching as matching
-    from superweight.core.matching import Matcher
+    from superweight.core.matching import Matcher, Shared
 
     monkeypatch.setattr(matching, "POOL", 64)
     g = torch.Generator().manual_seed(3)
     vals = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(64, 64, generator=g) for i in range(2)}
     scores = {n: v.abs() for n, v in vals.items()}
     top = rank(scores, 20, "global", "top_k")
-    shared: dict = {}
+    shared = Shared()
     first = Matcher(list(vals), lambda n: vals[n], None, 0, 0, shared)
     a = first.match(top, 20)
     second = Matcher(list(vals), lambda n: vals[n], None, 0, 1, shared)
@@ -625,6 +626,9 @@ def test_matched_k_draws_share_their_exact_windows(monkeypatch):
     assert first.passes > 0 and second.passes == 0 and alone.passes > 0
     assert len(a) == len(b) == 20 and keyset(a) != keyset(b)
     assert keyset(b) == keyset(c)  # sharing changes the cost, never the draw
+    again = Matcher(list(vals), lambda n: vals[n], None, 0, 1, shared)  # another metric's Matcher: same pools
+    assert keyset(again.match(top, 20)) == keyset(c) and again.passes == 0
+    assert again.types["mlp.down_proj"].pool is shared.pools[(0, 1, "mlp.down_proj")][0]
 
 
 def test_changeable_mask_answers_like_the_full_mask():
@@ -663,7 +667,7 @@ def test_matched_k_windows_hold_fp64_weights_exactly(monkeypatch):
     m = Matcher(list(vals), lambda n: vals[n], None, 0, 0)
     r = m.match(top, 30)
     assert m.passes > 0 and len(r) == 30
-    near = m.gathered["mlp.down_proj"].near
+    near = m.shared.gathered["mlp.down_proj"].near
     names = list(vals)
     want = [abs(float(vals[names[p]].reshape(-1)[f])) for p, f in zip(near.pid.tolist(), near.flat.tolist())]
     assert near.val.tolist() == want

@@ -131,6 +131,16 @@ class _Gathered:
 
 
 @dataclass
+class Shared:
+    """What the Matchers over the same weights and candidate mask may share, whatever their scores: each
+    module type's exact |w| windows (every candidate in them: no draw involved) and each (seed, draw)'s uniform
+    pools (no score involved). Sharing changes the cost of a draw, never the draw."""
+
+    gathered: dict = field(default_factory=dict)  # module type -> _Gathered
+    pools: dict = field(default_factory=dict)  # (seed, draw, module type) -> (_Sorted pool, exact)
+
+
+@dataclass
 class _Type:
     """One module type's candidates: the uniform pool (this draw's) and the exact windows (maybe shared)."""
 
@@ -142,18 +152,18 @@ class _Type:
 
 class Matcher:
     """matched_k for one (seed, draw, candidate set), shared across the K grid (`match(top.take(k), k)`).
-    `gathered` ({module type: exact windows}) may be handed to the Matchers of other draws over the same
-    weights and candidate mask: their exact passes are then made once."""
+    `shared` (a `Shared`) may be handed to every Matcher over the same weights and candidate mask (other
+    draws, seeds, metrics): exact passes and pools are then made once."""
 
     def __init__(self, names: list[str], values: Callable[[str], torch.Tensor], mask_fn: Mask | None,
-                 seed: int, draw: int, gathered: dict | None = None):
+                 seed: int, draw: int, shared: Shared | None = None):
         self.names, self.values, self.mask_fn, self.seed, self.draw = names, values, mask_fn, int(seed), int(draw)
-        self.gathered = gathered if gathered is not None else {}
+        self.shared = shared if shared is not None else Shared()
         self.types: dict[str, _Type] = {}
         for pid, n in enumerate(names):
             t = module_type(n)
             if t not in self.types:
-                self.types[t] = _Type([], self.gathered.setdefault(t, _Gathered()))
+                self.types[t] = _Type([], self.shared.gathered.setdefault(t, _Gathered()))
             self.types[t].pids.append(pid)
         self.passes = 0  # exact passes over a type's weights (gathers), for the bench and tests
 
@@ -179,6 +189,10 @@ class Matcher:
         inside that window)."""
         ty = self.types[t]
         if ty.pool is not None:
+            return ty
+        key = (self.seed, self.draw, t)
+        if key in self.shared.pools:
+            ty.pool, ty.exact = self.shared.pools[key]
             return ty
         sizes = np.asarray([int(np.prod(self.values(self.names[p]).shape)) for p in ty.pids], dtype=np.int64)
         ty.exact = int(sizes.sum()) <= POOL
@@ -208,6 +222,7 @@ class Matcher:
                 fs.append(flat.numpy().astype(np.int64))
                 ps.append(np.full(flat.numel(), pid, dtype=np.int64))
         ty.pool = _Sorted.of(vals, ps, fs)
+        self.shared.pools[key] = (ty.pool, ty.exact)
         return ty
 
     def _gather(self, ty: _Type, windows: list[tuple[float, float]]) -> _Sorted:

@@ -20,7 +20,7 @@ import torch
 
 from ..config import ConfigError
 from ..registry import Registry
-from .matching import Matcher
+from .matching import Matcher, Shared
 from .modes import MODES, InAxis, Rule
 from .ranking import Mask, Ranking, Scores, gather
 
@@ -100,18 +100,18 @@ def rank(scores: Scores, k: int, mode: str = "global", selection: str = "top_k",
 
 def rank_grid(scores: Scores, ks: list[int], mode: str = "global", selection: str = "top_k", seed: int = 0,
               draw: int = 0, mask_fn: Mask | None = None, top: Ranking | None = None, values=None,
-              in_axis: InAxis | None = None, gathered: dict | None = None) -> Ranking:
+              in_axis: InAxis | None = None, shared: Shared | None = None) -> Ranking:
     """The selection for a whole K grid: one ranking at max(ks) whose `.take(k)` is each K's selection. A
     selection built from the Top-K set (needs_top: matched_k) is drawn for every K against `top.take(k)`,
     largest K first, sharing one Matcher (its pools and gathered windows), and kept in `per_k` (its K_max
-    ranking is returned, carrying the others). `gathered` shares matched_k's exact |w| windows with the
-    other draws over the same weights and mask (Matcher)."""
+    ranking is returned, carrying the others). `shared` (matching.Shared) shares matched_k's exact |w|
+    windows and pools with every other draw over the same weights and mask."""
     ks = sorted({int(k) for k in ks})
     if not SELECTIONS.get(selection).needs_top:
         return rank(scores, ks[-1], mode, selection, seed, draw, mask_fn, top, values, in_axis)
     if top is None:
         raise ValueError(f"{selection} needs the Top-K ranking")
-    matcher = Matcher(list(scores), values, mask_fn, seed, draw, gathered) if values is not None else None
+    matcher = Matcher(list(scores), values, mask_fn, seed, draw, shared) if values is not None else None
     per: dict[int, Ranking] = {}
     by_size: dict[int, Ranking] = {}  # Top-K sets are nested prefixes: equal sizes (past a support) = equal sets
     for k in reversed(ks):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import groupby
 from pathlib import Path
 
@@ -41,12 +41,12 @@ from ..core.metrics import METRICS, ScoreContext, compute_scores
 from ..core.experts import input_axis
 from ..core.gaps import gaps
 from ..core.score_summary import score_summary
-from ..core.matching import match_quality
 from ..core.candidates import Changeable
+from ..core.matching import Shared, match_quality
 from ..core.overlap import jaccard, tied_counts
 from ..core.params import eligible_parameters, owner, weight_values
-from ..core.perturbation import PERTURBATIONS, changeable, perturbed
-from ..core.ranking import Ranking
+from ..core.perturbation import PERTURBATIONS, perturbed
+from ..core.ranking import Ranking, gather
 from ..core.results import make_row
 from ..core.selections import SELECTIONS, rank, rank_grid
 from ..core.stability import stability_pairs
@@ -119,14 +119,16 @@ class Experiment:
         draw), one row per key (reused from the resume log when it is there)."""
         out, memo, warned = Looped(), {}, set()
         sets = candidate_sets(self.cfg.perturb.names, self.cfg.perturb)
-        masks = {c: self.mask_fn(perts[0]) for c, perts in sets.items()}  # one per run: its counts are kept
+        # per candidate set, for every metric and seed: mask counts, matched_k's windows/pools, uniform draws
+        masks = {c: self.mask_fn(perts[0]) for c, perts in sets.items()}
+        shared = {c: (Shared(), {}) for c in sets}
         done, total = 0, len(plan)  # counted here: a disabled progress bar counts nothing
         for (metric, seed), by_scores in groupby(plan, lambda r: (r.metric, r.seed)):
             scores, out.score_keys[(metric, seed)], compact = self.scores(metric, seed)
             for (mode, candidates), by_set in groupby(by_scores, lambda r: (r.mode, r.candidates)):
-                mask, top, gathered = masks[candidates], None, {}
+                mask, top = masks[candidates], None
                 for (selection, draw), keys in groupby(by_set, lambda r: (r.selection, r.draw)):
-                    r = self.ranking(scores, seed, mode, candidates, selection, draw, mask, top, gathered)
+                    r = self.ranking(scores, seed, mode, candidates, selection, draw, mask, top, *shared[candidates])
                     if selection == "top_k":
                         top = r
                         self.warn_support(metric, mode, r, warned)
@@ -290,17 +292,24 @@ class Experiment:
                 "candidate_rules": rules, "top_saved": TOP_SAVED}
 
     def ranking(self, scores, seed: int, mode: str, candidates: str, selection: str, draw: int, mask,
-                top: Ranking | None, gathered: dict | None = None) -> Ranking:
+                top: Ranking | None, shared: Shared | None = None, drawn: dict | None = None) -> Ranking:
         """The largest K's ranking of one selection: Top-K nests (any K is a prefix); a control is drawn
-        for the whole K grid (`rank_grid`: matched_k draws each K against that K's Top-K set `top`; its
-        draws share `gathered`, the exact |w| windows of the candidate set)."""
+        for the whole K grid (`rank_grid`: matched_k draws each K against that K's Top-K set `top`, sharing
+        `shared`, the candidate set's exact |w| windows and pools). A uniform global draw depends on no score:
+        `drawn` keeps it for the other metrics (each gets its own scores of the drawn weights)."""
         if isinstance(scores, CompactScores):  # a compact cache hit: the rankings themselves
             return scores.rankings[(mode, selection, draw, self.rules[candidates])]
+        uniform = drawn is not None and mode == "global" and SELECTIONS.get(selection).uniform
+        if uniform and (seed, selection, draw) in drawn:
+            r0 = drawn[(seed, selection, draw)]
+            return replace(r0, score=gather(scores, r0.names, r0.pid, r0.flat), stats=dict(r0.stats))
         if selection == "top_k":
             r = rank(scores, max(self.cfg.select.topk), mode, "top_k", seed, mask_fn=mask, in_axis=self.in_axis)
         else:
             r = rank_grid(scores, self.cfg.select.topk, mode, selection, seed, draw, mask_fn=mask, top=top,
-                          values=self.values, in_axis=self.in_axis, gathered=gathered)
+                          values=self.values, in_axis=self.in_axis, shared=shared)
+        if uniform:
+            drawn[(seed, selection, draw)] = replace(r, stats=dict(r.stats))
         r.stats["n_tied"] = self.ties_of(scores, r, mask)
         return r
 

@@ -34,3 +34,26 @@ def test_ranking_rows_read_each_tensor_once_and_the_right_values():
     assert [row["value"] for row in rows] == [float(weights[names[p]].reshape(-1)[f]) for p, f in
                                               zip(pid[:5].tolist(), flat[:5].tolist())]
     assert [row["flat_index"] for row in rows] == flat[:5].tolist() and [row["row"] for row in rows] == [0, 5, 3, 0, 1]
+
+
+def test_a_uniform_draw_is_made_once_per_run_with_each_metrics_own_scores():
+    """random_k depends on no score: the loop keeps each (seed, draw)'s global draw for the other metrics,
+    which get the same weights with their own scores, exactly what a fresh draw gives them."""
+    from superweight.core.matching import Shared
+    from superweight.core.selections import rank_grid
+
+    g = torch.Generator().manual_seed(1)
+    shapes = {"model.layers.0.mlp.down_proj.weight": (6, 5), "model.layers.1.self_attn.q_proj.weight": (4, 7)}
+    a = {n: torch.rand(s, generator=g) for n, s in shapes.items()}
+    b = {n: torch.rand(s, generator=g) for n, s in shapes.items()}
+    exp = Experiment(RunConfig(), progress=False)
+    exp.cfg.select.topk = [1, 5, 10]
+    drawn: dict = {}
+    ra = exp.ranking(a, 2, "global", "zero", "random_k", 1, None, None, Shared(), drawn)
+    rb = exp.ranking(b, 2, "global", "zero", "random_k", 1, None, None, Shared(), drawn)
+    fresh = rank_grid(b, [1, 5, 10], "global", "random_k", 2, 1)
+    assert list(drawn) == [(2, "random_k", 1)]
+    assert torch.equal(rb.pid, fresh.pid) and torch.equal(rb.flat, fresh.flat) and torch.equal(rb.score, fresh.score)
+    assert torch.equal(ra.pid, rb.pid) and not torch.equal(ra.score, rb.score)
+    rb.stats["x"] = 1
+    assert "x" not in ra.stats and "x" not in drawn[(2, "random_k", 1)].stats

@@ -302,13 +302,13 @@ class Experiment:
         uniform = drawn is not None and mode == "global" and SELECTIONS.get(selection).uniform
         if uniform and (seed, selection, draw) in drawn:
             r0 = drawn[(seed, selection, draw)]
-            return replace(r0, score=gather(scores, r0.names, r0.pid, r0.flat), stats=dict(r0.stats))
-        if selection == "top_k":
+            r = replace(r0, score=gather(scores, r0.names, r0.pid, r0.flat), stats=dict(r0.stats))
+        elif selection == "top_k":
             r = rank(scores, max(self.cfg.select.topk), mode, "top_k", seed, mask_fn=mask, in_axis=self.in_axis)
         else:
             r = rank_grid(scores, self.cfg.select.topk, mode, selection, seed, draw, mask_fn=mask, top=top,
                           values=self.values, in_axis=self.in_axis, shared=shared)
-        if uniform:
+        if uniform and (seed, selection, draw) not in drawn:
             drawn[(seed, selection, draw)] = replace(r, stats=dict(r.stats))
         r.stats["n_tied"] = self.ties_of(scores, r, mask)
         return r

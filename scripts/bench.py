@@ -253,18 +253,17 @@ def bench_run(model_name: str, extra: list[str], tracking: str) -> dict:
                (RunOutputs, "write", "writing")]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
     with tempfile.TemporaryDirectory() as d:
+        argv = [f"model={model_name}", f"out_dir={d}/out", f"cache_dir={d}/cache", f"wandb.mode={tracking}",
+                f"wandb.dir={d}/wandb", *extra]
+        t0 = time.perf_counter()  # the warm-up, before any stage is wrapped
+        warm = make_experiment(parse_config([*argv, f"out_dir={d}/warm", "wandb.mode=disabled"]), progress=False)
+        warm.prepared = warm.setup(resume_log=False)
+        warm.loaded = warm.load()
+        first_setup = time.perf_counter() - t0
+        del warm
         try:
             for obj, name, cat in targets:
                 setattr(obj, name, wrap(cat, getattr(obj, name)))
-            argv = [f"model={model_name}", f"out_dir={d}/out", f"cache_dir={d}/cache", f"wandb.mode={tracking}",
-                    f"wandb.dir={d}/wandb", *extra]
-            t0 = time.perf_counter()
-            warm = make_experiment(parse_config([*argv, f"out_dir={d}/warm", "wandb.mode=disabled"]), progress=False)
-            warm.prepared = warm.setup(resume_log=False)
-            warm.loaded = warm.load()
-            first_setup = time.perf_counter() - t0
-            del warm
-            clock.clear()
             t0 = time.perf_counter()
             exp = make_experiment(parse_config(argv), progress=False)
             for name in ("start", "log_row", "log_stage", "finish"):

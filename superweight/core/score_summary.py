@@ -20,7 +20,8 @@ def score_summary(scores: dict[str, torch.Tensor], top_saved: int) -> dict[str, 
     names = list(scores)
     return {
         "top_pid": top.pid, "top_flat": top.flat, "top_score": top.score.float(),
-        "param_sum": torch.tensor([float(torch.sum(scores[n].detach(), dtype=torch.float64)) for n in names], dtype=torch.float64),
+        "param_sum": torch.tensor([float(torch.sum(scores[n].detach(), dtype=torch.float64)) for n in names],
+                                  dtype=torch.float64),
         "param_max": torch.tensor([float(scores[n].detach().max()) for n in names], dtype=torch.float64),
         **log10_histogram(scores),
     }

@@ -30,12 +30,12 @@ SELECTIONS = Registry("selection", control=True, random=False, needs_top=False, 
 
 def finite_positive(s: torch.Tensor) -> torch.Tensor:
     """A finite score > 0 (0 carries no information: act_outlier's non-candidates, exactly-zero gradients)."""
-    return (s > 0) & (s < float("inf")) if s.is_floating_point() else s > 0  # NaN fails both comparisons
+    return torch.isfinite(s) & (s > 0) if s.is_floating_point() else s > 0
 
 
 def finite(s: torch.Tensor) -> torch.Tensor:
     """Any finite score (+inf never, NaN never)."""
-    return s.abs() < float("inf") if s.is_floating_point() else torch.ones_like(s, dtype=torch.bool)  # NaN: False
+    return torch.isfinite(s) if s.is_floating_point() else torch.ones_like(s, dtype=torch.bool)
 
 
 @SELECTIONS.register("top_k", control=False, informative=finite_positive, support=True)

@@ -524,24 +524,3 @@ def test_every_html_figure_fits_a_1400px_page_and_labels_its_traces(tiny_run, tm
             assert x0 >= 0 and y0 >= 0 and x1 <= r["width"] + 1 and y1 <= r["height"] + 1, r
     assert got["bad_wide"]["scroll"] > 1400
     assert got["bad_unlabelled"]["unlabelled"] == ["1:scatter"]
-
-
-def test_log10_histogram_counts_every_positive_score_once():
-    """core/histogram.py against numpy on float64: bins of 1/4 decade, zeros and negatives counted apart."""
-    import torch
-
-    from superweight.core.histogram import log10_histogram
-
-    rng = np.random.default_rng(3)
-    a = rng.lognormal(0, 4, 5000)
-    a[:7] = 0.0
-    a[7:10] = -1.0
-    b = rng.lognormal(-8, 1, (30, 40))
-    h = log10_histogram({"a": torch.tensor(a, dtype=torch.float32), "b": torch.tensor(b, dtype=torch.float32)})
-    edges, count = h["hist_log10_edges"].numpy(), h["hist_count"].numpy()
-    assert np.allclose(np.diff(edges), 0.25) and np.allclose(edges * 4, np.round(edges * 4))
-    pos = np.concatenate([a[a > 0], b.ravel()]).astype(np.float32).astype(np.float64)
-    want, _ = np.histogram(np.log10(pos), bins=edges)
-    assert count.sum() == pos.size and int(h["n_zero"]) == 7
-    assert np.abs(count - want).sum() <= 2  # float32 log10 may move a value sitting on an edge by one bin
-    assert count[0] > 0 and count[-1] > 0  # trimmed to the non-empty span

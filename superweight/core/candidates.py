@@ -18,11 +18,13 @@ class Changeable:
     """The candidate mask of one perturbation, as the selections read it: `(name)` the bool mask of the weights
     `pert` can change, or None where it can change every weight of the tensor (no mask kept or applied; one
     tensor's mask is kept at a time: memory); `at(name, flat)` the mask at those positions only, from those
-    weights alone (every `changeable` rule is elementwise); `count(name)` how many, memoized."""
+    weights alone (every `changeable` rule is elementwise); `count(name)` how many, memoized; `excluded(name)`
+    the few weights it cannot change, memoized."""
 
     def __init__(self, pert: str, values, cfg: PerturbConfig):
         self.pert, self.values, self.cfg = pert, values, cfg
         self.counts: dict[str, int] = {}
+        self.sparse: dict[str, torch.Tensor | None | bool] = {}  # excluded(): indices, None (none) or False (dense)
         self.kept: dict[str, torch.Tensor] = {}
         self.read: tuple[str, torch.Tensor] | None = None  # the last tensor's values (int8: one dequantization)
 
@@ -56,3 +58,20 @@ class Changeable:
         if name not in self.counts:
             self(name)
         return self.counts[name]
+
+    def excluded(self, name: str) -> torch.Tensor | None:
+        """Flat indices of the weights `pert` cannot change (None: none), memoized when they are few (at
+        most 1/64 of the tensor or 1024: a global ranking by score then reads the scores only past its floor);
+        else the mask is dense and `excluded` raises LookupError (read the whole mask)."""
+        if name not in self.sparse:
+            m = self(name)
+            if m is None:
+                self.sparse[name] = None
+            elif m.numel() - self.count(name) > max(m.numel() // 64, 1024):
+                self.sparse[name] = False
+            else:
+                ex = torch.nonzero(~m.reshape(-1)).squeeze(1).cpu()
+                self.sparse[name] = ex.to(torch.int32) if m.numel() < 2**31 else ex
+        if self.sparse[name] is False:
+            raise LookupError(f"{name}: {self.pert} leaves too many weights unchangeable for a sparse list")
+        return self.sparse[name]

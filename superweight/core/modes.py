@@ -18,6 +18,7 @@ of informative entries in one group (past it no group's Top-K grows), the total 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,10 +26,11 @@ import torch
 
 from ..registry import Registry
 from .draws import generator, sample_without_replacement
-from .ranking import SHIFT, Mask, Ranking, Scores, best, bound_in, gather, groups, mask_count, tie_hash
+from .ranking import SHIFT, Mask, Ranking, Scores, best, bound_in, gather, groups, mask_at, mask_count, tie_hash
 
 MODES = Registry("mode")
 CHUNK = 1 << 20  # scores per step of the global merge: its temporaries are O(CHUNK + K), not O(tensor)
+PLAN_SHORT: list = []  # rankings whose scan plan came up short and were read in full (never, by its counts)
 InAxis = Callable[[str], int]  # parameter name -> its input axis (the axis a row of one output neuron runs along)
 
 
@@ -42,6 +44,7 @@ class Rule:
     key: Callable[[torch.Tensor], torch.Tensor] | None
     informative: Callable[[torch.Tensor], torch.Tensor] | None = None
     support: bool = False
+    order: str | None = None  # "desc": key = s, informative s finite > 0; "asc": key = -s, informative finite
 
     def candidates(self, scores: Scores, name: str, mask_fn: Mask | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(ranking key, candidate bool mask) of one tensor, flat."""
@@ -66,17 +69,61 @@ def _empty(names, shapes, mode, rule, n_cand) -> Ranking:
     return Ranking(names, shapes, e, e, torch.empty(0), e, mode, rule.name, 0 if rule.support else None, n_cand)
 
 
+def _scan_plan(scores, k: int, rule: Rule, mask_fn) -> tuple | None:
+    """(first floor, informative candidates, scan) of a ranking by score whose score set carries an exact
+    scan (scan.py) and whose mask names its excluded weights, else None. The support comes from the scan's
+    counts less the informative scores of the excluded weights; the first floor is one that at least
+    min(K, support) informative candidates reach."""
+    scan = getattr(scores, "scan", None) if rule.order is not None else None
+    if scan is None or not scan.exact or (mask_fn is not None and not hasattr(mask_fn, "excluded")):
+        return None
+    names = list(scores)
+    n_inf = scan.positive() if rule.order == "desc" else scan.finite()
+    ex_vals = [torch.empty(0, dtype=torch.float64)]
+    for pid, n in enumerate(names):
+        try:
+            ex = mask_fn.excluded(n) if mask_fn is not None else None
+        except LookupError:  # a dense mask: key every score
+            return None
+        if ex is None or ex.numel() == 0:
+            continue
+        v = scores[n].detach().reshape(-1)[ex.to(scores[n].device)].cpu()
+        v = v[rule.informative(v)].double()
+        n_inf[pid] -= v.numel()
+        ex_vals.append(v)
+    n_cand = int(n_inf.sum())
+    floor = scan.first_floor(rule.order, min(k, n_cand), torch.cat(ex_vals)) if n_cand else None
+    return None if floor is None else (floor, n_cand, scan)
+
+
+def _past(rule: Rule, x: torch.Tensor, floor: float) -> torch.Tensor:
+    """Raw scores whose key can reach `floor` (a prefilter in the scores' own dtype, exact below)."""
+    if rule.order == "desc":
+        return x >= bound_in(floor, x.dtype, up=False) if floor > 0 else x > 0
+    return x <= bound_in(-floor, x.dtype, up=True)
+
+
+def _masked(mask_fn, name: str, start: int, cand: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cand, x) of the entries at chunk positions `cand` (chunk starting at `start`) that are candidates."""
+    m = mask_at(mask_fn, name, cand + start)
+    return (cand, x) if m is None else (cand[m.to(cand.device)], x[m.to(x.device)])
+
+
 def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
     """The K best candidates by (key desc, u asc), merged tensor by tensor. Once K entries are held, the
     K-th best key so far is a floor: a chunk's entries below it can never enter, so a chunk costs one
     comparison per entry and a top-k only over the few at or above the floor (ties at the floor stay in:
-    the tie-break u decides them)."""
+    the tie-break u decides them). With a scan of the scores (scan.py) the support needs no pass, a floor
+    holds from the first chunk, and a chunk with no score past the floor is skipped unread."""
     names = list(scores)
     shapes = [tuple(scores[n].shape) for n in names]
+    plan = _scan_plan(scores, k, rule, mask_fn)
     vals, us, pids, idxs = [], [], [], []
-    n_cand = 0
+    n_cand = plan[1] if plan is not None else 0
     waiting = 0
     floor = floor_u = None  # (key, u) of the K-th best entry held (None: fewer than K held so far)
+    if plan is not None and n_cand == 0:
+        return _empty(names, shapes, "global", rule, 0)
 
     def compact():
         nonlocal vals, us, pids, idxs, waiting, floor, floor_u
@@ -88,33 +135,53 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
 
     for pid, n in enumerate(names):
         s = scores[n].detach().reshape(-1)
-        m = mask_fn(n) if mask_fn is not None else None
-        m = m.reshape(-1) if m is not None else None
+        m = None
+        if plan is None and mask_fn is not None:
+            m = mask_fn(n)
+            m = m.reshape(-1) if m is not None else None
         step = max(CHUNK, 4 * k)  # a chunk's temporaries at a time, never a whole tensor's (chunks >> K)
         for st in range(0, s.numel(), step):
-            x, ok = rule.keys(s[st : st + step], m[st : st + step] if m is not None else None)
-            n_ok = int(ok.sum())
-            n_cand += n_ok
-            if n_ok == 0:
-                continue
-            if floor is not None:  # only entries at or above the floor can enter (exactly: below, in fp64)
-                cand = torch.nonzero(ok & (x >= bound_in(floor, x.dtype, up=False))).squeeze(1)
+            if plan is not None:  # only entries past the floor are read beyond one comparison
+                f = plan[0] if floor is None else max(plan[0], floor)
+                if rule.order == "desc" and f > 0 and not plan[2].may_reach(pid, st, st + step, f):
+                    continue
+                if rule.order == "asc" and f > -math.inf and not plan[2].may_hold_below(pid, st, st + step, -f):
+                    continue
+                chunk = s[st : st + step]
+                cand = torch.nonzero(_past(rule, chunk, f)).squeeze(1)
                 if cand.numel() == 0:
                     continue
-            elif n_ok > k:  # this chunk's own k best, ties by u (computed for the tied entries only)
-                x = x.masked_fill_(~ok, float("-inf"))  # a fresh key copy (nan_to_num); -inf marks non-candidates
-                del ok
-                kth = torch.topk(x, k, sorted=False).values.min()
-                cand = torch.nonzero(x >= kth).squeeze(1)
+                x, ok = rule.keys(chunk[cand], None)  # the mask later, at the few past the floor when it holds
+                if not bool(ok.all()):
+                    cand, x = cand[ok], x[ok]
+                if floor is None:
+                    cand, x = _masked(mask_fn, n, st, cand, x)
             else:
+                x, ok = rule.keys(s[st : st + step], m[st : st + step] if m is not None else None)
+                n_cand += int(ok.sum())
+                if floor is not None:  # only entries at or above the floor can enter (exactly: below, in fp64)
+                    ok &= x >= bound_in(floor, x.dtype, up=False)
                 cand = torch.nonzero(ok).squeeze(1)
-            x = x[cand]
+                x = x[cand]
+            if floor is None and cand.numel() > k:  # this chunk's own k best (u for the tied entries only)
+                kth = torch.topk(x, k, sorted=False).values.min()
+                sel = torch.nonzero(x >= kth).squeeze(1)
+                cand, x = cand[sel], x[sel]
+            if cand.numel() == 0:
+                continue
             cand = cand + st
             u = tie_hash(seed, n, cand)
             if floor is not None:  # at the floor, only a tie-break that beats the K-th held entry's enters
+                # a superset first, in x's dtype (a mass of ties: only the few small u pass), then exactly
+                sel = torch.nonzero((x > bound_in(floor, x.dtype, up=False)) | (u < floor_u)).squeeze(1)
+                cand, x, u = cand[sel], x[sel], u[sel]
                 xd = x.double()
                 keep = (xd > floor) | ((xd == floor) & (u < floor_u))
                 cand, x, u = cand[keep], x[keep], u[keep]
+                if plan is not None:
+                    m = mask_at(mask_fn, n, cand)
+                    if m is not None:
+                        cand, x, u = cand[m], x[m], u[m]
             if cand.numel() > k:
                 pos = best(x, u, k)
                 cand, x, u = cand[pos], x[pos], u[pos]
@@ -129,6 +196,9 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
         return _empty(names, shapes, "global", rule, n_cand)
     compact()
     best_p, best_i = pids[0], idxs[0]
+    if plan is not None and best_p.numel() < min(k, n_cand):  # the scan's counts promised more: read in full
+        PLAN_SHORT.append((rule.name, k, best_p.numel(), n_cand))
+        return _ranked_global(dict(scores), k, rule, seed, mask_fn)
     return Ranking(names, shapes, best_p, best_i, gather(scores, names, best_p, best_i),
                    torch.arange(best_p.numel()), "global", rule.name, n_cand if rule.support else None, n_cand)
 

@@ -8,7 +8,7 @@ import torch
 
 from .ranking import SHIFT, Mask, Ranking, Scores, bound_in, mask_at
 
-CHUNK = 1 << 22  # elements per step of the tie scan (bounds its fp64 temporaries)
+CHUNK = 1 << 20  # elements per step of the tie scan (bounds its fp64 temporaries; a scan chunk)
 
 
 def jaccard(a: Ranking, b: Ranking) -> float:
@@ -37,12 +37,33 @@ def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(fa - fb)))
 
 
+def _count_candidates(hit: torch.Tensor, mask_fn: Mask | None, name: str, start: int) -> int:
+    """How many of the chunk's entries flagged in `hit` (the chunk starts at flat `start`) are candidates: from
+    the few excluded weights when the mask lists them, else from the chunk's mask."""
+    n = int(torch.count_nonzero(hit))
+    if mask_fn is None or n == 0:
+        return n
+    try:
+        ex = mask_fn.excluded(name) if hasattr(mask_fn, "excluded") else False
+    except LookupError:  # a dense mask
+        ex = False
+    if ex is None:
+        return n
+    if ex is not False:
+        ex = ex.to(torch.int64)
+        ex = ex[(ex >= start) & (ex < start + hit.numel())] - start
+        return n - int(hit[ex.to(hit.device)].sum())
+    m = mask_fn(name)
+    return n if m is None else int((hit & m.reshape(-1)[start : start + hit.numel()].to(hit.device)).sum())
+
+
 def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask | None = None) -> dict[int, int]:
     """n_tied of each K-selection `ranking.take(k)` of a global ranking: how many candidates share the score
     of its last (K-th) selected entry, over all candidates (1 = no tie at the boundary; 0 = empty). One pass
     over the scores for the whole K grid: each chunk is compared in its own dtype with the range of the
     boundary values (widened to that dtype), and only the entries inside it are compared exactly (fp64) and
-    checked against the candidate mask."""
+    checked against the candidate mask. With a scan of the scores, a chunk whose classes hold none of the
+    boundary values is not read."""
     bound: dict[int, float] = {}
     for k in ks:
         n = min(int(k), len(ranking))
@@ -54,9 +75,14 @@ def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask |
     counts = torch.zeros(len(vals), dtype=torch.int64)
     n_nan = 0
     want_nan = any(np.isnan(v) for v in bound.values())
+    scan = getattr(scores, "scan", None)  # a scan of the scores (scan.py): chunks that hold no boundary value are skipped
+    pids = {n: i for i, n in enumerate(scan.names)} if scan is not None and scan.exact else None
+    wanted = vals + ([float("nan")] if want_nan else [])
     for name in ranking.names:
         s = scores[name].detach().reshape(-1)
         for st in range(0, s.numel(), CHUNK):
+            if pids is not None and not scan.may_hold(pids[name], st, st + CHUNK, wanted):
+                continue
             x = s[st : st + CHUNK]
             if want_nan:
                 nan = torch.nonzero(torch.isnan(x)).squeeze(1)
@@ -64,17 +90,17 @@ def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask |
                 n_nan += int(m.sum()) if m is not None else nan.numel()
             if vals:
                 lo, hi = bound_in(vals[0], x.dtype, up=False), bound_in(vals[-1], x.dtype, up=True)
-                idx = torch.nonzero((x >= lo) & (x <= hi)).squeeze(1)  # NaN is in no range; exact below, in fp64
-                if idx.numel() == 0:
+                inside = (x >= lo) & (x <= hi)  # NaN is in no range; exact below, in fp64
+                n_in = int(torch.count_nonzero(inside))
+                if n_in == 0:
                     continue
-                if idx.numel() * 4 > x.numel():  # a mass of ties (a metric scoring most weights 0): count each value
-                    m = mask_fn(name) if mask_fn is not None else None
-                    m = m.reshape(-1)[st : st + CHUNK].to(x.device) if m is not None else None
-                    xd = x.double()
+                if n_in * 4 > x.numel():  # a mass of ties (a metric scoring most weights 0): count each value
                     for j, val in enumerate(vals):
-                        eq = xd == val
-                        counts[j] += int((eq & m).sum() if m is not None else eq.sum())
+                        # in x's dtype where it holds val exactly (x == val then is the exact comparison)
+                        eq = (x == val) if bound_in(val, x.dtype, up=False) == val else (x.double() == val)
+                        counts[j] += _count_candidates(eq, mask_fn, name, st)
                     continue
+                idx = torch.nonzero(inside).squeeze(1)
                 v = x[idx].double().cpu()
                 i = torch.searchsorted(b, v).clamp_(max=len(vals) - 1)
                 hit = b[i] == v

@@ -158,12 +158,16 @@ def tie_hash(seed: int, param: str | int, flat: torch.Tensor, salt: int = 0) -> 
     ranks first. Keyed by the parameter's *name* (an int is taken as the key itself), so the tie-breaks do
     not depend on the order of the score dict nor on which other tensors are scored."""
     pkey = name_key(param) if isinstance(param, str) else int(param)
-    x = flat.to(torch.int64) ^ _i64(pkey ^ ((int(seed) * 0x9E3779B97F4A7C15) + salt * 0xD1B54A32D192ED03))
-    x = x + _i64(0x9E3779B97F4A7C15)
-    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _i64(0xBF58476D1CE4E5B9)
-    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _i64(0x94D049BB133111EB)
-    x = x ^ ((x >> 31) & ((1 << 33) - 1))
-    return x & ((1 << 63) - 1)
+    x = flat.to(torch.int64, copy=True)  # in place from here: two buffers (a mass of ties hashes millions)
+    x ^= _i64(pkey ^ ((int(seed) * 0x9E3779B97F4A7C15) + salt * 0xD1B54A32D192ED03))
+    x += _i64(0x9E3779B97F4A7C15)
+    y = torch.empty_like(x)
+    for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None)):
+        torch.bitwise_right_shift(x, shift, out=y)  # arithmetic shift; the mask makes it logical
+        x ^= y.bitwise_and_((1 << (64 - shift)) - 1)
+        if mul is not None:
+            x *= _i64(mul)
+    return x.bitwise_and_((1 << 63) - 1)
 
 
 def order(vals: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ A selection is one decorated function, its ranking key (score -> key, larger fir
 registry metadata: `informative` (which entries it may rank), `support` (it reports how many there are),
 `uniform` (its order is a uniform random draw: modes may draw directly), `random` (drawn
 select.control_draws times), `control` (usable in select.controls), `needs_top` (built from the Top-K
-set, one selection per K: then the function builds the selection itself). Modes (`modes.py`) only group
+set, one selection per K: then the function builds the selection itself), `order` ("desc": its key is the
+score and it ranks finite scores > 0; "asc": its key is -score and it ranks finite scores: a global ranking
+may then read a scan of the scores, scan.py, instead of keying every score). Modes (`modes.py`) only group
 weights; they never look at a selection's name.
 """
 
@@ -25,7 +27,7 @@ from .modes import MODES, InAxis, Rule
 from .ranking import Mask, Ranking, Scores, gather
 
 SELECTIONS = Registry("selection", control=True, random=False, needs_top=False, uniform=False, informative=None,
-                      support=False)
+                      support=False, order=None)
 
 
 def finite_positive(s: torch.Tensor) -> torch.Tensor:
@@ -38,14 +40,14 @@ def finite(s: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(s) if s.is_floating_point() else torch.ones_like(s, dtype=torch.bool)
 
 
-@SELECTIONS.register("top_k", control=False, informative=finite_positive, support=True)
+@SELECTIONS.register("top_k", control=False, informative=finite_positive, support=True, order="desc")
 def top_k(score: torch.Tensor) -> torch.Tensor:
     """The K highest informative scores (finite, > 0) among the candidates; a metric with fewer informative
     scores than K (act_outlier scores a handful of weights) selects only its support, never padded."""
     return score
 
 
-@SELECTIONS.register("bottom_k", informative=finite)
+@SELECTIONS.register("bottom_k", informative=finite, order="asc")
 def bottom_k(score: torch.Tensor) -> torch.Tensor:
     """The K lowest finite scores among the candidates, ties drawn at random ("do unimportant weights do
     nothing?")."""
@@ -73,7 +75,7 @@ def matched_k(scores: Scores, k: int, *, top: Ranking, matcher: Matcher) -> Rank
 
 def rule(selection: str) -> Rule:
     spec = SELECTIONS.get(selection)
-    return Rule(selection, None if spec.uniform else spec.fn, spec.informative, spec.support)
+    return Rule(selection, None if spec.uniform else spec.fn, spec.informative, spec.support, spec.order)
 
 
 def rank(scores: Scores, k: int, mode: str = "global", selection: str = "top_k", seed: int = 0, draw: int = 0,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..config import RunConfig
 from ..core.metrics import METRICS
-from ..core.histogram import GRID_BINS
+from ..core.scan import GRID_BINS
 from ..core.selections import SELECTIONS
 from .cache import COMPACT_MAX_ENTRIES, cache_mode
 from .experiment import TOP_SAVED

@@ -12,8 +12,7 @@
     write    sink.write(result): result files, plots, manifest (edge: outputs.py); returns the paths
     publish  tracker.finish(result, paths): tables and artifacts (edge: tracking.py)
 
-Each stage returns a declared value (Prepared, Loaded, Looped, Result); the experiment keeps the first two so
-its pieces (evaluate, scores, perturb_evaluate) can reach the model and the data.
+Each stage returns a declared value (Prepared, Loaded, Looped, Result); the experiment keeps the first two.
 
 Research question: do a few weights control the model, and which metric finds them? The answer is the gap
 between Top-K and the controls at equal K under the same perturbation, with its confidence interval.
@@ -40,6 +39,7 @@ from ..core.evaluation import TASKS, evaluate_lm
 from ..core.metrics import METRICS, ScoreContext, compute_scores
 from ..core.experts import input_axis
 from ..core.gaps import gaps
+from ..core.scan import ScoreSet
 from ..core.score_summary import score_summary
 from ..core.candidates import Changeable
 from ..core.matching import Shared, match_quality
@@ -269,13 +269,13 @@ class Experiment:
             recorded = key
         if cached is not None and set(cached) == set(self.params):
             # safetensors returns keys sorted by name; rankings depend on the parameter order: restore it
-            return {n: cached[n] for n in self.params}, key, compact
+            return ScoreSet({n: cached[n] for n in self.params}), key, compact
         t = time.perf_counter()
         ids = self.windows.calib(seed)
         bs = self.cfg.score.batch_size
         ctx = ScoreContext(self.model, self.params, [ids[i : i + bs] for i in range(0, ids.size(0), bs)],
                            self.cfg.score, self.device, seed, self.progress)
-        scores = compute_scores(metric, ctx)
+        scores = ScoreSet(compute_scores(metric, ctx))  # its scan is shared by the summary, rankings, ties
         kill_point("score", f"{metric}.seed{seed}")
         dt = time.perf_counter() - t
         self.timings[f"score_{metric}_seed{seed}_s"] = dt

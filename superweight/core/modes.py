@@ -158,10 +158,18 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
                     cand, x = _masked(mask_fn, n, st, cand, x)
             else:
                 x, ok = rule.keys(s[st : st + step], m[st : st + step] if m is not None else None)
-                n_cand += int(ok.sum())
+                n_ok = int(ok.sum())
+                n_cand += n_ok
+                if n_ok == 0:
+                    continue
                 if floor is not None:  # only entries at or above the floor can enter (exactly: below, in fp64)
-                    ok &= x >= bound_in(floor, x.dtype, up=False)
-                cand = torch.nonzero(ok).squeeze(1)
+                    cand = torch.nonzero(ok & (x >= bound_in(floor, x.dtype, up=False))).squeeze(1)
+                elif n_ok > k:  # this chunk's own k best (no index of every candidate: memory)
+                    x = x.masked_fill_(~ok, float("-inf"))  # a fresh key copy (nan_to_num); -inf marks non-candidates
+                    del ok
+                    cand = torch.nonzero(x >= torch.topk(x, k, sorted=False).values.min()).squeeze(1)
+                else:
+                    cand = torch.nonzero(ok).squeeze(1)
                 x = x[cand]
             if floor is None and cand.numel() > k:  # this chunk's own k best (u for the tied entries only)
                 kth = torch.topk(x, k, sorted=False).values.min()

@@ -37,6 +37,16 @@ def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(fa - fb)))
 
 
+def _equal(x: torch.Tensor, val: float) -> torch.Tensor:
+    """x == val exactly: in x's own dtype where it holds val (a Python float against an integer tensor would
+    compare in float32: 2^24 + 1 == 2^24), else in fp64."""
+    if x.is_floating_point() and bound_in(val, x.dtype, up=False) == val:
+        return x == val
+    if not x.is_floating_point() and float(val).is_integer():
+        return x == int(val)
+    return x.double() == val
+
+
 def _count_candidates(hit: torch.Tensor, mask_fn: Mask | None, name: str, start: int) -> int:
     """How many of the chunk's entries flagged in `hit` (the chunk starts at flat `start`) are candidates: from
     the few excluded weights when the mask lists them, else from the chunk's mask."""
@@ -96,8 +106,7 @@ def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask |
                     continue
                 if n_in * 4 > x.numel():  # a mass of ties (a metric scoring most weights 0): count each value
                     for j, val in enumerate(vals):
-                        # in x's dtype where it holds val exactly (x == val then is the exact comparison)
-                        eq = (x == val) if bound_in(val, x.dtype, up=False) == val else (x.double() == val)
+                        eq = _equal(x, val)
                         counts[j] += _count_candidates(eq, mask_fn, name, st)
                     continue
                 idx = torch.nonzero(inside).squeeze(1)

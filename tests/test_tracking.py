@@ -336,3 +336,20 @@ def test_figures_read_an_offline_wandb_run_back(tracked, tmp_path):
     for name in ("results.csv", "rankings.csv", "gaps.csv", "manifest.json"):
         assert (dirs[0] / name).read_bytes() == (tracked["out"] / name).read_bytes(), name
     assert json.loads((dirs[0] / "manifest.json").read_text())["config"] == json.loads(json.dumps(tracked["cfg"].to_dict()))
+
+
+def test_table_equals_the_dataframe_construction():
+    """lineage.table builds from row lists: the column types of wandb.Table(dataframe=...), Python scalars, and
+    None for every non-finite float (the dataframe construction of the mapped frame kept NaN: pandas turns a
+    None back into NaN in a float-derived column)."""
+    import wandb
+
+    from superweight.edge.lineage import table
+
+    df = pd.DataFrame({"metric": ["a", "b", None, "d"], "k": [1, 10, 100, 1000], "flag": [True, False, True, True],
+                       "score": [0.5, np.nan, np.inf, -np.inf], "value": [1.0, 2.0, 3.0, 4.5]})
+    got = table(df, 3)
+    assert got.columns == list(df.columns)
+    assert got.data[0] == ["a", 1, True, 0.5, 1.0] and got.data[1] == ["b", 10, False, None, 2.0]
+    assert np.isnan(got.data[2][0]) and got.data[2][1:] == [100, True, None, 3.0] and len(got.data) == 3
+    assert repr(got._column_types) == repr(wandb.Table(dataframe=df.head(3))._column_types)

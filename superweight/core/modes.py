@@ -200,13 +200,13 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
             waiting += cand.numel()
             if waiting > 2 * k or (floor is None and waiting >= k):
                 compact()
+    if plan is not None and sum(v.numel() for v in vals) < min(k, n_cand):
+        PLAN_SHORT.append((rule.name, k, n_cand))  # the scan's counts promised more: read every score instead
+        return _ranked_global(dict(scores), k, rule, seed, mask_fn)
     if not vals:
         return _empty(names, shapes, "global", rule, n_cand)
     compact()
     best_p, best_i = pids[0], idxs[0]
-    if plan is not None and best_p.numel() < min(k, n_cand):  # the scan's counts promised more: read in full
-        PLAN_SHORT.append((rule.name, k, best_p.numel(), n_cand))
-        return _ranked_global(dict(scores), k, rule, seed, mask_fn)
     return Ranking(names, shapes, best_p, best_i, gather(scores, names, best_p, best_i),
                    torch.arange(best_p.numel()), "global", rule.name, n_cand if rule.support else None, n_cand)
 

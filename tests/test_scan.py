@@ -209,3 +209,17 @@ def test_summary_of_a_score_set_equals_a_direct_computation():
     assert got["param_max"].tolist() == [float(t.max()) for t in s.values()]
     assert int(got["n_zero"]) == int((allv == 0).sum())
     assert int(got["hist_count"].sum()) == int((allv > 0).sum())
+
+
+def test_infinite_boundaries_and_overflowing_sums():
+    """±inf sit in the top exponent code (a tie count at an inf boundary reads their chunks), and a float32
+    partial sum that overflows is redone in float64 (the sum of 3e38 + 3e38 is finite in float64)."""
+    import math
+
+    assert code_of(math.inf) == 255 and code_of(-math.inf) == 511
+    s = {"a": torch.full((10,), math.inf), "b": torch.rand(10) + 0.5}
+    r = rank(s, 20, "global", "random_k", 0)
+    k1 = next(k for k in range(1, 21) if math.isinf(float(r.score[k - 1])))
+    assert tied_counts(ScoreSet(s), r, [k1]) == tied_counts(dict(s), r, [k1]) == {k1: 10}
+    got = score_summary({"a": torch.tensor([3e38, 3e38, 1.0])}, 2)["param_sum"]
+    assert float(got[0]) == pytest.approx(6e38)

@@ -73,7 +73,7 @@ def _scan_plan(scores, k: int, rule: Rule, mask_fn) -> tuple | None:
     """(first floor, informative candidates, scan) of a ranking by score whose score set carries an exact
     scan (scan.py) and whose mask names its excluded weights, else None. The support comes from the scan's
     counts less the informative scores of the excluded weights; the first floor is one that at least
-    min(K, support) informative candidates reach."""
+    min(K, support) informative candidates reach (None when there are none: the ranking is empty)."""
     scan = getattr(scores, "scan", None) if rule.order is not None else None
     if scan is None or not scan.exact or (mask_fn is not None and not hasattr(mask_fn, "excluded")):
         return None
@@ -92,7 +92,9 @@ def _scan_plan(scores, k: int, rule: Rule, mask_fn) -> tuple | None:
         n_inf[pid] -= v.numel()
         ex_vals.append(v)
     n_cand = int(n_inf.sum())
-    floor = scan.first_floor(rule.order, min(k, n_cand), torch.cat(ex_vals)) if n_cand else None
+    if n_cand == 0:
+        return (None, 0, scan)  # nothing to rank: no pass at all
+    floor = scan.first_floor(rule.order, min(k, n_cand), torch.cat(ex_vals))
     return None if floor is None else (floor, n_cand, scan)
 
 
@@ -189,6 +191,7 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
                 if plan is not None:
                     m = mask_at(mask_fn, n, cand)
                     if m is not None:
+                        m = m.to(cand.device)
                         cand, x, u = cand[m], x[m], u[m]
             if cand.numel() > k:
                 pos = best(x, u, k)

@@ -21,8 +21,8 @@ max s. What reads it:
 * the tie counts (overlap.py): which chunks can hold a boundary score at all.
 
 A scan is exact for float32, bfloat16 and float16 scores (`exact`). Other dtypes (float64 or integer scores:
-tests, custom metrics) get the histogram, sums and maxima of their float32 rounding, and the rankings read
-their scores in full as before.
+tests, custom metrics) get the counts and histogram of their float32 rounding (sums and maxima stay exact), and
+the rankings read their scores in full as before.
 """
 
 from __future__ import annotations
@@ -46,9 +46,11 @@ def codes(x: torch.Tensor) -> torch.Tensor:
 
 
 def code_of(v: float) -> int:
-    """The class code of a finite value v (module docstring); 0 for 0 and the subnormals."""
+    """The class code of a value v (module docstring); 0 for 0 and the subnormals, 255 for inf and NaN."""
     a = abs(v)
-    if a < MIN_NORMAL:
+    if not math.isfinite(a):
+        e = 255  # ±inf (and NaN) sit in the top exponent code
+    elif a < MIN_NORMAL:
         e = 0
     else:
         e = min(math.frexp(a)[1] + 126, 255)  # a = m 2^x, 1/2 <= m < 1: 2^(x-1) <= a < 2^x, exponent field x+126
@@ -81,9 +83,9 @@ class Scan:
                 pid.append(p)
                 start.append(st)
                 # float32 partial sums of 2^20 scores (pairwise inside torch), added in float64; float64 and
-                # integer scores summed in float64
-                total += float(x.sum(dtype=torch.float32) if raw.dtype in (*_BITS, torch.float16)
-                               else raw.sum(dtype=torch.float64))
+                # integer scores, and a chunk whose float32 sum overflows, summed in float64
+                part = float(x.sum(dtype=torch.float32)) if raw.dtype in (*_BITS, torch.float16) else math.nan
+                total += part if math.isfinite(part) else float(raw.sum(dtype=torch.float64))
                 maxima.append(raw.max().double().cpu())
             self.sums.append(total)
             self.maxima.append(float(torch.stack(maxima).max()) if maxima else float("nan"))
@@ -92,9 +94,11 @@ class Scan:
         self.pos_sub = torch.tensor(pos_sub, dtype=torch.int64)
         self.chunk_pid = torch.tensor(pid, dtype=torch.int64)
         self.chunk_start = torch.tensor(start, dtype=torch.int64)
-        self.first = {}  # tensor id -> index of its first chunk
+        self.chunk = CHUNK  # the chunk size it was built with
+        self.first, self.n_chunks = {}, {}  # tensor id -> index of its first chunk, its number of chunks
         for i, p in enumerate(pid):
             self.first.setdefault(p, i)
+            self.n_chunks[p] = self.n_chunks.get(p, 0) + 1
 
     # ---- per-tensor counts -------------------------------------------------------------------------------
     def per_tensor(self, per_chunk: torch.Tensor) -> torch.Tensor:
@@ -144,8 +148,8 @@ class Scan:
     # ---- which chunks can hold what -------------------------------------------------------------------------
     def chunks(self, pid: int, start: int, stop: int) -> slice:
         """The chunks of tensor `pid` that overlap its flat range [start, stop)."""
-        first = self.first.get(pid, 0)
-        return slice(first + start // CHUNK, first + -(-stop // CHUNK))
+        first, n = self.first.get(pid, 0), self.n_chunks.get(pid, 0)
+        return slice(first + min(start // self.chunk, n), first + min(-(-stop // self.chunk), n))
 
     @cached_property
     def _at_least(self) -> torch.Tensor:

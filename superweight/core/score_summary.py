@@ -2,8 +2,8 @@
 without keeping it (the full set is one fp32 number per weight).
 
     top_pid, top_flat, top_score   the global top entries (Top-K over every scored weight, no candidate mask)
-    param_sum, param_max           Σ s and max s of each scored tensor (float64, in parameter order; the sum of
-                                   float32 partial sums over 2^20 scores)
+    param_sum, param_max           Σ s and max s of each scored tensor (float64, in parameter order; float32
+                                   scores: the float64 sum of float32 partial sums over 2^20 scores)
     hist_log10_edges, hist_count,  the octave histogram of every positive finite score, log10 edges, and the
     n_zero                         zeros (scan.py: from the float bits, exact)
 """

@@ -26,7 +26,8 @@ import torch
 
 from ..registry import Registry
 from .draws import generator, sample_without_replacement
-from .ranking import SHIFT, Mask, Ranking, Scores, best, bound_in, gather, groups, mask_at, mask_count, tie_hash
+from .ranking import (SHIFT, Mask, Ranking, Scores, best, bound_in, gather, groups, mask_at, mask_count, mask_excluded,
+                      tie_hash)
 
 MODES = Registry("mode")
 CHUNK = 1 << 20  # scores per step of the global merge: its temporaries are O(CHUNK + K), not O(tensor)
@@ -75,14 +76,14 @@ def _scan_plan(scores, k: int, rule: Rule, mask_fn) -> tuple | None:
     counts less the informative scores of the excluded weights; the first floor is one that at least
     min(K, support) informative candidates reach (None when there are none: the ranking is empty)."""
     scan = getattr(scores, "scan", None) if rule.order is not None else None
-    if scan is None or not scan.exact or (mask_fn is not None and not hasattr(mask_fn, "excluded")):
+    if scan is None or not scan.exact:
         return None
     names = list(scores)
     n_inf = scan.positive() if rule.order == "desc" else scan.finite()
     ex_vals = [torch.empty(0, dtype=torch.float64)]
     for pid, n in enumerate(names):
         try:
-            ex = mask_fn.excluded(n) if mask_fn is not None else None
+            ex = mask_excluded(mask_fn, n)
         except LookupError:  # a dense mask: key every score
             return None
         if ex is None or ex.numel() == 0:
@@ -105,10 +106,13 @@ def _past(rule: Rule, x: torch.Tensor, floor: float) -> torch.Tensor:
     return x <= bound_in(-floor, x.dtype, up=True)
 
 
-def _masked(mask_fn, name: str, start: int, cand: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cand, x) of the entries at chunk positions `cand` (chunk starting at `start`) that are candidates."""
-    m = mask_at(mask_fn, name, cand + start)
-    return (cand, x) if m is None else (cand[m.to(cand.device)], x[m.to(x.device)])
+def _candidates_only(mask_fn, name: str, flat: torch.Tensor, *arrays: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`arrays` (aligned with the flat positions `flat` of tensor `name`) kept where the weight is a candidate."""
+    m = mask_at(mask_fn, name, flat)
+    if m is None:
+        return arrays
+    m = m.to(arrays[0].device)
+    return tuple(a[m] for a in arrays)
 
 
 def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
@@ -157,7 +161,10 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
                 if not bool(ok.all()):
                     cand, x = cand[ok], x[ok]
                 if floor is None:
-                    cand, x = _masked(mask_fn, n, st, cand, x)
+                    cand, x = _candidates_only(mask_fn, n, cand + st, cand, x)
+                    if cand.numel() > k:  # this chunk's own k best (u for the tied entries only)
+                        sel = torch.nonzero(x >= torch.topk(x, k, sorted=False).values.min()).squeeze(1)
+                        cand, x = cand[sel], x[sel]
             else:
                 x, ok = rule.keys(s[st : st + step], m[st : st + step] if m is not None else None)
                 n_ok = int(ok.sum())
@@ -173,10 +180,6 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
                 else:
                     cand = torch.nonzero(ok).squeeze(1)
                 x = x[cand]
-            if floor is None and cand.numel() > k:  # this chunk's own k best (u for the tied entries only)
-                kth = torch.topk(x, k, sorted=False).values.min()
-                sel = torch.nonzero(x >= kth).squeeze(1)
-                cand, x = cand[sel], x[sel]
             if cand.numel() == 0:
                 continue
             cand = cand + st
@@ -189,10 +192,7 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
                 keep = (xd > floor) | ((xd == floor) & (u < floor_u))
                 cand, x, u = cand[keep], x[keep], u[keep]
                 if plan is not None:
-                    m = mask_at(mask_fn, n, cand)
-                    if m is not None:
-                        m = m.to(cand.device)
-                        cand, x, u = cand[m], x[m], u[m]
+                    cand, x, u = _candidates_only(mask_fn, n, cand, cand, x, u)
             if cand.numel() > k:
                 pos = best(x, u, k)
                 cand, x, u = cand[pos], x[pos], u[pos]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .ranking import SHIFT, Mask, Ranking, Scores, bound_in, mask_at
+from .ranking import SHIFT, Mask, Ranking, Scores, bound_in, mask_at, mask_excluded
 
 CHUNK = 1 << 20  # elements per step of the tie scan (bounds its fp64 temporaries; a scan chunk)
 
@@ -54,17 +54,15 @@ def _count_candidates(hit: torch.Tensor, mask_fn: Mask | None, name: str, start:
     if mask_fn is None or n == 0:
         return n
     try:
-        ex = mask_fn.excluded(name) if hasattr(mask_fn, "excluded") else False
-    except LookupError:  # a dense mask
-        ex = False
+        ex = mask_excluded(mask_fn, name)
+    except LookupError:  # a dense mask: read it
+        m = mask_fn(name)
+        return n if m is None else int((hit & m.reshape(-1)[start : start + hit.numel()].to(hit.device)).sum())
     if ex is None:
         return n
-    if ex is not False:
-        ex = ex.to(torch.int64)
-        ex = ex[(ex >= start) & (ex < start + hit.numel())] - start
-        return n - int(hit[ex.to(hit.device)].sum())
-    m = mask_fn(name)
-    return n if m is None else int((hit & m.reshape(-1)[start : start + hit.numel()].to(hit.device)).sum())
+    ex = ex.to(torch.int64)
+    ex = ex[(ex >= start) & (ex < start + hit.numel())] - start
+    return n - int(hit[ex.to(hit.device)].sum())
 
 
 def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask | None = None) -> dict[int, int]:

@@ -54,6 +54,18 @@ def mask_at(mask_fn: "Mask | None", name: str, flat: torch.Tensor) -> "torch.Ten
     return None if m is None else m.reshape(-1)[flat.to(m.device)]
 
 
+def mask_excluded(mask_fn: "Mask | None", name: str) -> "torch.Tensor | None":
+    """The flat indices of tensor `name`'s non-candidates (None: every weight is a candidate), from a mask that
+    lists them (an `excluded(name)` method); LookupError where it cannot (a dense mask, or no such method):
+    read the whole mask instead."""
+    if mask_fn is None:
+        return None
+    excluded = getattr(mask_fn, "excluded", None)
+    if excluded is None:
+        raise LookupError(f"{name}: the mask does not list its excluded weights")
+    return excluded(name)
+
+
 def mask_count(mask_fn: "Mask | None", name: str, numel: int) -> int:
     """How many candidates tensor `name` (numel weights) holds; memoized by a mask with a `count` method."""
     if mask_fn is None:

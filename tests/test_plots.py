@@ -198,6 +198,32 @@ def test_save_figures_writes_html_json_png_svg(tmp_path):
     assert svg.lstrip().startswith("<svg") and "Top-K" in svg
 
 
+def test_one_tab_export_draws_what_kaleidos_own_path_draws(tmp_path, monkeypatch):
+    """Images rendered one after another in one tab (no plotly.js reload between them) are the images
+    kaleido's own path renders, each from a fresh page: byte-identical PNGs, in the order they were asked
+    for (a second figure must not show the first one's state); an image that fails raises."""
+    from superweight.edge import export
+
+    if not plots.chrome_available():
+        pytest.skip("no Chrome/Chromium for kaleido (apt-get install chromium)")
+    assert export._one_tab_kaleido() is not None  # the fast path is the one under test
+    res = synthetic_results()
+    figs = {"ppl": plots.delta_vs_k(res, "delta_ppl"), "acc": plots.delta_vs_k(res, "delta_acc")}
+    fast = export.save_figures(figs, tmp_path / "fast", ["png"])
+    monkeypatch.setattr(export, "_one_tab_kaleido", lambda: None)
+    slow = export.save_figures(figs, tmp_path / "slow", ["png"])
+    assert [p.name for p in fast] == [p.name for p in slow] == ["ppl.png", "acc.png"]
+    for a, b in zip(fast, slow):
+        assert a.read_bytes() == b.read_bytes()
+    assert fast[0].read_bytes() != fast[1].read_bytes()
+    monkeypatch.undo()
+    bad = {"fig": figs["ppl"].to_dict(), "path": tmp_path / "bad.bmp",
+           "opts": {"format": "bmp", "width": 100, "height": 100, "scale": 1}}
+    with pytest.raises(Exception):
+        export.write_static([bad])
+    assert not (tmp_path / "bad.bmp").exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # print sizes, stability at each metric's support, score distribution, metric comparison
 # ---------------------------------------------------------------------------------------------------

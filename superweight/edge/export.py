@@ -6,10 +6,12 @@ says how to get one, and HTML/JSON are still written."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import get_args
 
@@ -67,6 +69,53 @@ def chrome_available() -> bool:
         return False
 
 
+def _one_tab_kaleido():
+    """kaleido's Kaleido with a tab that renders image after image, or None where this kaleido has no such
+    internal (then kaleido's own path). kaleido 1.x reloads its tab after every image, which reloads
+    plotly.js (4.6 MB) each time: about 0.35 s an image on 2 cores, 15.5 s for the default run's 30 images,
+    5.1 s without. The PNGs are byte-identical; SVG and PDF differ only in plotly's random clip-path ids and
+    the PDF's date, as two runs of kaleido's own path do. One browser, one tab, for one call only."""
+    try:
+        from kaleido import Kaleido
+    except ImportError:
+        return None
+    if not hasattr(Kaleido, "_return_kaleido_tab"):
+        return None
+
+    class OneTab(Kaleido):
+        async def _return_kaleido_tab(self, tab) -> None:
+            await self.tabs_ready.put(tab)
+
+    return OneTab
+
+
+def write_static(specs: list[dict]) -> None:
+    """Write kaleido figure specs ({"fig": dict, "path", "opts": {format, width, height, scale}}) with one
+    browser start for all of them; any image that fails raises."""
+    import plotly.io as pio
+
+    kopts = {k: v for k, v in (("plotlyjs", pio.defaults.plotlyjs), ("mathjax", pio.defaults.mathjax),
+                               ("headers", getattr(pio.defaults, "headers", None))) if v}
+    one_tab = _one_tab_kaleido()
+    if one_tab is None:
+        pio.write_images([s["fig"] for s in specs], [s["path"] for s in specs],
+                         format=[s["opts"]["format"] for s in specs], scale=[s["opts"]["scale"] for s in specs],
+                         width=[s["opts"]["width"] for s in specs], height=[s["opts"]["height"] for s in specs])
+        return
+
+    async def render():
+        async with one_tab(**kopts) as k:
+            await k.write_fig_from_object(specs, cancel_on_error=True)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # the usual case: no event loop in this thread
+        asyncio.run(render())
+        return
+    with ThreadPoolExecutor(1) as ex:  # called from a running loop (a notebook): a thread and loop of its own
+        ex.submit(asyncio.run, render()).result()
+
+
 def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iterable[str] = FORMATS) -> list[Path]:
     """Write each figure as <name>.html/.json/.png/.svg/.pdf under plot_dir; return the written paths.
 
@@ -96,23 +145,21 @@ def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iter
             print(f"superweight: warning: {NO_CHROME.format(formats='/'.join(f.upper() for f in static))}",
                   file=sys.stderr)
         else:
-            import plotly.io as pio
-
-            targets, temps, fig_list, scales, widths, heights = [], [], [], [], [], []
+            specs = []
             for name, fig in figs.items():
+                spec = fig.to_dict()  # once per figure, shared by its formats
                 for f in static:
-                    targets.append(d / f"{name}.{f}")
-                    temps.append(d / f".{name}.tmp{os.getpid()}.{f}")  # kaleido picks the format by suffix
-                    fig_list.append(fig)
-                    scales.append(PNG_DPI / PX_PER_IN if f == "png" else 1)
-                    widths.append(fig.layout.width or 700)
-                    heights.append(fig.layout.height or 500)
+                    target, tmp = d / f"{name}.{f}", d / f".{name}.tmp{os.getpid()}.{f}"
+                    specs.append((target, tmp, dict(fig=spec, path=tmp, opts=dict(
+                        format=f, width=fig.layout.width or 700, height=fig.layout.height or 500,
+                        scale=PNG_DPI / PX_PER_IN if f == "png" else 1))))
             try:
-                pio.write_images(fig_list, temps, scale=scales, width=widths, height=heights)
-                for tmp, target in zip(temps, targets):
+                write_static([s for _, _, s in specs])
+                for target, tmp, _ in specs:
                     os.replace(tmp, target)
             finally:
-                for tmp in temps:
+                for _, tmp, _ in specs:
                     tmp.unlink(missing_ok=True)
+            targets = [t for t, _, _ in specs]
             written.extend(targets)
     return written

@@ -513,3 +513,27 @@ def test_scores_of_mixed_and_integer_dtypes_rank_and_tie_exactly(monkeypatch, ch
     big = {"i.w": torch.tensor([16777217, 16777216, 16777216, 16777216], dtype=torch.int64)}
     r = rank(big, 2, "global", "top_k")
     assert r.flat.tolist()[0] == 0 and tied_counts(big, r, [1, 2]) == {1: 1, 2: 3}
+
+
+def test_tie_hash_is_splitmix64_of_index_name_and_seed_across_blocks(monkeypatch):
+    """u = splitmix64(flat ^ (name_key ^ (seed * golden + salt * c))) & (2^63 - 1), against a pure-Python
+    splitmix64, for indices inside and across the hash's blocks (a small block forces many)."""
+    import superweight.core.ranking as ranking
+    from superweight.core.ranking import name_key
+
+    M = (1 << 64) - 1
+
+    def ref(seed, name, f, salt=0):
+        z = (f ^ (name_key(name) ^ ((seed * 0x9E3779B97F4A7C15) + salt * 0xD1B54A32D192ED03))) & M
+        z = (z + 0x9E3779B97F4A7C15) & M
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+        return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+    flat = torch.tensor([0, 1, 2, 7, 2**20 + 3, 2**39 + 5, 17, 4, 99, 1000], dtype=torch.int64)
+    for block in (ranking.HASH_BLOCK, 3, 1):
+        monkeypatch.setattr(ranking, "HASH_BLOCK", block)
+        for seed, name, salt in ((0, "model.layers.0.mlp.down_proj.weight", 0), (7, "w", 3), (2**40, "x", 1)):
+            got = tie_hash(seed, name, flat, salt).tolist()
+            assert got == [ref(seed, name, f, salt) for f in flat.tolist()], block
+    assert tie_hash(0, "w", torch.empty(0, dtype=torch.int64)).numel() == 0

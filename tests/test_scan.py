@@ -223,3 +223,30 @@ def test_infinite_boundaries_and_overflowing_sums():
     assert tied_counts(ScoreSet(s), r, [k1]) == tied_counts(dict(s), r, [k1]) == {k1: 10}
     got = score_summary({"a": torch.tensor([3e38, 3e38, 1.0])}, 2)["param_sum"]
     assert float(got[0]) == pytest.approx(6e38)
+
+
+def test_uniform_draw_maps_ordinals_through_the_excluded_list():
+    """random_k's j-th candidate of a tensor, from the sorted excluded list (j + #{i: e_i - i <= j}), is
+    the j-th True of the mask, for excluded weights at the ends, in runs and none; the draw over a
+    sparse-listed mask equals the draw over the same mask given as a plain function."""
+    rng = np.random.default_rng(11)
+    for n, p in ((1, 0.0), (7, 0.5), (500, 0.01), (500, 0.002), (4096, 0.0)):
+        w = torch.tensor(rng.normal(0, 1, n), dtype=torch.float32)
+        w[rng.random(n) < p] = 0
+        w[0] = 0 if n > 1 else w[0]
+        if n > 3:
+            w[-3:] = 0  # a run of excluded weights at the end
+        m = Changeable("zero", lambda _: w, PerturbConfig())
+        keep = torch.nonzero(w != 0).squeeze(1)
+        if keep.numel() == 0:
+            continue
+        ordinal = torch.arange(keep.numel())
+        assert torch.equal(modes._candidate_flat(m, "w", ordinal), keep)
+    scores = {f"t{i}": torch.rand(300) for i in range(3)}
+    weights = {k: torch.where(torch.rand(300) < 0.01, 0.0, 1.0) for k in scores}
+    listed = Changeable("zero", lambda nm: weights[nm], PerturbConfig())
+    plain = lambda nm: weights[nm] != 0  # noqa: E731 - a mask with no excluded list
+    a = rank(scores, 200, "global", "random_k", 4, 1, mask_fn=listed)
+    b = rank(scores, 200, "global", "random_k", 4, 1, mask_fn=plain)
+    assert torch.equal(a.pid, b.pid) and torch.equal(a.flat, b.flat)
+    assert all(float(weights[a.names[int(p)]][int(f)]) != 0 for p, f in zip(a.pid, a.flat))

@@ -178,8 +178,8 @@ class Matcher:
         """|w| of (pid, flat) entries, one values() call per tensor."""
         out = np.empty(pid.numel())
         for p, sel in groups(pid):
-            w = self._abs(p)
-            out[sel.numpy()] = w[flat[sel].to(w.device)].double().cpu().numpy()
+            w = self.values(self.names[p]).detach().reshape(-1)
+            out[sel.numpy()] = w[flat[sel].to(w.device)].abs().double().cpu().numpy()  # |w| of these only
         return out
 
     def _pool(self, t: str) -> _Type:

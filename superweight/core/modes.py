@@ -139,6 +139,21 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
         if pos.numel() == k:
             floor, floor_u = float(v[pos[-1]]), int(u[pos[-1]])
 
+    def hold(pid, cand, x, u):  # a chunk's entries that enter: at most its k best, merged when many wait
+        nonlocal waiting
+        if cand.numel() > k:
+            pos = best(x, u, k)
+            cand, x, u = cand[pos], x[pos], u[pos]
+        vals.append(x.cpu().double())
+        us.append(u.cpu())
+        pids.append(torch.full((cand.numel(),), pid, dtype=torch.int64))
+        idxs.append(cand.cpu())
+        waiting += cand.numel()
+        if waiting > 2 * k or (floor is None and waiting >= k):
+            compact()
+
+    # Bottom-K's key of a zero score (-0.0): a chunk of zeros at a floor of 0 is all ties (below)
+    zero_key = float(rule.key(torch.zeros(1))) if plan is not None and rule.order == "asc" else None
     for pid, n in enumerate(names):
         s = scores[n].detach().reshape(-1)
         m = None
@@ -154,6 +169,15 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
                 if rule.order == "asc" and f > -math.inf and not plan[2].may_hold_below(pid, st, st + step, -f):
                     continue
                 chunk = s[st : st + step]
+                if floor is not None and zero_key == floor and plan[2].all_zero(pid, st, st + step):
+                    # a mass of ties at a floor of 0 (act_outlier's Bottom-K: 10^8 zeros): every entry is
+                    # at the floor, so only the tie-break decides; no comparison, no key, no index first
+                    u = tie_hash(seed, n, torch.arange(st, st + chunk.numel(), device=chunk.device))
+                    sel = torch.nonzero(u < floor_u).squeeze(1)
+                    cand, u = sel + st, u[sel]
+                    x = torch.full((cand.numel(),), zero_key, dtype=torch.float32, device=chunk.device)
+                    hold(pid, *_candidates_only(mask_fn, n, cand, cand, x, u))
+                    continue
                 cand = torch.nonzero(_past(rule, chunk, f)).squeeze(1)
                 if cand.numel() == 0:
                     continue
@@ -193,16 +217,7 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
                 cand, x, u = cand[keep], x[keep], u[keep]
                 if plan is not None:
                     cand, x, u = _candidates_only(mask_fn, n, cand, cand, x, u)
-            if cand.numel() > k:
-                pos = best(x, u, k)
-                cand, x, u = cand[pos], x[pos], u[pos]
-            vals.append(x.cpu().double())
-            us.append(u.cpu())
-            pids.append(torch.full((cand.numel(),), pid, dtype=torch.int64))
-            idxs.append(cand.cpu())
-            waiting += cand.numel()
-            if waiting > 2 * k or (floor is None and waiting >= k):
-                compact()
+            hold(pid, cand, x, u)
     if plan is not None and sum(v.numel() for v in vals) < min(k, n_cand):
         PLAN_SHORT.append((rule.name, k, n_cand))  # the scan's counts promised more: read every score instead
         return _ranked_global(dict(scores), k, rule, seed, mask_fn)
@@ -212,6 +227,21 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
     best_p, best_i = pids[0], idxs[0]
     return Ranking(names, shapes, best_p, best_i, gather(scores, names, best_p, best_i),
                    torch.arange(best_p.numel()), "global", rule.name, n_cand if rule.support else None, n_cand)
+
+
+def _candidate_flat(mask_fn: Mask, name: str, ordinal: torch.Tensor) -> torch.Tensor:
+    """The flat index of the j-th candidate of tensor `name` for each j in `ordinal`. From the list of the
+    excluded weights e_0 < e_1 < ... when the mask keeps one: e_i has e_i - i candidates before it, so the
+    j-th candidate sits at j + #{i: e_i - i <= j} (O(K log E), no pass over the tensor); else from the mask."""
+    try:
+        ex = mask_excluded(mask_fn, name)
+    except LookupError:
+        ex = False
+    if ex is False or ex is None:
+        m = mask_fn(name)
+        return ordinal if m is None else torch.nonzero(m.reshape(-1)).squeeze(1).cpu()[ordinal]
+    ex = ex.to(torch.int64).cpu()
+    return ordinal + torch.searchsorted(ex - torch.arange(ex.numel()), ordinal, right=True)
 
 
 def _uniform_global(scores, k, rule: Rule, seed, draw, mask_fn) -> Ranking:
@@ -228,9 +258,8 @@ def _uniform_global(scores, k, rule: Rule, seed, draw, mask_fn) -> Ranking:
     ordinal = pos - (ends - sizes)[pid]
     flat = ordinal.clone()
     for p, sel in groups(pid):
-        m = mask_fn(names[p]) if mask_fn is not None and counts[p] < scores[names[p]].numel() else None
-        if m is not None:  # ordinal among the candidates -> flat index
-            flat[sel] = torch.nonzero(m.reshape(-1)).squeeze(1).cpu()[ordinal[sel]]
+        if mask_fn is not None and counts[p] < scores[names[p]].numel():  # ordinal among the candidates -> flat
+            flat[sel] = _candidate_flat(mask_fn, names[p], ordinal[sel])
     return Ranking(names, shapes, pid, flat, gather(scores, names, pid, flat), torch.arange(k), "global",
                    rule.name, None, total)
 

@@ -65,6 +65,23 @@ def _count_candidates(hit: torch.Tensor, mask_fn: Mask | None, name: str, start:
     return n - int(hit[ex.to(hit.device)].sum())
 
 
+def _zeros_from_scan(scores: Scores, scan, pids: dict, names: list[str], mask_fn: Mask | None) -> int | None:
+    """How many candidates score exactly ±0: the scan's zero counts less the zeros among the excluded weights
+    (None where a mask does not list them: then they are compared like any other boundary value)."""
+    total = 0
+    for name in names:
+        zeros = int(scan.zeros[scan.chunks(pids[name], 0, scan.numel[pids[name]])].sum())
+        try:
+            ex = mask_excluded(mask_fn, name)
+        except LookupError:
+            return None
+        if ex is not None and ex.numel() and zeros:
+            s = scores[name].detach().reshape(-1)
+            zeros -= int(torch.count_nonzero(s[ex.to(s.device)] == 0))
+        total += zeros
+    return total
+
+
 def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask | None = None) -> dict[int, int]:
     """n_tied of each K-selection `ranking.take(k)` of a global ranking: how many candidates share the score
     of its last (K-th) selected entry, over all candidates (1 = no tie at the boundary; 0 = empty). One pass
@@ -79,12 +96,15 @@ def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask |
             p, f = int(ranking.pid[n - 1]), int(ranking.flat[n - 1])
             bound[k] = float(scores[ranking.names[p]].detach().reshape(-1)[f].double())
     vals = sorted({v for v in bound.values() if not np.isnan(v)})
+    scan = getattr(scores, "scan", None)  # a scan of the scores (scan.py): chunks that hold no boundary value are skipped
+    pids = {n: i for i, n in enumerate(scan.names)} if scan is not None and scan.exact else None
+    n_zero = _zeros_from_scan(scores, scan, pids, ranking.names, mask_fn) if pids is not None and 0.0 in vals else None
+    if n_zero is not None:  # a boundary at 0 (a mass of zero scores): counted, never compared
+        vals.remove(0.0)
     b = torch.tensor(vals, dtype=torch.float64)
     counts = torch.zeros(len(vals), dtype=torch.int64)
     n_nan = 0
     want_nan = any(np.isnan(v) for v in bound.values())
-    scan = getattr(scores, "scan", None)  # a scan of the scores (scan.py): chunks that hold no boundary value are skipped
-    pids = {n: i for i, n in enumerate(scan.names)} if scan is not None and scan.exact else None
     wanted = vals + ([float("nan")] if want_nan else [])
     for name in ranking.names:
         s = scores[name].detach().reshape(-1)
@@ -116,4 +136,6 @@ def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask |
                     hit &= m.cpu()
                 counts += torch.bincount(i[hit], minlength=len(vals))
     by_val = dict(zip(vals, counts.tolist()))
+    if n_zero is not None:
+        by_val[0.0] = n_zero
     return {k: (n_nan if np.isnan(bound[k]) else by_val[bound[k]]) if k in bound else 0 for k in ks}

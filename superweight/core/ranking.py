@@ -152,6 +152,7 @@ def gather(scores: Scores, names: list[str], pid: torch.Tensor, flat: torch.Tens
 
 # --- seeded tie-breaks --------------------------------------------------------------------------------
 _M64 = (1 << 64) - 1
+HASH_BLOCK = 1 << 18  # entries hashed at a time: 2 MB int64 buffers stay in cache (1M at once: 2x slower)
 
 
 def _i64(x: int) -> int:
@@ -170,16 +171,20 @@ def tie_hash(seed: int, param: str | int, flat: torch.Tensor, salt: int = 0) -> 
     ranks first. Keyed by the parameter's *name* (an int is taken as the key itself), so the tie-breaks do
     not depend on the order of the score dict nor on which other tensors are scored."""
     pkey = name_key(param) if isinstance(param, str) else int(param)
-    x = flat.to(torch.int64, copy=True)  # in place from here: two buffers (a mass of ties hashes millions)
-    x ^= _i64(pkey ^ ((int(seed) * 0x9E3779B97F4A7C15) + salt * 0xD1B54A32D192ED03))
-    x += _i64(0x9E3779B97F4A7C15)
-    y = torch.empty_like(x)
-    for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None)):
-        torch.bitwise_right_shift(x, shift, out=y)  # arithmetic shift; the mask makes it logical
-        x ^= y.bitwise_and_((1 << (64 - shift)) - 1)
-        if mul is not None:
-            x *= _i64(mul)
-    return x.bitwise_and_((1 << 63) - 1)
+    out = flat.to(torch.int64, copy=True)  # in place from here: two buffers (a mass of ties hashes millions)
+    y = torch.empty(min(out.numel(), HASH_BLOCK), dtype=torch.int64, device=out.device)
+    for st in range(0, out.numel(), HASH_BLOCK):  # blocks that stay in cache through the 11 passes: 2x faster
+        x = out[st : st + HASH_BLOCK]
+        t = y[: x.numel()]
+        x ^= _i64(pkey ^ ((int(seed) * 0x9E3779B97F4A7C15) + salt * 0xD1B54A32D192ED03))
+        x += _i64(0x9E3779B97F4A7C15)
+        for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None)):
+            torch.bitwise_right_shift(x, shift, out=t)  # arithmetic shift; the mask makes it logical
+            x ^= t.bitwise_and_((1 << (64 - shift)) - 1)
+            if mul is not None:
+                x *= _i64(mul)
+        x.bitwise_and_((1 << 63) - 1)
+    return out
 
 
 def order(vals: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -59,13 +59,13 @@ def code_of(v: float) -> int:
 
 class Scan:
     """The classes of a score set (module docstring), by chunk: `counts` [chunks, 512], `zeros` and
-    `pos_sub` (positive subnormals) [chunks], `chunk_pid`/`chunk_start` [chunks]; per tensor `sums` and
+    `pos_sub` (positive subnormals) [chunks], `chunk_pid`/`chunk_start`/`chunk_len` [chunks]; per tensor `sums` and
     `maxima` (float64, NaN kept), `numel`."""
 
     def __init__(self, scores: dict[str, torch.Tensor]):
         self.names = list(scores)
         self.exact = all(s.dtype in (*_BITS, torch.float16) for s in scores.values())
-        counts, zeros, pos_sub, pid, start = [], [], [], [], []
+        counts, zeros, pos_sub, pid, start, length = [], [], [], [], [], []
         self.sums, self.maxima, self.numel = [], [], []
         for p, name in enumerate(self.names):
             flat = scores[name].detach().reshape(-1)
@@ -82,6 +82,7 @@ class Scan:
                 pos_sub.append(int(((x > 0) & (x < MIN_NORMAL)).sum()) if subnormal else 0)
                 pid.append(p)
                 start.append(st)
+                length.append(x.numel())
                 # float32 partial sums of 2^20 scores (pairwise inside torch), added in float64; float64 and
                 # integer scores, and a chunk whose float32 sum overflows, summed in float64
                 part = float(x.sum(dtype=torch.float32)) if raw.dtype in (*_BITS, torch.float16) else math.nan
@@ -94,6 +95,7 @@ class Scan:
         self.pos_sub = torch.tensor(pos_sub, dtype=torch.int64)
         self.chunk_pid = torch.tensor(pid, dtype=torch.int64)
         self.chunk_start = torch.tensor(start, dtype=torch.int64)
+        self.chunk_len = torch.tensor(length, dtype=torch.int64)
         self.chunk = CHUNK  # the chunk size it was built with
         self.first, self.n_chunks = {}, {}  # tensor id -> index of its first chunk, its number of chunks
         for i, p in enumerate(pid):
@@ -166,6 +168,11 @@ class Scan:
         if any(c & 255 == 0 for c in cls):
             cls |= {0, 256}  # ±0 lies in either sign's code 0
         return bool(self.counts[self.chunks(pid, start, stop)][:, sorted(cls)].any())
+
+    def all_zero(self, pid: int, start: int, stop: int) -> bool:
+        """Whether every score in [start, stop) of tensor `pid` is ±0 (every chunk it overlaps is)."""
+        sl = self.chunks(pid, start, stop)
+        return bool(torch.equal(self.zeros[sl], self.chunk_len[sl]))
 
     def may_hold_below(self, pid: int, start: int, stop: int, v: float) -> bool:
         """Whether scores [start, stop) of tensor `pid` can hold a score <= v (v >= 0), NaN-signed codes

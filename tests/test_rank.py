@@ -537,3 +537,25 @@ def test_tie_hash_is_splitmix64_of_index_name_and_seed_across_blocks(monkeypatch
             got = tie_hash(seed, name, flat, salt).tolist()
             assert got == [ref(seed, name, f, salt) for f in flat.tolist()], block
     assert tie_hash(0, "w", torch.empty(0, dtype=torch.int64)).numel() == 0
+
+
+def test_matching_sort_by_value_then_key_is_lexsorts_order():
+    """matched_k's candidate order (|w| ascending, then key): the one-integer-sort path (increasing keys, |w|
+    from fp32/bf16 weights, zeros, inf and many ties) and the lexsort path (keys in any order, float64 |w|
+    with low bits set) both give np.lexsort's order."""
+    from superweight.core.matching import _by_value_then_key
+
+    rng = np.random.default_rng(1)
+    for trial in range(120):
+        n = int(rng.integers(0, 2000))
+        v = np.abs(rng.standard_normal(n))
+        if trial % 4 == 0:
+            v = v.astype(np.float32).astype(np.float64)
+        elif trial % 4 == 1:
+            v = torch.from_numpy(v).to(torch.bfloat16).double().numpy()
+        elif trial % 4 == 2:  # a few distinct values: ties everywhere
+            v = np.round(v, 1).astype(np.float32).astype(np.float64)
+            v[rng.random(n) < 0.1] = 0.0
+            v[rng.random(n) < 0.02] = np.inf
+        key = np.sort(rng.choice(1 << 45, n, replace=False)) if trial % 5 else rng.integers(0, 1 << 45, n)
+        assert np.array_equal(_by_value_then_key(v, key), np.lexsort((key, v))), trial

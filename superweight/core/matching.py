@@ -25,7 +25,7 @@ import torch
 
 from .overlap import ks_distance
 from .params import module_type
-from .ranking import Mask, Ranking, groups, mask_at
+from .ranking import SHIFT, Mask, Ranking, groups, mask_at
 
 WIDTHS = (0.01, 0.05, 0.2, 1.0)  # relative |w| windows of the uniform draw
 NEAREST = (3.0, 15.0, 255.0, 65535.0)  # windows (×4 .. ×65536) searched for the nearest free candidate
@@ -35,60 +35,74 @@ GATHER_WIDTH = 0.2  # an exact pass gathers the windows at this width at least (
 _TINY = 1e-300  # |w| = 0 in the log distance
 
 
+_LOW = (1 << 29) - 1  # the float64 mantissa bits below float32's: zero for every |w| read from fp32/bf16/fp16
+
+
+def _by_value_then_key(v: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """The order by |w| (v >= 0, float64), then by key: a weight gathered twice lies next to itself. Keys
+    already increasing (a pool) and |w| read from weights of 32 bits or fewer: the float64 bits of v >= 0
+    sort as v does and their 29 low bits are zero, so the position (= key order) fits there and one integer
+    sort gives lexsort's order, 4x faster (7 ms against 30 for a pool of 2^18)."""
+    bits = v.view(np.int64)
+    if (key.size < 1 << 29 and not (bits & _LOW).any() and not (bits < 0).any()
+            and bool((key[1:] > key[:-1]).all())):
+        return np.argsort(bits | np.arange(key.size, dtype=np.int64))
+    return np.lexsort((key, v))
+
+
 @dataclass
 class _Sorted:
-    """Candidates (|w| ascending, float64) with their parameter id and flat index."""
+    """Candidates (|w| ascending, float64) with their parameter id, flat index and int key (pid << 40 | flat:
+    `taken` holds these)."""
 
     val: np.ndarray
     pid: np.ndarray
     flat: np.ndarray
+    key: np.ndarray
 
     @staticmethod
     def of(vals, pids, flats) -> "_Sorted":
         v = np.concatenate(vals) if vals else np.empty(0)
         p = np.concatenate(pids) if pids else np.empty(0, np.int64)
         f = np.concatenate(flats) if flats else np.empty(0, np.int64)
-        key = (p << 40) | f
-        o = np.lexsort((key, v))  # by |w|, then by weight: a weight gathered twice lies next to itself
+        key = (p << SHIFT) | f
+        o = _by_value_then_key(v, key)
         v, p, f, key = v[o], p[o], f[o], key[o]
         first = np.ones(key.size, dtype=bool)
         first[1:] = key[1:] != key[:-1]  # one entry per weight
-        return _Sorted(v[first], p[first], f[first])
+        return _Sorted(v[first], p[first], f[first], key[first])
 
     def _span(self, lo: float, hi: float) -> tuple[int, int]:
         return int(np.searchsorted(self.val, lo, "left")), int(np.searchsorted(self.val, hi, "right"))
 
-    def pick(self, lo: float, hi: float, taken: set, gen: np.random.Generator) -> tuple[int, int] | None:
-        """A uniformly random entry with lo <= |w| <= hi that is not taken, or None."""
+    def pick(self, lo: float, hi: float, taken: set, gen: np.random.Generator) -> int | None:
+        """The key of a uniformly random entry with lo <= |w| <= hi that is not taken, or None."""
         s, b = self._span(lo, hi)
         if b <= s:
             return None
         for _ in range(8):  # rejection: taken entries are rare inside a window
-            j = s + int(gen.integers(b - s))
-            key = (int(self.pid[j]), int(self.flat[j]))
+            key = int(self.key[s + int(gen.integers(b - s))])
             if key not in taken:
                 return key
-        free = [(int(p), int(f)) for p, f in zip(self.pid[s:b], self.flat[s:b]) if (int(p), int(f)) not in taken]
+        free = [k for k in self.key[s:b].tolist() if k not in taken]  # a window of mostly taken weights
         return free[int(gen.integers(len(free)))] if free else None
 
-    def nearest(self, a: float, lo: float, hi: float, taken: set) -> tuple[int, int] | None:
-        """The free entry with lo <= |w| <= hi nearest to |w| = a by |log(|w| / a)| (ties: the smaller |w|),
-        walking outwards from a: O(taken entries passed)."""
+    def nearest(self, a: float, lo: float, hi: float, taken: set) -> int | None:
+        """The key of the free entry with lo <= |w| <= hi nearest to |w| = a by |log(|w| / a)| (ties: the
+        smaller |w|), walking outwards from a: O(taken entries passed)."""
         s, b = self._span(lo, hi)
         right = int(np.searchsorted(self.val, a, "left"))
         left = right - 1
         la = np.log(a + _TINY)
-        while True:
-            while left >= s and (int(self.pid[left]), int(self.flat[left])) in taken:
-                left -= 1
-            while right < b and (int(self.pid[right]), int(self.flat[right])) in taken:
-                right += 1
-            if left < s and right >= b:
-                return None
-            dl = la - np.log(self.val[left] + _TINY) if left >= s else np.inf
-            dr = np.log(self.val[right] + _TINY) - la if right < b else np.inf
-            j = left if dl <= dr else right
-            return int(self.pid[j]), int(self.flat[j])
+        while left >= s and int(self.key[left]) in taken:
+            left -= 1
+        while right < b and int(self.key[right]) in taken:
+            right += 1
+        if left < s and right >= b:
+            return None
+        dl = la - np.log(self.val[left] + _TINY) if left >= s else np.inf
+        dr = np.log(self.val[right] + _TINY) - la if right < b else np.inf
+        return int(self.key[left if dl <= dr else right])
 
 
 def _merge(windows) -> list[list[float]]:
@@ -284,12 +298,11 @@ class Matcher:
 
     def match(self, top: Ranking, k: int) -> Ranking:
         """The matched_k selection of Top-K set `top` (drawn for this K; group rank = its target's)."""
-        tp, tf = top.pid.tolist(), top.flat.tolist()
+        tp = top.pid.tolist()
         tv = self.abs_at(top.pid, top.flat)
         mtype = [module_type(n) for n in self.names]
-        taken = set(zip(tp, tf))  # never a Top-K weight, never twice
-        out_p = np.full(len(tp), -1, dtype=np.int64)
-        out_f = np.full(len(tp), -1, dtype=np.int64)
+        taken = set(((top.pid << SHIFT) | top.flat).tolist())  # never a Top-K weight, never twice
+        out = np.full(len(tp), -1, dtype=np.int64)  # each target's match, as a key
         gen = np.random.default_rng([self.seed, self.draw, 7_777, int(k)])
 
         def window(i: int, width: float) -> tuple[float, float]:
@@ -303,7 +316,7 @@ class Matcher:
                 if got is None:
                     left.append(i)
                 else:
-                    out_p[i], out_f[i] = got
+                    out[i] = got
                     taken.add(got)
             return left
 
@@ -328,8 +341,8 @@ class Matcher:
             if pending:
                 ext = self._extremes(ty, len(pending) + len(taken))
                 pending = assign(pending, np.inf, ext, True)
-        ok = out_p >= 0
-        pid, flat = torch.from_numpy(out_p[ok]), torch.from_numpy(out_f[ok])
+        ok = out >= 0
+        pid, flat = torch.from_numpy(out[ok] >> SHIFT), torch.from_numpy(out[ok] & ((1 << SHIFT) - 1))
         got = self.abs_at(pid, flat)
         okt = torch.from_numpy(ok)
         stats = {"target_abs_w": tv[ok], "match_abs_w": got}

@@ -250,3 +250,33 @@ def test_uniform_draw_maps_ordinals_through_the_excluded_list():
     b = rank(scores, 200, "global", "random_k", 4, 1, mask_fn=plain)
     assert torch.equal(a.pid, b.pid) and torch.equal(a.flat, b.flat)
     assert all(float(weights[a.names[int(p)]][int(f)]) != 0 for p, f in zip(a.pid, a.flat))
+
+
+def test_tie_counts_kept_by_the_ranking_equal_a_full_count(small_chunks, monkeypatch):
+    """A ranking by score keeps, for each of its nonzero scores, how many candidates score exactly that
+    (counted from the entries it read past its floor): equal to a brute-force count over every candidate,
+    ties at the boundary included; the tie counts then read no score. Past TIE_BUDGET kept entries the
+    ranking keeps none and the tie counts read the scores: the same counts."""
+    rng = np.random.default_rng(12)
+    scores = _scores("ties", rng, torch.float32)
+    weights = _weights(rng, scores, 0.01)
+    mask = Changeable("zero", lambda n: weights[n], PerturbConfig())
+    for selection, k in (("top_k", 300), ("bottom_k", 1000)):  # Bottom-1000 reaches past the zeros
+        r = rank(ScoreSet(scores), k, "global", selection, 3, mask_fn=mask)
+        assert r.tied, selection
+        for v, n in r.tied.items():
+            assert v != 0
+            assert n == sum(int(((t.double() == v) & (weights[nm] != 0)).sum()) for nm, t in scores.items())
+        ks = [1, 10, k]
+        read = []
+        real = Scan.may_hold
+        monkeypatch.setattr(Scan, "may_hold", lambda self, *a: read.append(a) or real(self, *a))
+        got = tied_counts(ScoreSet(scores), r, ks, mask)
+        monkeypatch.setattr(Scan, "may_hold", real)
+        assert read == []  # every boundary score counted while ranking (or a zero, by the scan): no chunk read
+        monkeypatch.setattr(modes, "TIE_BUDGET", 5)
+        r2 = rank(ScoreSet(scores), k, "global", selection, 3, mask_fn=mask)
+        monkeypatch.setattr(modes, "TIE_BUDGET", 1 << 22)
+        assert r2.tied is None and torch.equal(r2.flat, r.flat)
+        assert tied_counts(ScoreSet(scores), r2, ks, mask) == got
+        assert got[k] == r.tied[float(r.score[k - 1])] > 1  # a tie at the boundary

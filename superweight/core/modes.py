@@ -31,6 +31,7 @@ from .ranking import (SHIFT, Mask, Ranking, Scores, best, bound_in, gather, grou
 
 MODES = Registry("mode")
 CHUNK = 1 << 20  # scores per step of the global merge: its temporaries are O(CHUNK + K), not O(tensor)
+TIE_BUDGET = 1 << 22  # scores a ranking keeps for its tie counts at most (past it: the tie counts read again)
 PLAN_SHORT: list = []  # rankings whose scan plan came up short and were read in full (never, by its counts)
 InAxis = Callable[[str], int]  # parameter name -> its input axis (the axis a row of one output neuron runs along)
 
@@ -152,6 +153,8 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
         if waiting > 2 * k or (floor is None and waiting >= k):
             compact()
 
+    # the scores read past the floor (scores equal to a final one among them, every one): the tie counts
+    seen, n_seen = ([], 0) if plan is not None else (None, 0)
     # Bottom-K's key of a zero score (-0.0): a chunk of zeros at a floor of 0 is all ties (below)
     zero_key = float(rule.key(torch.zeros(1))) if plan is not None and rule.order == "asc" else None
     for pid, n in enumerate(names):
@@ -181,9 +184,15 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
                 cand = torch.nonzero(_past(rule, chunk, f)).squeeze(1)
                 if cand.numel() == 0:
                     continue
-                x, ok = rule.keys(chunk[cand], None)  # the mask later, at the few past the floor when it holds
+                raw = chunk[cand]
+                x, ok = rule.keys(raw, None)  # the mask later, at the few past the floor when it holds
                 if not bool(ok.all()):
-                    cand, x = cand[ok], x[ok]
+                    cand, x, raw = cand[ok], x[ok], raw[ok]
+                if seen is not None:  # every score tied with a final one is past the floor when read: kept
+                    seen.append((pid, cand + st, raw.double().cpu()))
+                    n_seen += cand.numel()
+                    if n_seen > TIE_BUDGET:
+                        seen = None
                 if floor is None:
                     cand, x = _candidates_only(mask_fn, n, cand + st, cand, x)
                     if cand.numel() > k:  # this chunk's own k best (u for the tied entries only)
@@ -225,8 +234,36 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
         return _empty(names, shapes, "global", rule, n_cand)
     compact()
     best_p, best_i = pids[0], idxs[0]
-    return Ranking(names, shapes, best_p, best_i, gather(scores, names, best_p, best_i),
-                   torch.arange(best_p.numel()), "global", rule.name, n_cand if rule.support else None, n_cand)
+    r = Ranking(names, shapes, best_p, best_i, gather(scores, names, best_p, best_i),
+                torch.arange(best_p.numel()), "global", rule.name, n_cand if rule.support else None, n_cand)
+    if seen is not None:
+        r.tied = _tied_of(seen, r, mask_fn)
+    return r
+
+
+def _tied_of(seen: list, r: Ranking, mask_fn) -> dict | None:
+    """{score: candidates scoring exactly that} for each nonzero score of ranking `r`, from the entries the
+    ranking read past its floor (`seen`: (pid, flat, score) per chunk). The floor only rises to the K-th key,
+    so every score equal to one of r's was past it when read: the count is exact. Zeros are left to the
+    scan's zero counts (a chunk of zeros at the floor is hashed, not read); None if a count comes up empty."""
+    want = torch.unique(r.score.double())
+    want = want[(want != 0) & ~want.isnan()]
+    if want.numel() == 0:
+        return {}
+    v = torch.cat([x for _, _, x in seen])
+    hit = torch.isin(v, want)
+    p = torch.cat([torch.full((f.numel(),), pid, dtype=torch.int64) for pid, f, _ in seen])[hit]
+    f = torch.cat([f.cpu() for _, f, _ in seen])[hit]
+    v = v[hit]
+    keep = torch.ones(v.numel(), dtype=torch.bool)
+    for pid, sel in groups(p):
+        m = mask_at(mask_fn, r.names[pid], f[sel])
+        if m is not None:
+            keep[sel] = m.cpu()
+    vals, counts = torch.unique(v[keep], return_counts=True)
+    got = dict(zip(vals.tolist(), counts.tolist()))
+    out = {x: got.get(x, 0) for x in want.tolist()}
+    return None if min(out.values()) < 1 else out
 
 
 def _candidate_flat(mask_fn: Mask, name: str, ordinal: torch.Tensor) -> torch.Tensor:

@@ -96,15 +96,20 @@ def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask |
             p, f = int(ranking.pid[n - 1]), int(ranking.flat[n - 1])
             bound[k] = float(scores[ranking.names[p]].detach().reshape(-1)[f].double())
     vals = sorted({v for v in bound.values() if not np.isnan(v)})
+    want_nan = any(np.isnan(v) for v in bound.values())
     scan = getattr(scores, "scan", None)  # a scan of the scores (scan.py): chunks that hold no boundary value are skipped
     pids = {n: i for i, n in enumerate(scan.names)} if scan is not None and scan.exact else None
-    n_zero = _zeros_from_scan(scores, scan, pids, ranking.names, mask_fn) if pids is not None and 0.0 in vals else None
-    if n_zero is not None:  # a boundary at 0 (a mass of zero scores): counted, never compared
-        vals.remove(0.0)
+    known = dict(ranking.tied) if ranking.tied is not None else {}  # counted while it was ranked (modes.py)
+    if pids is not None and 0.0 in vals:  # a boundary at 0 (a mass of zero scores): counted, never compared
+        n_zero = _zeros_from_scan(scores, scan, pids, ranking.names, mask_fn)
+        if n_zero is not None:
+            known[0.0] = n_zero
+    vals = [v for v in vals if v not in known]
+    if not vals and not want_nan:
+        return {k: known[bound[k]] if k in bound else 0 for k in ks}
     b = torch.tensor(vals, dtype=torch.float64)
     counts = torch.zeros(len(vals), dtype=torch.int64)
     n_nan = 0
-    want_nan = any(np.isnan(v) for v in bound.values())
     wanted = vals + ([float("nan")] if want_nan else [])
     for name in ranking.names:
         s = scores[name].detach().reshape(-1)
@@ -135,7 +140,5 @@ def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask |
                 if m is not None:
                     hit &= m.cpu()
                 counts += torch.bincount(i[hit], minlength=len(vals))
-    by_val = dict(zip(vals, counts.tolist()))
-    if n_zero is not None:
-        by_val[0.0] = n_zero
+    by_val = {**known, **dict(zip(vals, counts.tolist()))}
     return {k: (n_nan if np.isnan(bound[k]) else by_val[bound[k]]) if k in bound else 0 for k in ks}

@@ -101,7 +101,7 @@ def _pack(prefix: str, r: Ranking, tensors: dict) -> dict:
     meta: dict = {"_prefix": prefix}
     for f in dataclasses.fields(r):
         v = getattr(r, f.name)
-        if f.name in ("names", "shapes"):
+        if f.name in ("names", "shapes", "tied"):  # tied: a pass-saver while the run ranks, never stored
             continue
         if isinstance(v, torch.Tensor):
             tensors[f"{prefix}.{f.name}"] = v.detach().clone().contiguous().cpu()

@@ -199,44 +199,33 @@ def test_save_figures_writes_html_json_png_svg(tmp_path):
 
 
 def test_one_tab_export_draws_what_kaleidos_own_path_draws(tmp_path, monkeypatch):
-    """Images rendered one after another in one tab (no plotly.js reload between them) are the images
-    kaleido's own path renders, each from a fresh page: byte-identical PNGs, in the order they were asked
-    for (a second figure must not show the first one's state); an image that fails raises."""
+    """Images rendered one after another in one tab (no plotly.js reload between them), by a browser started
+    before the figures exist (as the run's sink starts it), are the images kaleido's own path renders, each
+    from a fresh page: byte-identical PNGs, in the order asked for (a second figure must not show the first
+    one's state); an image that fails raises; a browser never used closes."""
     from superweight.edge import export
 
     if not plots.chrome_available():
         pytest.skip("no Chrome/Chromium for kaleido (apt-get install chromium)")
     assert export._one_tab_kaleido() is not None  # the fast path is the one under test
+    early = export.Browser()
     res = synthetic_results()
     figs = {"ppl": plots.delta_vs_k(res, "delta_ppl"), "acc": plots.delta_vs_k(res, "delta_acc")}
-    fast = export.save_figures(figs, tmp_path / "fast", ["png"])
-    monkeypatch.setattr(export, "_one_tab_kaleido", lambda: None)
-    slow = export.save_figures(figs, tmp_path / "slow", ["png"])
+    fast = export.save_figures(figs, tmp_path / "fast", ["png"], early)
+    early.close()
+    with monkeypatch.context() as m:
+        m.setattr(export, "_one_tab_kaleido", lambda: None)
+        slow = export.save_figures(figs, tmp_path / "slow", ["png"])
     assert [p.name for p in fast] == [p.name for p in slow] == ["ppl.png", "acc.png"]
     for a, b in zip(fast, slow):
         assert a.read_bytes() == b.read_bytes()
     assert fast[0].read_bytes() != fast[1].read_bytes()
-    monkeypatch.undo()
     bad = {"fig": figs["ppl"].to_dict(), "path": tmp_path / "bad.bmp",
            "opts": {"format": "bmp", "width": 100, "height": 100, "scale": 1}}
     with pytest.raises(Exception):
         export.write_static([bad])
     assert not (tmp_path / "bad.bmp").exists()
-
-
-# ---------------------------------------------------------------------------------------------------
-# print sizes, stability at each metric's support, score distribution, metric comparison
-# ---------------------------------------------------------------------------------------------------
-def test_delta_vs_k_is_laid_out_at_print_size():
-    five = pd.concat([synthetic_results().assign(metric=m) for m in ("a", "b", "c", "d", "e")])
-    fig = plots.delta_vs_k(five, "delta_nll")
-    assert fig.layout.meta["print"] == {"width_in": 7.0, "height_in": pytest.approx(0.8 + 2 * 1.9)}
-    assert fig.layout.width == 672 and fig.layout.font.size >= 9  # 7 in at 96 px/in, >= 6.75 pt
-    assert {t.xaxis for t in fig.data} == {"x", "x2", "x3", "x4", "x5"}  # 5 metrics on a 3 x 2 grid
-    leg = fig.layout.legend
-    assert leg.xref == "container" and 0 <= leg.x <= 1 and 0 <= leg.y <= 1  # inside the figure
-    one = plots.delta_vs_k(synthetic_results().query("metric == 'magnitude'"), "delta_nll")
-    assert one.layout.width == 336
+    export.Browser().close()  # started and never used: closes
 
 
 def _support_rankings():

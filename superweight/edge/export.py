@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import get_args
 
@@ -89,34 +89,74 @@ def _one_tab_kaleido():
     return OneTab
 
 
-def write_static(specs: list[dict]) -> None:
-    """Write kaleido figure specs ({"fig": dict, "path", "opts": {format, width, height, scale}}) with one
-    browser start for all of them; any image that fails raises."""
+class Browser:
+    """A kaleido browser started ahead of its images: `Browser()` launches Chrome in a thread of its own
+    (about 2 s) while the caller builds the figures; `render(specs)` writes them there and closes it,
+    raising what failed; `close()` closes it unused. The run's sink starts one before its result files."""
+
+    def __init__(self):
+        import threading
+
+        self._specs: Future = Future()
+        self._done: Future = Future()
+        self._thread = threading.Thread(target=self._main, name="superweight-kaleido", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+            self._done.set_result(None)
+        except BaseException as e:  # noqa: BLE001 - handed to render()
+            self._done.set_exception(e)
+
+    async def _serve(self) -> None:
+        import plotly.io as pio
+
+        kopts = {k: v for k, v in (("plotlyjs", pio.defaults.plotlyjs), ("mathjax", pio.defaults.mathjax),
+                                   ("headers", getattr(pio.defaults, "headers", None))) if v}
+        one_tab = _one_tab_kaleido()
+        if one_tab is None:  # no such kaleido internal: kaleido's own path, when the specs come
+            specs = await asyncio.to_thread(self._specs.result)
+            if specs:
+                await asyncio.to_thread(_write_images, specs)
+            return
+        async with one_tab(**kopts) as k:
+            specs = await asyncio.to_thread(self._specs.result)
+            if specs:
+                await k.write_fig_from_object(specs, cancel_on_error=True)
+
+    def render(self, specs: list[dict]) -> None:
+        """Write kaleido figure specs ({"fig": dict, "path", "opts": {format, width, height, scale}}); any
+        image that fails raises."""
+        self._specs.set_result(specs)
+        self._done.result()
+
+    def close(self) -> None:
+        if not self._specs.done():
+            self._specs.set_result([])
+        self._thread.join()
+
+
+def _write_images(specs: list[dict]) -> None:
     import plotly.io as pio
 
-    kopts = {k: v for k, v in (("plotlyjs", pio.defaults.plotlyjs), ("mathjax", pio.defaults.mathjax),
-                               ("headers", getattr(pio.defaults, "headers", None))) if v}
-    one_tab = _one_tab_kaleido()
-    if one_tab is None:
-        pio.write_images([s["fig"] for s in specs], [s["path"] for s in specs],
-                         format=[s["opts"]["format"] for s in specs], scale=[s["opts"]["scale"] for s in specs],
-                         width=[s["opts"]["width"] for s in specs], height=[s["opts"]["height"] for s in specs])
-        return
+    pio.write_images([s["fig"] for s in specs], [s["path"] for s in specs],
+                     format=[s["opts"]["format"] for s in specs], scale=[s["opts"]["scale"] for s in specs],
+                     width=[s["opts"]["width"] for s in specs], height=[s["opts"]["height"] for s in specs])
 
-    async def render():
-        async with one_tab(**kopts) as k:
-            await k.write_fig_from_object(specs, cancel_on_error=True)
 
+def write_static(specs: list[dict], browser: Browser | None = None) -> None:
+    """Write kaleido figure specs with one browser start for all of them (`browser`: one already started);
+    any image that fails raises."""
+    b = browser or Browser()
     try:
-        asyncio.get_running_loop()
-    except RuntimeError:  # the usual case: no event loop in this thread
-        asyncio.run(render())
-        return
-    with ThreadPoolExecutor(1) as ex:  # called from a running loop (a notebook): a thread and loop of its own
-        ex.submit(asyncio.run, render()).result()
+        b.render(specs)
+    finally:
+        b.close()
 
 
-def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iterable[str] = FORMATS) -> list[Path]:
+def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iterable[str] = FORMATS,
+                 browser: Browser | None = None) -> list[Path]:
     """Write each figure as <name>.html/.json/.png/.svg/.pdf under plot_dir; return the written paths.
 
     HTML references one plotly.min.js written next to it (works offline). PNG/SVG/PDF go through one kaleido
@@ -154,7 +194,7 @@ def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iter
                         format=f, width=fig.layout.width or 700, height=fig.layout.height or 500,
                         scale=PNG_DPI / PX_PER_IN if f == "png" else 1))))
             try:
-                write_static([s for _, _, s in specs])
+                write_static([s for _, _, s in specs], browser)
                 for target, tmp, _ in specs:
                     os.replace(tmp, target)
             finally:

@@ -22,6 +22,7 @@ from ..files import atomic_write, atomic_write_json
 from .manifest import build_manifest
 from ..core.comparison import metric_comparison
 from ..core.params import layer_of, module_type
+from .export import STATIC, Browser, chrome_available
 from .plots import run_figures, save_figures
 from ..core.gaps import effects
 from ..core.results import results_frame
@@ -43,6 +44,15 @@ class RunOutputs:
     def write(self, result) -> dict[str, list[str]]:
         """Write every file; return their paths relative to out_dir by kind (results, rankings, plots,
         manifest): the tracker publishes exactly these."""
+        out, cfg = self.out, result.cfg
+        browser = self.start_browser(cfg)  # Chrome starts (about 2 s) while the result files are written
+        try:
+            return self._write(result, browser)
+        finally:
+            if browser is not None:
+                browser.close()
+
+    def _write(self, result, browser) -> dict[str, list[str]]:
         out, cfg = self.out, result.cfg
         df = results_frame(result.rows)
         atomic_write(out / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
@@ -81,7 +91,7 @@ class RunOutputs:
         atomic_write(out / "stability_summary.csv", lambda tmp: ssum.to_csv(tmp, index=False))
         tensors = {f"{key}.{n}": t.contiguous() for key, d in result.score_summaries.items() for n, t in d.items()}
         atomic_write(out / "sensitivity_scores.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
-        self.plots = self.write_plots(cfg)
+        self.plots = self.write_plots(cfg, browser)
         self.manifest = build_manifest(
             cfg.to_dict(), result.model, result.data, result.timings,
             {"config_hash": result.config_hash, "baseline": {k: v for k, v in result.baseline.items()
@@ -93,13 +103,24 @@ class RunOutputs:
                              "sensitivity_scores.safetensors"],
                 "plots": self.plots, "manifest": [MANIFEST]}
 
-    def write_plots(self, cfg) -> list[str]:
+    @staticmethod
+    def start_browser(cfg) -> Browser | None:
+        """A kaleido browser for the static plot formats, started now (None: none asked for, or no Chrome:
+        save_figures then warns how to get one)."""
+        if not any(f in STATIC for f in cfg.plots) or not chrome_available():
+            return None
+        try:
+            return Browser()
+        except Exception:  # noqa: BLE001 - save_figures starts its own
+            return None
+
+    def write_plots(self, cfg, browser: Browser | None = None) -> list[str]:
         """Plots (out_dir/plots); a failing export only warns: the results are on disk."""
         formats = [f for f in cfg.plots if f != "none"]
         if not formats:
             return []
         try:
-            written = save_figures(run_figures(self.out), self.out / "plots", ["json", *formats])
+            written = save_figures(run_figures(self.out), self.out / "plots", ["json", *formats], browser)
             return sorted(str(p.relative_to(self.out)) for p in written)
         except Exception as e:  # noqa: BLE001 - plots must never lose a finished run
             print(f"superweight: warning: plots failed: {type(e).__name__}: {e}", file=sys.stderr)

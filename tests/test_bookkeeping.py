@@ -10,6 +10,7 @@ from superweight.config import RunConfig
 from superweight.core.ranking import Ranking
 from superweight.edge.ranking_rows import ranking_rows
 from superweight.run.experiment import Experiment
+from superweight.run.result import saved_weight_values
 
 
 def test_ranking_rows_read_each_tensor_once_and_the_right_values():
@@ -26,9 +27,7 @@ def test_ranking_rows_read_each_tensor_once_and_the_right_values():
         calls.append(name)
         return weights[name]
 
-    exp = Experiment(RunConfig(), progress=False)
-    exp.values = values  # the loaded model's real values, observed
-    saved = exp.saved_weight_values({("m", 0, "global", "top_k", 0, "zero"): r})
+    saved = saved_weight_values({("m", 0, "global", "top_k", 0, "zero"): r}, RunConfig().select.save_top, values)
     assert sorted(calls) == sorted(names)  # one call per tensor for 6 saved entries
     rows = ranking_rows(r, saved, limit=5)
     assert [row["value"] for row in rows] == [float(weights[names[p]].reshape(-1)[f]) for p, f in
@@ -57,3 +56,34 @@ def test_a_uniform_draw_is_made_once_per_run_with_each_metrics_own_scores():
     assert torch.equal(ra.pid, rb.pid) and not torch.equal(ra.score, rb.score)
     rb.stats["x"] = 1
     assert "x" not in ra.stats and "x" not in drawn[(2, "random_k", 1)].stats
+
+
+def test_a_set_that_reads_no_calibration_data_is_made_and_summarized_once(tiny_model_dir, tmp_path, monkeypatch):
+    """magnitude's scores do not depend on the seed (no calibration windows): with three seeds the loop makes
+    the set once and summarizes it once (its scan too), and every seed's summary is that one; each seed still
+    gets its own rankings (the tie-break and the controls are seeded)."""
+    import random
+
+    import superweight.run.experiment as E
+    from superweight.arguments import parse_config
+    from superweight.commands.run import make_experiment
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "theta"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(30)) + "." for _ in range(50)) + "\n")
+    made, summarized = [], []
+    real_scores, real_summary = E.compute_scores, E.score_summary
+    monkeypatch.setattr(E, "compute_scores", lambda m, ctx: made.append(m) or real_scores(m, ctx))
+    monkeypatch.setattr(E, "score_summary", lambda s, n: summarized.append(id(s)) or real_summary(s, n))
+    cfg = parse_config([f"model={tiny_model_dir}", "metric=magnitude", "seeds=0,1,2", "topk=2", "controls=random_k",
+                        f"corpus={corpus}", "data.seq_len=16", "data.eval_windows=1", "data.calib_windows=1",
+                        "wandb.mode=disabled", "plots=none", f"out_dir={tmp_path / 'out'}",
+                        f"cache_dir={tmp_path / 'cache'}"])
+    exp = make_experiment(cfg, progress=False)
+    result = exp.run()
+    assert made == ["magnitude"] and len(summarized) == 1
+    s0, s1, s2 = (result.score_summaries[f"magnitude.seed{s}"] for s in (0, 1, 2))
+    assert s0 is s1 is s2
+    tops = [result.rankings[("magnitude", s, "global", "top_k", 0, "zero")] for s in (0, 1, 2)]
+    assert all(len(t) == 2 for t in tops) and exp.held is None

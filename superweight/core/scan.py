@@ -202,6 +202,8 @@ class ScoreSet(dict):
     """A score set (parameter name -> scores) that knows its scan (computed on first use, then shared by
     the summary, every ranking by score and every tie count of the set). Treat the scores as read-only."""
 
+    summary: dict | None = None  # its score summary once made (score_summary.py; run/experiment.py keeps it)
+
     @cached_property
     def scan(self) -> Scan:
         return Scan(self)

@@ -89,7 +89,8 @@ class RunOutputs:
         atomic_write(out / "stability.csv", lambda tmp: sdf.to_csv(tmp, index=False))
         ssum = stability_summary(sdf)
         atomic_write(out / "stability_summary.csv", lambda tmp: ssum.to_csv(tmp, index=False))
-        tensors = {f"{key}.{n}": t.contiguous() for key, d in result.score_summaries.items() for n, t in d.items()}
+        # copies: the seeds of a set that reads no calibration data (magnitude) share one summary
+        tensors = {f"{key}.{n}": t.clone() for key, d in result.score_summaries.items() for n, t in d.items()}
         atomic_write(out / "sensitivity_scores.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
         self.plots = self.write_plots(cfg, browser)
         self.manifest = build_manifest(

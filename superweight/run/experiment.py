@@ -57,7 +57,7 @@ from ..inputs.models import (bos_every_window, build_fake_model, load_model_conf
 from ..resources import cache_root, code_version
 from .cache import CompactScores, ScoreCache, compact_key, score_key
 from .resume import ResumeLog, now
-from .result import Result, Sink, Tracker
+from .result import Result, Sink, Tracker, saved_weight_values
 from .rows import RowKey, candidate_rules, candidate_sets, plan_rows
 from .stages import Loaded, Looped, Prepared
 from .validation import check_capabilities, prepare_out_dir, validate
@@ -88,6 +88,7 @@ class Experiment:
     prepared: Prepared | None = field(default=None, init=False)  # setup's value
     loaded: Loaded | None = field(default=None, init=False)  # load's value
     baseline: dict | None = field(default=None, init=False)  # the unperturbed model's evaluation
+    held: tuple | None = field(default=None, init=False)  # (cache key, score set) of the last set computed
 
     # ---- the recipe -------------------------------------------------------------------------------------
     def run(self) -> Result:
@@ -149,6 +150,7 @@ class Experiment:
                                         if k[:2] == (metric, seed)},
                     summary), {"metric": metric, "seed": seed, "model": self.loaded.info.name})
             del scores
+        self.held = None
         return out
 
     # ---- setup: everything that can fail on bad input happens before the weights load -----------------
@@ -267,6 +269,9 @@ class Experiment:
             return cached, recorded, compact
         if cached is not None:
             recorded = key
+        if self.held is not None and self.held[0] == key:  # the last set again (a metric that reads no
+            return self.held[1], key, compact                # calibration data: one set for every seed)
+        self.held = None  # freed before the next set is made (memory: one set at a time)
         if cached is not None and set(cached) == set(self.params):
             # safetensors returns keys sorted by name; rankings depend on the parameter order: restore it
             return ScoreSet({n: cached[n] for n in self.params}), key, compact
@@ -281,6 +286,7 @@ class Experiment:
         self.timings[f"score_{metric}_seed{seed}_s"] = dt
         self.tracker.log_stage(f"score/{metric}", dt)
         self.loaded.cache.put(key, scores, {"metric": metric, "seed": seed, "model": self.loaded.info.name})
+        self.held = (key, scores)
         return scores, recorded, compact
 
     def ranking_spec(self, seed: int) -> dict:
@@ -355,23 +361,13 @@ class Experiment:
         return make_row(keys, dict(res), self.baseline, pinfo, extra)
 
     def summarize_scores(self, scores) -> dict[str, torch.Tensor]:
-        """What goes to sensitivity_scores.safetensors (core/score_summary.py; stored in a compact set)."""
-        return scores.summary if isinstance(scores, CompactScores) else score_summary(scores, TOP_SAVED)
-
-    def saved_weight_values(self, rankings: dict[tuple, Ranking]) -> dict[str, dict[int, float]]:
-        """Real values of the weights rankings.csv lists (the first select.save_top entries of every ranking
-        and of each K's own draw), read once per parameter (one dequantization per 8-bit tensor)."""
-        want: dict[str, set[int]] = {}
-        for r in rankings.values():
-            for rk in [*r.per_k.values(), r]:
-                n = min(self.cfg.select.save_top, len(rk))
-                for pid, f in zip(rk.pid[:n].tolist(), rk.flat[:n].tolist()):
-                    want.setdefault(rk.names[pid], set()).add(f)
-        out = {}
-        for name, flats in want.items():
-            idx = sorted(flats)
-            out[name] = dict(zip(idx, self.values(name).reshape(-1)[torch.tensor(idx)].float().tolist()))
-        return out
+        """What goes to sensitivity_scores.safetensors (core/score_summary.py; stored in a compact set), once
+        per score set (a set shared by several seeds has one summary)."""
+        if isinstance(scores, CompactScores):
+            return scores.summary
+        if scores.summary is None:
+            scores.summary = score_summary(scores, TOP_SAVED)
+        return scores.summary
 
     def collect(self, looped: Looped, started: str) -> Result:
         """Stability (Top-K sets within each metric's support) and gaps, as a Result."""
@@ -388,7 +384,7 @@ class Experiment:
             cfg=cfg, config_hash=self.chash, baseline=self.baseline, rows=looped.rows, rankings=looped.rankings,
             candidate_sets=cand_sets, stability=stab, gaps=gaps(looped.rows, self.baseline),
             score_summaries=looped.summaries, param_shapes={n: tuple(p.shape) for n, p in self.params.items()},
-            weight_values=self.saved_weight_values(looped.rankings), model=self.loaded.info.__dict__,
+            weight_values=saved_weight_values(looped.rankings, cfg.select.save_top, self.values), model=self.loaded.info.__dict__,
             data={"corpus": cfg.data.corpus, "protocol": w.protocol, "bos": w.bos_mode, "fingerprint": w.fingerprint,
                   "tokens": w.n_tokens, "eval_windows": len(w.eval_idx), "eval_window_index": w.eval_idx.tolist(),
                   "calib_pool": len(w.pool_idx), "calib_windows": {s: w.calib_idx(s).tolist() for s in cfg.seeds}},

@@ -56,3 +56,19 @@ class Result:
     @property
     def table(self) -> pd.DataFrame:
         return results_frame(self.rows)
+
+
+def saved_weight_values(rankings: dict[tuple, Ranking], save_top: int, values) -> dict[str, dict[int, float]]:
+    """Real values of the weights rankings.csv lists (the first `save_top` entries of every ranking and of
+    each K's own draw), read once per parameter (`values(name)`: one dequantization per 8-bit tensor)."""
+    want: dict[str, set[int]] = {}
+    for r in rankings.values():
+        for rk in [*r.per_k.values(), r]:
+            n = min(save_top, len(rk))
+            for pid, f in zip(rk.pid[:n].tolist(), rk.flat[:n].tolist()):
+                want.setdefault(rk.names[pid], set()).add(f)
+    out = {}
+    for name, flats in want.items():
+        idx = sorted(flats)
+        out[name] = dict(zip(idx, values(name).reshape(-1)[torch.tensor(idx)].float().tolist()))
+    return out

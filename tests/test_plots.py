@@ -198,6 +198,7 @@ def test_save_figures_writes_html_json_png_svg(tmp_path):
     assert svg.lstrip().startswith("<svg") and "Top-K" in svg
 
 
+@pytest.mark.slow  # four browser starts (8 s): the default set's PNG/SVG test runs the same path once
 def test_one_tab_export_draws_what_kaleidos_own_path_draws(tmp_path, monkeypatch):
     """Images rendered one after another in one tab (no plotly.js reload between them), by a browser started
     before the figures exist (as the run's sink starts it), are the images kaleido's own path renders, each

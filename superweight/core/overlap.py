@@ -88,7 +88,9 @@ def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask |
     over the scores for the whole K grid: each chunk is compared in its own dtype with the range of the
     boundary values (widened to that dtype), and only the entries inside it are compared exactly (fp64) and
     checked against the candidate mask. With a scan of the scores, a chunk whose classes hold none of the
-    boundary values is not read."""
+    boundary values is not read. No pass at all where every boundary is known: a ranking by score counts its
+    own nonzero scores as it ranks (`ranking.tied`, under the mask it was drawn with: pass that mask here),
+    and a boundary at 0 is the scan's zero count less the excluded zeros."""
     bound: dict[int, float] = {}
     for k in ks:
         n = min(int(k), len(ranking))

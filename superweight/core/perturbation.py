@@ -9,7 +9,7 @@ the model is bit-identical afterwards even if evaluation raises (never a deep co
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -38,7 +37,6 @@ from ..core.comparison import metric_comparison
 from .plots import (VALUES, delta_vs_k, figure_set, read_score_summary, save_figures, sensitivity_heatmap,  # noqa: F401
                     stability_heatmaps)
 from ..core.gaps import effects, gaps
-from ..core.stability import jaccard_from_rankings
 from ..core.summary import aggregate_over_seeds
 from ..files import slug
 from .offline_runs import read_offline_run

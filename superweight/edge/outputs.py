@@ -44,8 +44,7 @@ class RunOutputs:
     def write(self, result) -> dict[str, list[str]]:
         """Write every file; return their paths relative to out_dir by kind (results, rankings, plots,
         manifest): the tracker publishes exactly these."""
-        out, cfg = self.out, result.cfg
-        browser = self.start_browser(cfg)  # Chrome starts (about 2 s) while the result files are written
+        browser = self.start_browser(result.cfg)  # Chrome starts (about 2 s) while the result files are written
         try:
             return self._write(result, browser)
         finally:

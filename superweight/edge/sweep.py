@@ -313,7 +313,7 @@ def check_param_values(params: dict, cfg: RunConfig, where: str) -> None:
     for name, value in params.items():
         if name not in flat or _same(value, flat[name]):
             continue
-        hint = (f"; sweep a list option as lists, e.g. values: [[a], [b]]" if isinstance(flat[name], list)
+        hint = ("; sweep a list option as lists, e.g. values: [[a], [b]]" if isinstance(flat[name], list)
                 and not isinstance(value, list) else "")
         raise ConfigError(f"{where}: sweep parameter '{name}' is {_yaml_value(value)} in the W&B config but the run "
                           f"uses {_yaml_value(flat[name])}; write it as {_yaml_value(flat[name])}{hint}")

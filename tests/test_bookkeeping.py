@@ -64,6 +64,8 @@ def test_a_set_that_reads_no_calibration_data_is_made_and_summarized_once(tiny_m
     gets its own rankings (the tie-break and the controls are seeded)."""
     import random
 
+    from dataclasses import replace
+
     import superweight.run.experiment as E
     from superweight.arguments import parse_config
     from superweight.commands.run import make_experiment
@@ -87,3 +89,17 @@ def test_a_set_that_reads_no_calibration_data_is_made_and_summarized_once(tiny_m
     assert s0 is s1 is s2
     tops = [result.rankings[("magnitude", s, "global", "top_k", 0, "zero")] for s in (0, 1, 2)]
     assert all(len(t) == 2 for t in tops) and exp.held is None
+    keys = result.extra["score_keys"]  # what lineage declares as the run's inputs: a cache file each
+    assert len(set(keys.values())) == 3
+    assert all((tmp_path / "cache" / "scores" / f"{k}.safetensors").is_file() for k in keys.values())
+    # score.cache=full: the set is made and stored once, never loaded back for the later seeds
+    from superweight.run.cache import ScoreCache
+
+    loads = []
+    real_load = ScoreCache._load
+    monkeypatch.setattr(ScoreCache, "_load", lambda self, k, *a: loads.append(k) or real_load(self, k, *a))
+    made.clear()
+    full = make_experiment(replace(cfg, out_dir=str(tmp_path / "full"), score=replace(cfg.score, cache="full")),
+                           progress=False).run()
+    assert made == ["magnitude"] and len(loads) == 1  # seed 0's miss only
+    assert len(set(full.extra["score_keys"].values())) == 1  # one full set, recorded for every seed

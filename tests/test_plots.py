@@ -229,6 +229,21 @@ def test_one_tab_export_draws_what_kaleidos_own_path_draws(tmp_path, monkeypatch
     export.Browser().close()  # started and never used: closes
 
 
+# ---------------------------------------------------------------------------------------------------
+# print sizes, stability at each metric's support, score distribution, metric comparison
+# ---------------------------------------------------------------------------------------------------
+def test_delta_vs_k_is_laid_out_at_print_size():
+    five = pd.concat([synthetic_results().assign(metric=m) for m in ("a", "b", "c", "d", "e")])
+    fig = plots.delta_vs_k(five, "delta_nll")
+    assert fig.layout.meta["print"] == {"width_in": 7.0, "height_in": pytest.approx(0.8 + 2 * 1.9)}
+    assert fig.layout.width == 672 and fig.layout.font.size >= 9  # 7 in at 96 px/in, >= 6.75 pt
+    assert {t.xaxis for t in fig.data} == {"x", "x2", "x3", "x4", "x5"}  # 5 metrics on a 3 x 2 grid
+    leg = fig.layout.legend
+    assert leg.xref == "container" and 0 <= leg.x <= 1 and 0 <= leg.y <= 1  # inside the figure
+    one = plots.delta_vs_k(synthetic_results().query("metric == 'magnitude'"), "delta_nll")
+    assert one.layout.width == 336
+
+
 def _support_rankings():
     """Top-K rows: metric a ranks 6 weights per seed, sparse metric s only 3 (its support)."""
     sets = {("a", 0): [1, 2, 3, 4, 5, 6], ("a", 1): [1, 2, 3, 7, 8, 9], ("s", 0): [1, 5, 9], ("s", 1): [1, 5, 10]}

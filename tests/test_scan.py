@@ -263,8 +263,8 @@ def test_tie_counts_kept_by_the_ranking_equal_a_full_count(small_chunks, monkeyp
     mask = Changeable("zero", lambda n: weights[n], PerturbConfig())
     for selection, k in (("top_k", 300), ("bottom_k", 1000)):  # Bottom-1000 reaches past the zeros
         r = rank(ScoreSet(scores), k, "global", selection, 3, mask_fn=mask)
-        assert r.tied, selection
-        for v, n in r.tied.items():
+        assert r.tied and r.tied[0] is mask and r.tied[1], selection
+        for v, n in r.tied[1].items():
             assert v != 0
             assert n == sum(int(((t.double() == v) & (weights[nm] != 0)).sum()) for nm, t in scores.items())
         ks = [1, 10, k]
@@ -279,4 +279,6 @@ def test_tie_counts_kept_by_the_ranking_equal_a_full_count(small_chunks, monkeyp
         monkeypatch.setattr(modes, "TIE_BUDGET", 1 << 22)
         assert r2.tied is None and torch.equal(r2.flat, r.flat)
         assert tied_counts(ScoreSet(scores), r2, ks, mask) == got
-        assert got[k] == r.tied[float(r.score[k - 1])] > 1  # a tie at the boundary
+        assert got[k] == r.tied[1][float(r.score[k - 1])] > 1  # a tie at the boundary
+        other = Changeable("zero", lambda n: torch.ones_like(weights[n]), PerturbConfig())  # another mask: its own
+        assert tied_counts(ScoreSet(scores), r, ks, other) == tied_counts(dict(scores), r, ks, other)

@@ -189,8 +189,10 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
                 if not bool(ok.all()):
                     cand, x, raw = cand[ok], x[ok], raw[ok]
                 if seen is not None:  # every score tied with a final one is past the floor when read: kept
-                    seen.append((pid, cand + st, raw.double().cpu()))
-                    n_seen += cand.numel()
+                    nz = raw != 0  # but zeros: the scan counts them (a mass of zeros would fill the budget)
+                    keep = (cand, raw) if bool(nz.all()) else (cand[nz], raw[nz])
+                    seen.append((pid, keep[0] + st, keep[1].double().cpu()))
+                    n_seen += keep[0].numel()
                     if n_seen > TIE_BUDGET:
                         seen = None
                 if floor is None:
@@ -236,8 +238,9 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
     best_p, best_i = pids[0], idxs[0]
     r = Ranking(names, shapes, best_p, best_i, gather(scores, names, best_p, best_i),
                 torch.arange(best_p.numel()), "global", rule.name, n_cand if rule.support else None, n_cand)
-    if seen is not None:
-        r.tied = _tied_of(seen, r, mask_fn)
+    counts = _tied_of(seen, r, mask_fn) if seen is not None else None
+    if counts is not None:
+        r.tied = (mask_fn, counts)
     return r
 
 

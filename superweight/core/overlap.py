@@ -89,7 +89,7 @@ def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask |
     boundary values (widened to that dtype), and only the entries inside it are compared exactly (fp64) and
     checked against the candidate mask. With a scan of the scores, a chunk whose classes hold none of the
     boundary values is not read. No pass at all where every boundary is known: a ranking by score counts its
-    own nonzero scores as it ranks (`ranking.tied`, under the mask it was drawn with: pass that mask here),
+    own nonzero scores as it ranks (`ranking.tied`, used when `mask_fn` is the mask it was drawn with),
     and a boundary at 0 is the scan's zero count less the excluded zeros."""
     bound: dict[int, float] = {}
     for k in ks:
@@ -101,7 +101,8 @@ def tied_counts(scores: Scores, ranking: Ranking, ks: list[int], mask_fn: Mask |
     want_nan = any(np.isnan(v) for v in bound.values())
     scan = getattr(scores, "scan", None)  # a scan of the scores (scan.py): chunks that hold no boundary value are skipped
     pids = {n: i for i, n in enumerate(scan.names)} if scan is not None and scan.exact else None
-    known = dict(ranking.tied) if ranking.tied is not None else {}  # counted while it was ranked (modes.py)
+    # counted while it was ranked (modes.py), under its own mask: used for that mask only
+    known = dict(ranking.tied[1]) if ranking.tied is not None and ranking.tied[0] is mask_fn else {}
     if pids is not None and 0.0 in vals:  # a boundary at 0 (a mass of zero scores): counted, never compared
         n_zero = _zeros_from_scan(scores, scan, pids, ranking.names, mask_fn)
         if n_zero is not None:

@@ -94,9 +94,10 @@ class Ranking:
     per_k: dict = field(default_factory=dict)  # K -> its own selection, for selections that do not nest (matched_k)
     k_max: int | None = None  # with per_k: the K this ranking itself was drawn for (not kept in per_k: no cycle)
     group: torch.Tensor | None = None  # [M] int64 comparison group of each entry (grouped modes), None = one group
-    # {score: candidates scoring exactly that} for every nonzero score of this ranking, counted while it was
-    # ranked (modes.py) so the tie counts need no pass; None = not known. Not carried by take(), not cached.
-    tied: dict | None = field(default=None, repr=False, compare=False)
+    # (mask, {score: candidates scoring exactly that}) for every nonzero score of this ranking, counted while
+    # it was ranked under that candidate mask (modes.py), so its tie counts need no pass; None = not known.
+    # Not carried by take(), not cached.
+    tied: tuple | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.pid.numel())

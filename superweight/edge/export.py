@@ -185,6 +185,9 @@ def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iter
             print(f"superweight: warning: {NO_CHROME.format(formats='/'.join(f.upper() for f in static))}",
                   file=sys.stderr)
         else:
+            import plotly.io as pio
+
+            topo = {"topojson": pio.defaults.topojson} if pio.defaults.topojson else {}  # as plotly passes it
             specs = []
             for name, fig in figs.items():
                 spec = fig.to_dict()  # once per figure, shared by its formats
@@ -192,7 +195,7 @@ def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iter
                     target, tmp = d / f"{name}.{f}", d / f".{name}.tmp{os.getpid()}.{f}"
                     specs.append((target, tmp, dict(fig=spec, path=tmp, opts=dict(
                         format=f, width=fig.layout.width or 700, height=fig.layout.height or 500,
-                        scale=PNG_DPI / PX_PER_IN if f == "png" else 1))))
+                        scale=PNG_DPI / PX_PER_IN if f == "png" else 1), **topo)))
             try:
                 write_static([s for _, _, s in specs], browser)
                 for target, tmp, _ in specs:

@@ -105,6 +105,7 @@ class Experiment:
                 looped = self.loop(plan, bar)
             finally:
                 bar.close()  # a stop message never lands on the bar's line
+                self.held = None  # the last score set, also when the loop stops
             self.timings["total_s"] = time.perf_counter() - t0
             result = self.collect(looped, started)
             files = self.sink.write(result)
@@ -150,7 +151,6 @@ class Experiment:
                                         if k[:2] == (metric, seed)},
                     summary), {"metric": metric, "seed": seed, "model": self.loaded.info.name})
             del scores
-        self.held = None
         return out
 
     # ---- setup: everything that can fail on bad input happens before the weights load -----------------
@@ -264,14 +264,17 @@ class Experiment:
         compact = compact_key(key, self.ranking_spec(seed))
         recorded = compact if self.loaded.cache.mode == "compact" else key
         dev = torch.device("cpu") if self.cfg.score.offload else self.device
-        cached = self.loaded.cache.get(key, dev, compact, list(self.params), [tuple(p.shape) for p in self.params.values()])
+        reuse = self.held is not None and self.held[0] == key  # the last set again (a metric that reads no
+        if not reuse:                                           # calibration data: one set for every seed)
+            self.held = None  # freed before another set is loaded or made (memory: one set at a time)
+        cached = self.loaded.cache.get(key, dev, compact, list(self.params), [tuple(p.shape) for p in self.params.values()],
+                                       full=not reuse)
         if isinstance(cached, CompactScores):
             return cached, recorded, compact
+        if reuse:
+            return self.held[1], recorded, compact
         if cached is not None:
             recorded = key
-        if self.held is not None and self.held[0] == key:  # the last set again (a metric that reads no
-            return self.held[1], key, compact                # calibration data: one set for every seed)
-        self.held = None  # freed before the next set is made (memory: one set at a time)
         if cached is not None and set(cached) == set(self.params):
             # safetensors returns keys sorted by name; rankings depend on the parameter order: restore it
             return ScoreSet({n: cached[n] for n in self.params}), key, compact

@@ -188,13 +188,11 @@ def _ranked_global(scores, k, rule: Rule, seed, mask_fn) -> Ranking:
                 x, ok = rule.keys(raw, None)  # the mask later, at the few past the floor when it holds
                 if not bool(ok.all()):
                     cand, x, raw = cand[ok], x[ok], raw[ok]
-                if seen is not None:  # every score tied with a final one is past the floor when read: kept
-                    nz = raw != 0  # but zeros: the scan counts them (a mass of zeros would fill the budget)
-                    keep = (cand, raw) if bool(nz.all()) else (cand[nz], raw[nz])
-                    seen.append((pid, keep[0] + st, keep[1].double().cpu()))
-                    n_seen += keep[0].numel()
-                    if n_seen > TIE_BUDGET:
-                        seen = None
+                if seen is not None:  # every score tied with a final one is past the floor when read: kept,
+                    nz = raw != 0  # but zeros (the scan counts them; a mass of zeros would fill the budget)
+                    seen.append((pid, cand[nz] + st, raw[nz].double().cpu()))
+                    n_seen += seen[-1][1].numel()
+                    seen = seen if n_seen <= TIE_BUDGET else None
                 if floor is None:
                     cand, x = _candidates_only(mask_fn, n, cand + st, cand, x)
                     if cand.numel() > k:  # this chunk's own k best (u for the tied entries only)

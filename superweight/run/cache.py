@@ -166,8 +166,8 @@ class ScoreCache:
             names: list[str] | None = None, shapes: list | None = None,
             full: bool = True) -> "dict[str, torch.Tensor] | CompactScores | None":
         """The compact set under `compact` (compact mode; for parameters `names` of `shapes`), else the full
-        set under `key` (`full`: the caller holds it already otherwise: nothing loaded, nothing counted), else
-        None; one hit or one miss either way."""
+        set under `key` (unless `full` is False: the caller holds it already, nothing is loaded), else None;
+        one hit or one miss either way."""
         if compact is not None and self.mode == "compact":
             got = self._load(compact)
             if got is not None and "compact" in got[1]:
@@ -178,7 +178,8 @@ class ScoreCache:
                         return c
                 except (KeyError, TypeError, ValueError):  # written by another layout: recompute
                     pass
-        if not full:
+        if not full:  # the caller holds the full set: a compact miss is the miss
+            self.misses += 1
             return None
         got = self._load(key, device)
         if got is None or "compact" in got[1]:

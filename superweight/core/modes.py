@@ -273,9 +273,9 @@ def _candidate_flat(mask_fn: Mask, name: str, ordinal: torch.Tensor) -> torch.Te
     j-th candidate sits at j + #{i: e_i - i <= j} (O(K log E), no pass over the tensor); else from the mask."""
     try:
         ex = mask_excluded(mask_fn, name)
-    except LookupError:
-        ex = False
-    if ex is False or ex is None:
+    except LookupError:  # a dense mask: read it
+        ex = None
+    if ex is None:
         m = mask_fn(name)
         return ordinal if m is None else torch.nonzero(m.reshape(-1)).squeeze(1).cpu()[ordinal]
     ex = ex.to(torch.int64).cpu()

@@ -68,9 +68,9 @@ def _count_candidates(hit: torch.Tensor, mask_fn: Mask | None, name: str, start:
 def _zeros_from_scan(scores: Scores, scan, pids: dict, names: list[str], mask_fn: Mask | None) -> int | None:
     """How many candidates score exactly ±0: the scan's zero counts less the zeros among the excluded weights
     (None where a mask does not list them: then they are compared like any other boundary value)."""
-    total = 0
+    total, per_tensor = 0, scan.per_tensor(scan.zeros)
     for name in names:
-        zeros = int(scan.zeros[scan.chunks(pids[name], 0, scan.numel[pids[name]])].sum())
+        zeros = int(per_tensor[pids[name]])
         try:
             ex = mask_excluded(mask_fn, name)
         except LookupError:

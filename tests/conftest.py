@@ -82,6 +82,16 @@ def _main_in_child(argv: list[str], env: dict[str, str], out: str, err: str, cwd
         os._exit(int(code) if isinstance(code, int) else 1)
 
 
+# What the fork server imports once, so that a forked run starts warm. `superweight.commands` imports
+# transformers, wandb and the rest on first use, about 4 s per cold child, so they are named here too. Only
+# installed modules: Python 3.11's fork server ignores the parent's sys.path while it preloads, and skips a
+# module it cannot import without a word (tests/ is not on its path: a test module here would be skipped).
+FORK_PRELOAD = ["superweight.commands", "superweight.run.experiment", "transformers",
+                "transformers.models.auto.configuration_auto", "transformers.models.auto.modeling_auto",
+                "transformers.models.auto.tokenization_auto", "transformers.models.llama.modeling_llama",
+                "accelerate", "git", "wandb", "plotly.graph_objects", "pandas"]
+
+
 def start_forked(argv: list[str], env: dict[str, str] | None, out: str, err: str, full_env: bool = False):
     """Start `superweight <argv>` as its own process, forked from a fork server that imported the package once
     (a cold interpreter costs seconds of imports per call), in this process's working directory; stdout/stderr
@@ -90,7 +100,7 @@ def start_forked(argv: list[str], env: dict[str, str] | None, out: str, err: str
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["superweight.commands", "conftest"])
+    ctx.set_forkserver_preload(FORK_PRELOAD)
     p = ctx.Process(target=_main_in_child, args=(list(argv), dict(env or {}), out, err, os.getcwd(), full_env))
     p.start()
     return p
@@ -188,3 +198,8 @@ def save_tiny_model(d: Path, tok, seed: int, **kw) -> Path:
 def tiny_model_dir(tmp_path_factory, small_tokenizer):
     """A local HF model dir: a tiny random Llama with the small tokenizer (fast CLI end-to-end)."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), small_tokenizer, seed=1)
+
+
+def _imported(names: list[str], path: str) -> None:
+    """Body of a fork-server child for test_fork_server_preloads: which of `names` it has already imported."""
+    Path(path).write_text(" ".join(n for n in names if n in sys.modules))

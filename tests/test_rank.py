@@ -536,6 +536,10 @@ def test_tie_hash_is_splitmix64_of_index_name_and_seed_across_blocks(monkeypatch
         for seed, name, salt in ((0, "model.layers.0.mlp.down_proj.weight", 0), (7, "w", 3), (2**40, "x", 1)):
             got = tie_hash(seed, name, flat, salt).tolist()
             assert got == [ref(seed, name, f, salt) for f in flat.tolist()], block
+            # per-row modes hash 2-D index tensors, transposed views too: element for element the same
+            grid = flat.view(2, 5).t()
+            assert tie_hash(seed, name, grid, salt).tolist() == [[ref(seed, name, f, salt) for f in row]
+                                                                 for row in grid.tolist()], block
     assert tie_hash(0, "w", torch.empty(0, dtype=torch.int64)).numel() == 0
 
 

@@ -83,6 +83,21 @@ def cli(args: list[str], kill_at: str | None = None) -> subprocess.CompletedProc
     return run_forked(args, env)
 
 
+def test_fork_server_children_start_warm(tmp_path):
+    """The runs here are forked from a fork server so that each skips seconds of imports: a child must find
+    everything in FORK_PRELOAD imported already (the fork server drops a module it cannot import silently)."""
+    import multiprocessing
+
+    from conftest import FORK_PRELOAD, _imported
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FORK_PRELOAD)
+    p = ctx.Process(target=_imported, args=(FORK_PRELOAD, str(tmp_path / "imported")))
+    p.start()
+    p.join()
+    assert p.exitcode == 0 and (tmp_path / "imported").read_text().split() == FORK_PRELOAD
+
+
 def check_no_half_files(out: Path) -> dict[str, str]:
     """Every visible file parses completely; hidden files are the progress log (every line but a torn
     last one parses) or temp files of an interrupted atomic write. Returns {name: kind}."""

@@ -13,10 +13,16 @@ HOST = "https://wandb.example.org:8443"
 
 @pytest.fixture
 def clean(tmp_path, monkeypatch):
+    import os
+
     import wandb
 
-    for k in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_MODE", "WANDB_SWEEP_ID",
-              "WANDB_SERVICE"):
+    # End the session an earlier test started, and drop its service address for good: were WANDB_SERVICE
+    # only unset through monkeypatch, the undo would restore the address of the service torn down below, and
+    # the next test's wandb.init would try to reach a dead socket.
+    wandb.teardown()
+    os.environ.pop("WANDB_SERVICE", None)
+    for k in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_MODE", "WANDB_SWEEP_ID"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))

@@ -229,6 +229,65 @@ def test_one_tab_export_draws_what_kaleidos_own_path_draws(tmp_path, monkeypatch
     export.Browser().close()  # started and never used: closes
 
 
+def test_a_hanging_static_export_is_stopped_and_the_html_kept(tmp_path, monkeypatch, capsys):
+    """kaleido/Chrome can hang for good; a run must not hang with it (no manifest, no W&B publish, a sweep
+    agent held). A browser whose render never returns is cancelled past its bound: its context exit runs
+    (kaleido closes Chrome there), its thread ends, the half-written temp image is removed, the HTML/JSON
+    are returned, and the warning says what is missing. A browser that renders in time is not affected."""
+    import asyncio
+    import threading
+
+    from superweight.edge import export
+
+    class Hangs:  # kaleido's interface as export uses it; writes one temp image, then never returns
+        exits: list = []
+
+        def __init__(self, **kw):
+            pass
+
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            Hangs.exits.append(exc[0])
+            return False
+
+        async def write_fig_from_object(self, specs, cancel_on_error=True):
+            Path(specs[0]["path"]).write_bytes(b"half")
+            await asyncio.sleep(3600)
+
+    monkeypatch.setattr(export, "chrome_available", lambda: True)
+    monkeypatch.setattr(export, "_one_tab_kaleido", lambda: Hangs)
+    monkeypatch.setattr(export, "STATIC_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(export, "STATIC_TIMEOUT_PER_IMAGE_S", 0.0)
+    res = synthetic_results()
+    figs = {"ppl": plots.delta_vs_k(res, "delta_ppl"), "acc": plots.delta_vs_k(res, "delta_acc")}
+    browser, box = export.Browser(), {}
+    worker = threading.Thread(target=lambda: box.update(written=export.save_figures(
+        figs, tmp_path, ["html", "json", "png", "pdf"], browser)), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "save_figures hung with its browser"
+    written = box["written"]
+    assert sorted(p.name for p in written) == ["acc.html", "acc.json", "ppl.html", "ppl.json"]
+    assert "did not finish in 0 s" in capsys.readouterr().err
+    assert not browser._thread.is_alive() and Hangs.exits == [asyncio.CancelledError]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acc.html", "acc.json", "plotly.min.js", "ppl.html",
+                                                          "ppl.json"]
+    browser.close()  # stopped already: returns at once
+
+    class Draws(Hangs):  # the same browser, in time
+        async def write_fig_from_object(self, specs, cancel_on_error=True):
+            for s in specs:
+                Path(s["path"]).write_bytes(b"image")
+
+    monkeypatch.setattr(export, "_one_tab_kaleido", lambda: Draws)
+    monkeypatch.setattr(export, "STATIC_TIMEOUT_S", 60.0)
+    written = export.save_figures(figs, tmp_path / "ok", ["png"])
+    assert [p.name for p in written] == ["ppl.png", "acc.png"] and written[0].read_bytes() == b"image"
+    assert Hangs.exits == [asyncio.CancelledError, None]
+
+
 # ---------------------------------------------------------------------------------------------------
 # print sizes, stability at each metric's support, score distribution, metric comparison
 # ---------------------------------------------------------------------------------------------------

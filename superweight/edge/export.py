@@ -89,25 +89,59 @@ def _one_tab_kaleido():
     return OneTab
 
 
+# A bound on static export: kaleido and Chrome are known to hang for good on some machines (kaleido's issue
+# tracker has reports for every major version), and a run that hangs in its figures never writes its
+# manifest nor publishes to W&B, and holds its sweep agent. The default run's 30 images take about 5 s on
+# 2 cores, and a Chrome start about 2 s: the bound is an order of magnitude above both.
+STATIC_TIMEOUT_S = 120.0
+STATIC_TIMEOUT_PER_IMAGE_S = 5.0
+
+
+class StaticExportTimeout(TimeoutError):
+    """Static export (kaleido + Chrome) did not finish within its bound; the browser was told to stop."""
+
+
 class Browser:
     """A kaleido browser started ahead of its images: `Browser()` launches Chrome in a thread of its own
     (about 2 s) while the caller builds the figures; `render(specs)` writes them there and closes it,
-    raising what failed; `close()` closes it unused. The run's sink starts one before its result files."""
+    raising what failed (StaticExportTimeout past STATIC_TIMEOUT_S + STATIC_TIMEOUT_PER_IMAGE_S per image);
+    `close()` closes it unused. The run's sink starts one before its result files."""
 
     def __init__(self):
         import threading
 
         self._specs: Future = Future()
         self._done: Future = Future()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._aborted = False
         self._thread = threading.Thread(target=self._main, name="superweight-kaleido", daemon=True)
         self._thread.start()
 
     def _main(self) -> None:
         try:
-            asyncio.run(self._serve())
+            asyncio.run(self._run())
             self._done.set_result(None)
         except BaseException as e:  # noqa: BLE001 - handed to render()
             self._done.set_exception(e)
+
+    async def _run(self) -> None:
+        self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+        await self._serve()
+
+    def _abort(self, wait_s: float = 10.0) -> None:
+        """Stop a browser that overran its bound: cancel its task (kaleido's context exit closes Chrome) and
+        wait `wait_s` for the thread. One stuck past that stays behind as a daemon thread."""
+        self._aborted = True
+        if not self._specs.done():
+            self._specs.set_result([])
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # the loop has closed: the thread is ending on its own
+                pass
+        self._thread.join(wait_s)
 
     async def _serve(self) -> None:
         import plotly.io as pio
@@ -125,16 +159,30 @@ class Browser:
             if specs:
                 await k.write_fig_from_object(specs, cancel_on_error=True)
 
-    def render(self, specs: list[dict]) -> None:
+    def render(self, specs: list[dict], timeout_s: float | None = None) -> None:
         """Write kaleido figure specs ({"fig": dict, "path", "opts": {format, width, height, scale}}); any
-        image that fails raises."""
+        image that fails raises; past `timeout_s` (default: the bound for this many images) the browser is
+        stopped and StaticExportTimeout raised."""
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        if timeout_s is None:
+            timeout_s = STATIC_TIMEOUT_S + STATIC_TIMEOUT_PER_IMAGE_S * len(specs)
         self._specs.set_result(specs)
-        self._done.result()
+        try:
+            self._done.result(timeout=timeout_s)
+        except FutureTimeout:
+            self._abort()
+            raise StaticExportTimeout(f"static export of {len(specs)} images did not finish in {timeout_s:.0f} s "
+                                      "(kaleido/Chrome hung); Chrome was told to stop") from None
 
     def close(self) -> None:
+        if self._aborted:  # stopped already, and waited for
+            return
         if not self._specs.done():
             self._specs.set_result([])
-        self._thread.join()
+        self._thread.join(STATIC_TIMEOUT_S)
+        if self._thread.is_alive():  # a Chrome that will not even close: stop waiting for it
+            self._abort()
 
 
 def _write_images(specs: list[dict]) -> None:
@@ -161,7 +209,9 @@ def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iter
 
     HTML references one plotly.min.js written next to it (works offline). PNG/SVG/PDF go through one kaleido
     call (one browser start for all figures) at the figure's layout size; if no Chrome is found they are
-    skipped with a warning (NO_CHROME) naming the ways to get one."""
+    skipped with a warning (NO_CHROME) naming the ways to get one, and if kaleido/Chrome hangs past its bound
+    (STATIC_TIMEOUT_S + STATIC_TIMEOUT_PER_IMAGE_S per image) they are skipped with a warning too: the
+    HTML/JSON are returned and no temp file stays behind."""
     formats = [f for f in formats if f != "none"]
     for f in formats:
         if f not in FORMATS:
@@ -200,9 +250,10 @@ def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iter
                 write_static([s for _, _, s in specs], browser)
                 for target, tmp, _ in specs:
                     os.replace(tmp, target)
+                written.extend(t for t, _, _ in specs)
+            except StaticExportTimeout as e:  # HTML/JSON are written: keep them, and say what is missing
+                print(f"superweight: warning: {e}; wrote HTML/JSON only", file=sys.stderr)
             finally:
                 for _, tmp, _ in specs:
                     tmp.unlink(missing_ok=True)
-            targets = [t for t, _, _ in specs]
-            written.extend(targets)
     return written

@@ -92,16 +92,23 @@ FORK_PRELOAD = ["superweight.commands", "superweight.run.experiment", "transform
                 "accelerate", "git", "wandb", "plotly.graph_objects", "pandas"]
 
 
+# The environment of this process as the tests begin: a forked run starts from it (plus its own `env`), never
+# from the fork server's, which is whatever environment the test that happened to start the server had
+# patched in (with xdist, any test file can be a worker's first to fork).
+BASE_ENV = dict(os.environ)
+
+
 def start_forked(argv: list[str], env: dict[str, str] | None, out: str, err: str, full_env: bool = False):
     """Start `superweight <argv>` as its own process, forked from a fork server that imported the package once
     (a cold interpreter costs seconds of imports per call), in this process's working directory; stdout/stderr
-    go to the files out/err. env: variables to set in the child ("" = unset), or with full_env its whole
-    environment. Returns the started multiprocessing.Process."""
+    go to the files out/err. env: variables to set in the child over BASE_ENV ("" = unset), or with full_env
+    its whole environment. Returns the started multiprocessing.Process."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(FORK_PRELOAD)
-    p = ctx.Process(target=_main_in_child, args=(list(argv), dict(env or {}), out, err, os.getcwd(), full_env))
+    env = dict(env or {}) if full_env else {**BASE_ENV, **(env or {})}
+    p = ctx.Process(target=_main_in_child, args=(list(argv), env, out, err, os.getcwd(), True))
     p.start()
     return p
 

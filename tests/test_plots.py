@@ -270,7 +270,7 @@ def test_a_hanging_static_export_is_stopped_and_the_html_kept(tmp_path, monkeypa
     assert not worker.is_alive(), "save_figures hung with its browser"
     written = box["written"]
     assert sorted(p.name for p in written) == ["acc.html", "acc.json", "ppl.html", "ppl.json"]
-    assert "did not finish in 0 s" in capsys.readouterr().err
+    assert "did not finish in 0 s" in (err := capsys.readouterr().err) and "no PNG/PDF written" in err
     assert not browser._thread.is_alive() and Hangs.exits == [asyncio.CancelledError]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["acc.html", "acc.json", "plotly.min.js", "ppl.html",
                                                           "ppl.json"]
@@ -286,6 +286,16 @@ def test_a_hanging_static_export_is_stopped_and_the_html_kept(tmp_path, monkeypa
     written = export.save_figures(figs, tmp_path / "ok", ["png"])
     assert [p.name for p in written] == ["ppl.png", "acc.png"] and written[0].read_bytes() == b"image"
     assert Hangs.exits == [asyncio.CancelledError, None]
+
+    class Fails(Hangs):  # kaleido's own timeout is kaleido's error, not the bound's
+        async def write_fig_from_object(self, specs, cancel_on_error=True):
+            raise asyncio.TimeoutError("kaleido's own")
+
+    monkeypatch.setattr(export, "_one_tab_kaleido", lambda: Fails)
+    with pytest.raises(TimeoutError, match="kaleido's own") as caught:
+        export.save_figures(figs, tmp_path / "fails", ["png"])
+    assert not isinstance(caught.value, export.StaticExportTimeout)
+    assert sorted(p.name for p in (tmp_path / "fails").iterdir()) == []  # the temp folder is gone
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_fork_server_children_start_warm(tmp_path):
     ctx.set_forkserver_preload(FORK_PRELOAD)
     p = ctx.Process(target=_imported, args=(FORK_PRELOAD, str(tmp_path / "imported")))
     p.start()
-    p.join()
+    p.join(120)
     assert p.exitcode == 0 and (tmp_path / "imported").read_text().split() == FORK_PRELOAD
 
 

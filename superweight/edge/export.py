@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
@@ -120,13 +122,20 @@ class Browser:
 
     def _main(self) -> None:
         try:
-            asyncio.run(self._run())
+            if _one_tab_kaleido() is None:  # no such kaleido internal: kaleido's own path, in this daemon thread
+                specs = self._specs.result()  # (not an executor thread, which interpreter exit would wait for)
+                if specs:
+                    _write_images(specs)
+            else:
+                asyncio.run(self._run())
             self._done.set_result(None)
         except BaseException as e:  # noqa: BLE001 - handed to render()
             self._done.set_exception(e)
 
     async def _run(self) -> None:
         self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+        if self._aborted:  # stopped before this loop existed: _abort found no task to cancel
+            return
         await self._serve()
 
     def _abort(self, wait_s: float = 10.0) -> None:
@@ -148,13 +157,7 @@ class Browser:
 
         kopts = {k: v for k, v in (("plotlyjs", pio.defaults.plotlyjs), ("mathjax", pio.defaults.mathjax),
                                    ("headers", getattr(pio.defaults, "headers", None))) if v}
-        one_tab = _one_tab_kaleido()
-        if one_tab is None:  # no such kaleido internal: kaleido's own path, when the specs come
-            specs = await asyncio.to_thread(self._specs.result)
-            if specs:
-                await asyncio.to_thread(_write_images, specs)
-            return
-        async with one_tab(**kopts) as k:
+        async with _one_tab_kaleido()(**kopts) as k:
             specs = await asyncio.to_thread(self._specs.result)
             if specs:
                 await k.write_fig_from_object(specs, cancel_on_error=True)
@@ -163,17 +166,16 @@ class Browser:
         """Write kaleido figure specs ({"fig": dict, "path", "opts": {format, width, height, scale}}); any
         image that fails raises; past `timeout_s` (default: the bound for this many images) the browser is
         stopped and StaticExportTimeout raised."""
-        from concurrent.futures import TimeoutError as FutureTimeout
+        from concurrent.futures import wait
 
         if timeout_s is None:
             timeout_s = STATIC_TIMEOUT_S + STATIC_TIMEOUT_PER_IMAGE_S * len(specs)
         self._specs.set_result(specs)
-        try:
-            self._done.result(timeout=timeout_s)
-        except FutureTimeout:
+        if not wait([self._done], timeout=timeout_s).done:  # (a TimeoutError from kaleido itself is not ours)
             self._abort()
             raise StaticExportTimeout(f"static export of {len(specs)} images did not finish in {timeout_s:.0f} s "
-                                      "(kaleido/Chrome hung); Chrome was told to stop") from None
+                                      "(kaleido/Chrome hung); Chrome was told to stop")
+        self._done.result()
 
     def close(self) -> None:
         if self._aborted:  # stopped already, and waited for
@@ -211,7 +213,7 @@ def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iter
     call (one browser start for all figures) at the figure's layout size; if no Chrome is found they are
     skipped with a warning (NO_CHROME) naming the ways to get one, and if kaleido/Chrome hangs past its bound
     (STATIC_TIMEOUT_S + STATIC_TIMEOUT_PER_IMAGE_S per image) they are skipped with a warning too: the
-    HTML/JSON are returned and no temp file stays behind."""
+    HTML/JSON are returned and the temp images' folder is removed."""
     formats = [f for f in formats if f != "none"]
     for f in formats:
         if f not in FORMATS:
@@ -238,11 +240,14 @@ def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iter
             import plotly.io as pio
 
             topo = {"topojson": pio.defaults.topojson} if pio.defaults.topojson else {}  # as plotly passes it
+            # temp images in a private folder, removed as a whole: a browser stopped past its bound that
+            # still writes one finds no folder, and leaves no file
+            tmpdir = Path(tempfile.mkdtemp(dir=d, prefix=".static-"))
             specs = []
             for name, fig in figs.items():
                 spec = fig.to_dict()  # once per figure, shared by its formats
                 for f in static:
-                    target, tmp = d / f"{name}.{f}", d / f".{name}.tmp{os.getpid()}.{f}"
+                    target, tmp = d / f"{name}.{f}", tmpdir / f"{name}.{f}"
                     specs.append((target, tmp, dict(fig=spec, path=tmp, opts=dict(
                         format=f, width=fig.layout.width or 700, height=fig.layout.height or 500,
                         scale=PNG_DPI / PX_PER_IN if f == "png" else 1), **topo)))
@@ -252,8 +257,8 @@ def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iter
                     os.replace(tmp, target)
                 written.extend(t for t, _, _ in specs)
             except StaticExportTimeout as e:  # HTML/JSON are written: keep them, and say what is missing
-                print(f"superweight: warning: {e}; wrote HTML/JSON only", file=sys.stderr)
+                print(f"superweight: warning: {e}; no {'/'.join(f.upper() for f in static)} written",
+                      file=sys.stderr)
             finally:
-                for _, tmp, _ in specs:
-                    tmp.unlink(missing_ok=True)
+                shutil.rmtree(tmpdir, ignore_errors=True)
     return written

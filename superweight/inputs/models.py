@@ -67,6 +67,22 @@ def _embedded_dir(name: str, cache_dir: str | None) -> Path:
     target = cache_root(cache_dir) / "models" / name
     if (target / "config.json").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # one conversion at a time per cache (two sweep agents on one VM, two test workers): the second waits
+    # for the first and then finds the checkpoint, instead of converting it again beside it
+    with open(target.parent / f".{name}.lock", "a+") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except (ImportError, OSError):  # no POSIX locks here: the atomic rename below still keeps it whole
+            pass
+        if (target / "config.json").exists():
+            return target
+        return _convert_embedded(name, cache_dir, target)
+
+
+def _convert_embedded(name: str, cache_dir: str | None, target: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     src, fname = embedded_gguf(name, cache_dir)
@@ -76,7 +92,6 @@ def _embedded_dir(name: str, cache_dir: str | None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)

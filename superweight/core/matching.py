@@ -301,7 +301,7 @@ class Matcher:
         tp = top.pid.tolist()
         tv = self.abs_at(top.pid, top.flat)
         mtype = [module_type(n) for n in self.names]
-        taken = set(((top.pid << SHIFT) | top.flat).tolist())  # never a Top-K weight, never twice
+        taken = set(top.keys().tolist())  # never a Top-K weight, never twice
         out = np.full(len(tp), -1, dtype=np.int64)  # each target's match, as a key
         gen = np.random.default_rng([self.seed, self.draw, 7_777, int(k)])
 

@@ -122,21 +122,22 @@ class Browser:
 
     def _main(self) -> None:
         try:
-            if _one_tab_kaleido() is None:  # no such kaleido internal: kaleido's own path, in this daemon thread
+            one_tab = _one_tab_kaleido()
+            if one_tab is None:  # no such kaleido internal: kaleido's own path, in this daemon thread
                 specs = self._specs.result()  # (not an executor thread, which interpreter exit would wait for)
                 if specs:
                     _write_images(specs)
             else:
-                asyncio.run(self._run())
+                asyncio.run(self._run(one_tab))
             self._done.set_result(None)
         except BaseException as e:  # noqa: BLE001 - handed to render()
             self._done.set_exception(e)
 
-    async def _run(self) -> None:
+    async def _run(self, one_tab) -> None:
         self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
         if self._aborted:  # stopped before this loop existed: _abort found no task to cancel
             return
-        await self._serve()
+        await self._serve(one_tab)
 
     def _abort(self, wait_s: float = 10.0) -> None:
         """Stop a browser that overran its bound: cancel its task (kaleido's context exit closes Chrome) and
@@ -152,12 +153,12 @@ class Browser:
                 pass
         self._thread.join(wait_s)
 
-    async def _serve(self) -> None:
+    async def _serve(self, one_tab) -> None:
         import plotly.io as pio
 
         kopts = {k: v for k, v in (("plotlyjs", pio.defaults.plotlyjs), ("mathjax", pio.defaults.mathjax),
                                    ("headers", getattr(pio.defaults, "headers", None))) if v}
-        async with _one_tab_kaleido()(**kopts) as k:
+        async with one_tab(**kopts) as k:
             specs = await asyncio.to_thread(self._specs.result)
             if specs:
                 await k.write_fig_from_object(specs, cancel_on_error=True)
@@ -233,7 +234,7 @@ def save_figures(figs: dict[str, go.Figure], plot_dir: str | Path, formats: Iter
             written.append(p)
     static = [f for f in formats if f in STATIC]
     if static and figs:
-        if not chrome_available():
+        if browser is None and not chrome_available():  # (a browser given has found its Chrome)
             print(f"superweight: warning: {NO_CHROME.format(formats='/'.join(f.upper() for f in static))}",
                   file=sys.stderr)
         else:
